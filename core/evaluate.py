@@ -1,0 +1,86 @@
+"""Is the pretrained encoder any good? Linear probe and kNN accuracy of an exported encoder on labelled
+shards, next to the same architecture at random init and the raw inputs.
+
+    python -m core.evaluate runs/mae-demo/export --train 'data/demo/image/train-{000000..000009}.tar' \
+        --val 'data/demo/image/val-{000000..000001}.tar'
+
+The probes are fitted on (up to --train-limit) training samples and scored on the validation samples,
+all seen through the deterministic evaluation view of the encoder's input (no augmentation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from core.export import Encoder, load_encoder
+from core.probe import probe_scores
+
+
+def eval_transform(spec: dict):
+    """The deterministic view of raw samples that an exported encoder's input spec describes."""
+    from core import augment
+
+    modality = spec["modality"]
+    if modality == "image":
+        size = spec["size"][0]
+        return augment.ImageEval(size, resize=size, mean=tuple(spec["mean"]), std=tuple(spec["std"]))
+    if modality == "video":
+        return augment.VideoClip(spec["frames"], spec["stride"], spec["size"][0], train=False, mean=tuple(spec["mean"]), std=tuple(spec["std"]))
+    if modality == "audio":
+        return augment.AudioClip(spec["sample_rate"], spec["seconds"], train=False)
+    raise ValueError(f"core.evaluate probes image, video and audio encoders, not {modality!r}")
+
+
+@torch.no_grad()
+def features(encoders: dict[str, Encoder], urls: str, limit: int, batch_size: int, num_workers: int):
+    """{name: (N, D) features} for each encoder plus "raw input" (the encoder's input, flattened), and labels."""
+    from core.data import read_batches
+
+    first = next(iter(encoders.values()))
+    key = first.input["modality"]
+    out = {name: [] for name in [*encoders, "raw input"]}
+    labels, seen = [], 0
+    for batch in read_batches(urls, eval_transform(first.input), batch_size, num_workers):
+        x = batch[key]
+        for name, enc in encoders.items():
+            out[name].append(enc(x).float())
+        out["raw input"].append(first.preprocess(x).flatten(1).float())
+        labels.append(batch["label"])
+        seen += len(x)
+        if seen >= limit:
+            break
+    return {k: torch.cat(v)[:limit] for k, v in out.items()}, torch.cat(labels)[:limit]
+
+
+def evaluate(path: str, train: str, val: str, train_limit: int = 10_000, val_limit: int = 10_000, batch_size: int = 256, num_workers: int = 2) -> dict:
+    torch.manual_seed(0)
+    encoders = {"pretrained": load_encoder(path), "random init": load_encoder(path, pretrained=False)}
+    train_x, train_y = features(encoders, train, train_limit, batch_size, num_workers)
+    val_x, val_y = features(encoders, val, val_limit, batch_size, num_workers)
+    return {name: probe_scores(train_x[name], train_y, val_x[name], val_y) for name in train_x}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("encoder", help="folder written by python -m core.export")
+    parser.add_argument("--train", required=True, help="labelled shards to fit the probes on")
+    parser.add_argument("--val", required=True, help="held-out labelled shards to score them on")
+    parser.add_argument("--train-limit", type=int, default=10_000)
+    parser.add_argument("--val-limit", type=int, default=10_000)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--json", help="also write the scores to this file")
+    args = parser.parse_args(argv)
+    scores = evaluate(args.encoder, args.train, args.val, args.train_limit, args.val_limit, num_workers=args.num_workers)
+    print(f"\n| features ({args.encoder}) | linear probe acc | kNN acc |\n|---|---|---|")
+    for name, s in scores.items():
+        print(f"| {name} | {100 * s['linear_acc']:.1f} | {100 * s['knn_acc']:.1f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(scores, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

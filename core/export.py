@@ -1,0 +1,157 @@
+"""Export pretrained encoders from a training checkpoint, and load them back without any recipe code.
+
+    python -m core.export runs/mae/.../last.ckpt --out exported/mae
+
+writes, for each encoder the recipe declares, `model.safetensors` + `config.json` (+ tokenizer files for
+text) into `OUT/<name>/` (or straight into OUT when there is one encoder). Then
+
+    from core import load_encoder
+    enc = load_encoder("exported/mae")
+    enc(x)        # (N, D), one embedding per input
+    enc.input     # what x must be: image size and normalisation, sample rate and spectrogram settings, ...
+
+How a recipe declares its encoders: in `on_save_checkpoint` it stores
+`checkpoint["encoders"] = {"image": describe_encoder("encoder.", self.encoder, input_spec)}`; the
+checkpoint then carries everything needed to rebuild the encoder, and is read with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+FORMAT_VERSION = 1
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+def backbone_classes() -> dict[str, type[nn.Module]]:
+    """The backbones an exported config may name: the core classes, and nothing that executes code."""
+    from core.resnet import ResNet
+    from core.text import TextTransformer
+    from core.vit import ViT
+
+    return {"ViT": ViT, "ResNet": ResNet, "TextTransformer": TextTransformer}
+
+
+def describe_encoder(prefix: str, backbone: nn.Module, input_spec: dict) -> dict:
+    """What goes in `checkpoint["encoders"][name]`: where the weights are in the state dict, the backbone's
+    class and init arguments, and the input it expects.
+
+    input_spec: {"modality": "image", "size": [H, W], "mean": [...], "std": [...]}, or
+    {"modality": "video", "frames": T, "stride": s, "size": [H, W], "mean", "std"}, or
+    {"modality": "audio", "sample_rate": 16000, "seconds": 1.0, "n_mels": 128, "hop_ms": 10, "win_ms": 25,
+    "mean": m, "std": s} (the encoder takes waveforms and computes log-mel itself), or
+    {"modality": "text", "tokenizer": "<dir with the tokenizer files>", "max_len": L}.
+    """
+    name = type(backbone).__name__
+    if name not in backbone_classes():
+        raise ValueError(f"cannot export a {name}: exportable backbones are {sorted(backbone_classes())}")
+    if "modality" not in input_spec:
+        raise ValueError(f"input_spec needs a 'modality' key, got {input_spec}")
+    return {"prefix": prefix, "backbone": {"class": name, "args": backbone.config}, "input": input_spec}
+
+
+class Encoder(nn.Module):
+    """A pretrained backbone with what turns raw inputs into its inputs. `forward(x) -> (N, D)`.
+
+    images and video: x is a normalised float tensor (N, 3, H, W) or (N, 3, T, H, W), as `input` says;
+    audio: x is a waveform batch (N, samples) at `input["sample_rate"]`; log-mel happens here;
+    text: x is a list of strings, tokenised here.
+    """
+
+    def __init__(self, backbone: nn.Module, input_spec: dict):
+        super().__init__()
+        self.backbone, self.input = backbone, dict(input_spec)
+        self.embed_dim = backbone.embed_dim
+        self.tokenizer = None
+        if self.input["modality"] == "text":
+            from core.text import TextTokenizer
+
+            self.tokenizer = TextTokenizer(self.input["tokenizer"], self.input["max_len"])
+
+    def preprocess(self, x):
+        """Raw input -> what the backbone takes (also the 'raw input' baseline of core.evaluate)."""
+        modality = self.input["modality"]
+        if modality == "audio":
+            from core.augment import log_mel
+
+            spec = self.input
+            return log_mel(x, spec["sample_rate"], n_mels=spec["n_mels"], hop_ms=spec["hop_ms"], win_ms=spec["win_ms"], mean=spec["mean"], std=spec["std"])
+        if modality == "text":
+            return self.tokenizer(list(x))
+        return x
+
+    def forward(self, x) -> torch.Tensor:
+        x = self.preprocess(x)
+        if isinstance(x, dict):
+            return self.backbone(x["input_ids"], x["attention_mask"])
+        return self.backbone(x)
+
+
+def export_checkpoint(ckpt_path: str, out: str) -> list[str]:
+    """Write every encoder declared in the checkpoint; returns the folders written."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    encoders = ckpt.get("encoders")
+    if not encoders:
+        raise ValueError(f"{ckpt_path} declares no encoders (its recipe must set checkpoint['encoders'])")
+    state = ckpt["state_dict"]
+    written = []
+    for name, entry in encoders.items():
+        folder = out if len(encoders) == 1 else os.path.join(out, name)
+        os.makedirs(folder, exist_ok=True)
+        prefix = entry["prefix"]
+        weights = {k[len(prefix) :]: v.contiguous() for k, v in state.items() if k.startswith(prefix)}
+        if not weights:
+            raise ValueError(f"no weights under {prefix!r} in {ckpt_path}")
+        save_file(weights, os.path.join(folder, "model.safetensors"))
+        input_spec = dict(entry["input"])
+        if input_spec["modality"] == "text":  # ship the tokenizer with the weights
+            for file in TOKENIZER_FILES:
+                if os.path.exists(os.path.join(input_spec["tokenizer"], file)):
+                    shutil.copy(os.path.join(input_spec["tokenizer"], file), os.path.join(folder, file))
+            input_spec["tokenizer"] = "."
+        config = {"format_version": FORMAT_VERSION, "name": name, "backbone": entry["backbone"], "input": input_spec}
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        written.append(folder)
+    return written
+
+
+def load_encoder(path: str, pretrained: bool = True) -> Encoder:
+    """Rebuild an exported encoder from `path` (a folder with config.json and model.safetensors).
+    pretrained=False gives the same architecture at random init: the baseline every recipe compares with."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{path} is not an exported encoder: {config_path} is missing")
+    with open(config_path) as f:
+        config = json.load(f)
+    classes = backbone_classes()
+    cls_name = config["backbone"]["class"]
+    if cls_name not in classes:
+        raise ValueError(f"{config_path} names backbone {cls_name!r}; known: {sorted(classes)}")
+    backbone = classes[cls_name](**config["backbone"]["args"])
+    if pretrained:
+        backbone.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+    input_spec = dict(config["input"])
+    if input_spec["modality"] == "text":
+        input_spec["tokenizer"] = os.path.normpath(os.path.join(path, input_spec["tokenizer"]))
+    return Encoder(backbone, input_spec).eval()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Export the pretrained encoder(s) of a recipe checkpoint.")
+    parser.add_argument("checkpoint")
+    parser.add_argument("--out", required=True, help="output folder")
+    args = parser.parse_args(argv)
+    for folder in export_checkpoint(args.checkpoint, args.out):
+        print(f"wrote {folder}/model.safetensors and config.json")
+
+
+if __name__ == "__main__":
+    main()

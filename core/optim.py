@@ -1,0 +1,64 @@
+"""Optimizer pieces shared by recipes: weight-decay parameter groups and LARS."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: weights of 2+ dims are decayed; biases and norm parameters (1 dim) are not, as in MAE,
+    BYOL and most of the field. The no-decay group is also excluded from LARS adaptation."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True},
+    ]
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al., "Large Batch Training of
+    Convolutional Networks", 2017), as BYOL, Barlow Twins and VICReg use it: each parameter's update is
+    scaled by trust * ||w|| / ||grad + wd * w||; groups with `lars_exclude` (biases, norms) skip both the
+    scaling and weight decay."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, trust_coefficient: float = 0.001):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, lars_exclude=False)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if not group["lars_exclude"]:
+                    update = update.add(p, alpha=group["weight_decay"])
+                    w_norm, u_norm = torch.norm(p), torch.norm(update)
+                    trust = torch.where(
+                        (w_norm > 0) & (u_norm > 0), group["trust_coefficient"] * w_norm / u_norm, torch.ones_like(w_norm)
+                    )
+                    update = update * trust
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.clone(update).detach()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(update)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+        return loss
+
+
+def scaled_lr(base_lr: float, trainer, reference_batch: int = 256) -> float:
+    """The linear scaling rule (Goyal et al., "Accurate, Large Minibatch SGD", 2017) that MAE, BYOL and DINO
+    state their learning rates in: lr = base_lr * effective_batch / 256, where the effective batch counts
+    every rank and gradient accumulation. Reads the batch size from the trainer's datamodule."""
+    batch = trainer.datamodule.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+    return base_lr * batch / reference_batch

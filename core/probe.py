@@ -1,0 +1,133 @@
+"""Measuring representations: a linear probe and a kNN classifier on frozen features, and the callback
+that runs both on the validation split during pretraining.
+
+The features are detached and the probes are fitted after the fact, so monitoring never changes the
+encoder's gradients.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def knn_accuracy(
+    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, k: int = 20, temperature: float = 0.07
+) -> float:
+    """Weighted kNN on cosine similarity (Wu et al. 2018, as in DINO's evaluation): each of the k nearest
+    training samples votes for its class with weight exp(similarity / temperature)."""
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    train_x, test_x = F.normalize(train_x.float(), dim=1), F.normalize(test_x.float(), dim=1)
+    k = min(k, train_x.shape[0])
+    correct = 0
+    for start in range(0, test_x.shape[0], 1024):
+        sims, idx = (test_x[start : start + 1024] @ train_x.T).topk(k, dim=1)  # (b, k)
+        votes = torch.zeros(sims.shape[0], num_classes)
+        votes.scatter_add_(1, train_y[idx], (sims / temperature).exp())
+        correct += (votes.argmax(1) == test_y[start : start + 1024]).sum().item()
+    return correct / test_x.shape[0]
+
+
+def linear_probe_accuracy(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    weight_decay: float = 1e-4,
+    steps: int = 100,
+) -> float:
+    """Multinomial logistic regression on standardised features, fitted full-batch with L-BFGS.
+
+    Standardising with the training statistics plays the role of MAE's parameter-free BatchNorm before the
+    linear head: features of very different scales become comparable."""
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    mean, std = train_x.float().mean(0), train_x.float().std(0).clamp(min=1e-6)
+    train_x, test_x = (train_x.float() - mean) / std, (test_x.float() - mean) / std
+    with torch.enable_grad(), torch.random.fork_rng():
+        torch.manual_seed(0)
+        head = torch.nn.Linear(train_x.shape[1], num_classes)
+        opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(head(train_x), train_y) + weight_decay * head.weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    with torch.no_grad():
+        return (head(test_x).argmax(1) == test_y).float().mean().item()
+
+
+def embedding_std(z: torch.Tensor) -> float:
+    """Mean per-dimension std of L2-normalised embeddings (B, D). Healthy embeddings spread over the sphere
+    and give about 1/sqrt(D); a collapsed encoder (every input mapped to one point) gives 0."""
+    return F.normalize(z.detach().float(), dim=1).std(0).mean().item()
+
+
+def is_collapsed(std: float, dim: int, fraction: float = 0.1) -> bool:
+    """Collapse: the embeddings' spread is below `fraction` of the 1/sqrt(D) of a uniform spread."""
+    return std < fraction / dim**0.5
+
+
+def probe_scores(train_x, train_y, test_x, test_y) -> dict[str, float]:
+    return {
+        "linear_acc": linear_probe_accuracy(train_x, train_y, test_x, test_y),
+        "knn_acc": knn_accuracy(train_x, train_y, test_x, test_y),
+    }
+
+
+def split_halves(x: torch.Tensor, y: torch.Tensor):
+    """A fixed split of one labelled set into fitting (even rows) and testing (odd rows) halves."""
+    return x[0::2], y[0::2], x[1::2], y[1::2]
+
+
+class OnlineProbe(L.Callback):
+    """After every validation epoch, fit a linear probe and a kNN classifier on the features of half of the
+    validation split and log their accuracy on the other half as `probe/linear_acc` and `probe/knn_acc`.
+
+    The LightningModule provides `embed(batch) -> (B, D)`: the encoder's embedding of the clean inputs, and
+    batches carry `"label"`. Features of all ranks are gathered, so every rank logs the same number.
+    """
+
+    def __init__(self, max_samples: int = 10_000):
+        self.max_samples = max_samples
+        self.features: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self.features, self.labels = [], []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if sum(len(f) for f in self.features) >= self.max_samples:
+            return
+        with torch.no_grad():
+            self.features.append(pl_module.embed(batch).detach().float().cpu())
+        self.labels.append(batch["label"].detach().cpu())
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking or not self.features:
+            return
+        x, y = gather_ragged(pl_module, torch.cat(self.features)), gather_ragged(pl_module, torch.cat(self.labels))
+        self.features, self.labels = [], []
+        if y.unique().numel() < 2:
+            return
+        scores = probe_scores(*split_halves(x, y))
+        pl_module.log_dict({f"probe/{k}": v for k, v in scores.items()}, rank_zero_only=True)
+        pl_module.log("probe/embedding_std", embedding_std(x), rank_zero_only=True)
+
+
+def gather_ragged(pl_module: L.LightningModule, x: torch.Tensor) -> torch.Tensor:
+    """Concatenate tensors of possibly different lengths from every rank (validation shards need not split
+    evenly), in rank order."""
+    if pl_module.trainer.world_size == 1:
+        return x
+    device = pl_module.device
+    n = torch.tensor([x.shape[0]], device=device)
+    sizes = pl_module.all_gather(n).flatten().tolist()
+    padded = torch.zeros(max(sizes), *x.shape[1:], dtype=x.dtype, device=device)
+    padded[: x.shape[0]] = x.to(device)
+    gathered = pl_module.all_gather(padded)  # (world, max, ...)
+    return torch.cat([gathered[r, :s] for r, s in enumerate(sizes)]).cpu()
