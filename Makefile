@@ -29,7 +29,7 @@ test: setup data
 demo: setup data
 	$(BIN)/python recipes/mae/train.py fit --config recipes/mae/configs/demo.yaml
 	$(BIN)/python -m core.export runs/mae-demo/checkpoints/last.ckpt --out runs/mae-demo/export
-	$(BIN)/python -m core.evaluate runs/mae-demo/export --train '$(DEMO)/image/train-{000000..000009}.tar' --val '$(DEMO)/image/val-{000000..000001}.tar'
+	$(BIN)/python -m core.evaluate runs/mae-demo/export --train '$(DEMO)/image/train-{000000..000003}.tar' --val '$(DEMO)/image/val-{000000..000001}.tar'
 
 clean:
 	rm -rf $(VENV) $(DEMO) runs

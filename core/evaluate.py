@@ -1,7 +1,7 @@
 """Is the pretrained encoder any good? Linear probe and kNN accuracy of an exported encoder on labelled
 shards, next to the same architecture at random init and the raw inputs.
 
-    python -m core.evaluate runs/mae-demo/export --train 'data/demo/image/train-{000000..000009}.tar' \
+    python -m core.evaluate runs/mae-demo/export --train 'data/demo/image/train-{000000..000003}.tar' \
         --val 'data/demo/image/val-{000000..000001}.tar'
 
 The probes are fitted on (up to --train-limit) training samples and scored on the validation samples,
@@ -43,7 +43,7 @@ def features(encoders: dict[str, Encoder], urls: str, limit: int, batch_size: in
     key = first.input["modality"]
     out = {name: [] for name in [*encoders, "raw input"]}
     labels, seen = [], 0
-    for batch in read_batches(urls, eval_transform(first.input), batch_size, num_workers):
+    for batch in read_batches(urls, eval_transform(first.input), batch_size, num_workers=num_workers):
         x = batch[key]
         for name, enc in encoders.items():
             out[name].append(enc(x).float())

@@ -46,7 +46,8 @@ def describe_encoder(prefix: str, backbone: nn.Module, input_spec: dict) -> dict
     input_spec: {"modality": "image", "size": [H, W], "mean": [...], "std": [...]}, or
     {"modality": "video", "frames": T, "stride": s, "size": [H, W], "mean", "std"}, or
     {"modality": "audio", "sample_rate": 16000, "seconds": 1.0, "n_mels": 128, "hop_ms": 10, "win_ms": 25,
-    "mean": m, "std": s} (the encoder takes waveforms and computes log-mel itself), or
+    "mean": m, "std": s, optionally "frames": F to crop/pad the spectrogram to F frames} (the encoder takes
+    waveforms and computes log-mel itself), or
     {"modality": "text", "tokenizer": "<dir with the tokenizer files>", "max_len": L}.
     """
     name = type(backbone).__name__
@@ -82,7 +83,7 @@ class Encoder(nn.Module):
             from core.augment import log_mel
 
             spec = self.input
-            return log_mel(x, spec["sample_rate"], n_mels=spec["n_mels"], hop_ms=spec["hop_ms"], win_ms=spec["win_ms"], mean=spec["mean"], std=spec["std"])
+            return log_mel(x, spec["sample_rate"], n_mels=spec["n_mels"], hop_ms=spec["hop_ms"], win_ms=spec["win_ms"], mean=spec["mean"], std=spec["std"], frames=spec.get("frames"))
         if modality == "text":
             return self.tokenizer(list(x))
         return x

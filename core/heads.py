@@ -32,6 +32,14 @@ def mlp_head(
     return nn.Sequential(*layers)
 
 
+def scatter_visible(visible: torch.Tensor, keep_idx: torch.Tensor, mask_token: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """The full token sequence of a masked autoencoder's decoder: (B, K, D) visible tokens back at their
+    places `keep_idx` (B, K), the shared `mask_token` (1, 1, D) at every hidden place. Returns (B, N, D)."""
+    B, _, D = visible.shape
+    full = mask_token.expand(B, num_patches, D).clone()  # (B, N, D)
+    return full.scatter(1, keep_idx.unsqueeze(-1).expand(-1, -1, D), visible)
+
+
 class MAEDecoder(nn.Module):
     """The light transformer decoder of MAE (He et al. 2022; paper: 512 wide, 8 deep, 16 heads).
 
@@ -56,11 +64,8 @@ class MAEDecoder(nn.Module):
     def forward(self, tokens: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
         """tokens: (B, 1 + K, encoder_dim), class token first; keep_idx: (B, K). Returns (B, N, patch_dim)."""
         x = self.embed(tokens)  # (B, 1 + K, dim)
-        cls, visible = x[:, :1], x[:, 1:]
-        B, _, D = visible.shape
-        full = self.mask_token.expand(B, self.num_patches, D).clone()  # (B, N, dim)
-        full.scatter_(1, keep_idx.unsqueeze(-1).expand(-1, -1, D), visible)  # visible tokens back in place
-        x = torch.cat([cls, full + self.pos_embed], dim=1)  # (B, 1 + N, dim)
+        full = scatter_visible(x[:, 1:], keep_idx, self.mask_token, self.num_patches)  # (B, N, dim)
+        x = torch.cat([x[:, :1], full + self.pos_embed], dim=1)  # (B, 1 + N, dim)
         for block in self.blocks:
             x = block(x)
         return self.pred(self.norm(x)[:, 1:])  # (B, N, patch_dim)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 
 
 @torch.no_grad()
@@ -24,7 +25,7 @@ def knn_accuracy(
     correct = 0
     for start in range(0, test_x.shape[0], 1024):
         sims, idx = (test_x[start : start + 1024] @ train_x.T).topk(k, dim=1)  # (b, k)
-        votes = torch.zeros(sims.shape[0], num_classes)
+        votes = torch.zeros(sims.shape[0], num_classes, device=sims.device)
         votes.scatter_add_(1, train_y[idx], (sims / temperature).exp())
         correct += (votes.argmax(1) == test_y[start : start + 1024]).sum().item()
     return correct / test_x.shape[0]
@@ -47,7 +48,7 @@ def linear_probe_accuracy(
     train_x, test_x = (train_x.float() - mean) / std, (test_x.float() - mean) / std
     with torch.enable_grad(), torch.random.fork_rng():
         torch.manual_seed(0)
-        head = torch.nn.Linear(train_x.shape[1], num_classes)
+        head = torch.nn.Linear(train_x.shape[1], num_classes).to(train_x.device)
         opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
 
         def closure():
@@ -72,6 +73,20 @@ def is_collapsed(std: float, dim: int, fraction: float = 0.1) -> bool:
     return std < fraction / dim**0.5
 
 
+def log_embedding_std(module: L.LightningModule, z: torch.Tensor, name: str = "train/embedding_std") -> float:
+    """Log `embedding_std` of this step's embeddings z (B, D) under `name`, and warn when they have
+    collapsed (`is_collapsed`): a collapsed joint-embedding run does not recover by itself."""
+    std = embedding_std(z)
+    module.log(name, std)
+    if is_collapsed(std, z.shape[-1]):
+        # A constant message: Python shows it once per run instead of at every step.
+        rank_zero_warn(
+            f"{type(module).__name__}: the embeddings have collapsed ({name} is under 10% of the "
+            f"1/sqrt({z.shape[-1]}) of a uniform spread); every input maps to nearly the same point"
+        )
+    return std
+
+
 def probe_scores(train_x, train_y, test_x, test_y) -> dict[str, float]:
     return {
         "linear_acc": linear_probe_accuracy(train_x, train_y, test_x, test_y),
@@ -79,9 +94,12 @@ def probe_scores(train_x, train_y, test_x, test_y) -> dict[str, float]:
     }
 
 
-def split_halves(x: torch.Tensor, y: torch.Tensor):
-    """A fixed split of one labelled set into fitting (even rows) and testing (odd rows) halves."""
-    return x[0::2], y[0::2], x[1::2], y[1::2]
+def split_halves(x: torch.Tensor, y: torch.Tensor, seed: int = 0):
+    """A fixed random split of one labelled set into fitting and testing halves. Random, not by position:
+    shards are often written in label order."""
+    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
+    fit, test = order[: x.shape[0] // 2], order[x.shape[0] // 2 :]
+    return x[fit], y[fit], x[test], y[test]
 
 
 class OnlineProbe(L.Callback):

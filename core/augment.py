@@ -1,0 +1,485 @@
+"""Sample transforms: turn one decoded WebDataset sample (a dict) into model inputs.
+
+The data layer decodes a sample into ``{"image": PIL RGB, "audio": (C, S) float32, "sample_rate": int,
+"video": (T, H, W, 3) uint8, "fps": float, "text": str, "label": int, "json": dict, "__key__", "__url__"}``.
+Each transform here is a small class with typed init arguments, so a config can name it with
+``class_path: core.augment.TwoViews`` / ``init_args: {size: 224}``, and ``__call__(sample) -> dict``
+returns only tensors (plus ``"label"`` when the sample has one, for probes), ready for the default collate.
+
+Random choices draw from torch's global generator, so a fixed ``torch.manual_seed`` reproduces them and
+DataLoader workers (seeded per worker by torch) draw different ones.
+
+Log-mel features are not computed here but on the model's device, by :func:`log_mel`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torchaudio.compliance.kaldi as kaldi
+import torchaudio.functional as AF
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Mean and std of AudioSet's Kaldi log-mel features, as used by AST and AudioMAE.
+AUDIOSET_FBANK_MEAN = -4.2677393
+AUDIOSET_FBANK_STD = 4.5689974
+# A 10%-of-size kernel under 5 px (views under 40 px, e.g. CIFAR's 32 px) is little more than a
+# 3-tap smoothing of an already tiny image, so such views get no blur (SimCLR uses none on CIFAR-10).
+MIN_BLUR_KERNEL = 5
+
+Interpolation = Literal["nearest", "bilinear", "bicubic"]
+Box = tuple[int, int, int, int]  # (top, left, height, width) in pixels
+
+
+def _field(sample: dict, key: str):
+    try:
+        return sample[key]
+    except KeyError:
+        raise KeyError(
+            f"transform needs {key!r}, but sample {sample.get('__key__', '?')!r} from "
+            f"{sample.get('__url__', '?')!r} has only {sorted(sample)}"
+        ) from None
+
+
+def _labelled(sample: dict, out: dict) -> dict:
+    if "label" in sample:
+        out["label"] = sample["label"]
+    return out
+
+
+def _image(sample: dict) -> torch.Tensor:
+    """The sample's ``"image"`` as a (3, H, W) uint8 tensor image."""
+    image = v2.functional.to_image(_field(sample, "image"))
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(
+            f"'image' of sample {sample.get('__key__', '?')!r} from {sample.get('__url__', '?')!r} "
+            f"must be RGB, got shape {tuple(image.shape)} (channels first)"
+        )
+    return image
+
+
+def _normalize(mean: tuple[float, ...], std: tuple[float, ...]) -> list:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+
+
+def blur_kernel_size(size: int) -> int:
+    """Gaussian blur kernel for ``size``-pixel views: 10% of the size, made odd (23 px at 224), as in SimCLR/BYOL."""
+    return int(0.1 * size) | 1
+
+
+class GaussianBlur:
+    """Gaussian blur with ``sigma`` drawn uniformly per call (SimCLR/BYOL), of a (..., C, H, W) image.
+
+    Same result as torchvision's ``GaussianBlur`` (reflect padding) up to rounding, but as two 1-D passes
+    instead of one 2-D convolution: about five times cheaper in CPU workers for a 23 px kernel.
+    """
+
+    def __init__(self, kernel_size: int, sigma: tuple[float, float]):
+        if kernel_size % 2 == 0:
+            raise ValueError(f"GaussianBlur kernel_size must be odd, got {kernel_size}")
+        self.kernel_size, self.sigma = kernel_size, sigma
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        sigma = torch.empty(1).uniform_(*self.sigma).item()
+        half = self.kernel_size // 2
+        taps = torch.arange(-half, half + 1, dtype=torch.float32, device=image.device)
+        kernel = torch.softmax(-0.5 * (taps / sigma) ** 2, dim=0)  # normalized Gaussian, (K,)
+        *_, c, h, w = image.shape
+        x = torch.nn.functional.pad(image.reshape(-1, c, h, w).float(), [half] * 4, mode="reflect")
+        x = torch.nn.functional.conv2d(x, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)  # along W
+        x = torch.nn.functional.conv2d(x, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)  # along H
+        x = x.reshape(image.shape)
+        return x.to(image.dtype) if image.is_floating_point() else x.round().to(image.dtype)
+
+
+def view_transform(
+    size: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    interpolation: Interpolation = "bicubic",
+    flip_prob: float = 0.5,
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+    jitter_prob: float = 0.0,
+    grayscale_prob: float = 0.0,
+    blur_prob: float = 0.0,
+    blur_sigma: tuple[float, float] = (0.1, 2.0),
+    solarize_prob: float = 0.0,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+) -> v2.Compose:
+    """One random view of a (3, H, W) uint8 image -> (3, size, size) normalized float32.
+
+    The SimCLR/BYOL chain, in their order: random resized crop, horizontal flip, color jitter
+    (``jitter`` = brightness, contrast, saturation, hue, applied in random order) with ``jitter_prob``,
+    grayscale, Gaussian blur (kernel :func:`blur_kernel_size`, sigma uniform in ``blur_sigma``; skipped when
+    that kernel is under ``MIN_BLUR_KERNEL``), solarize (threshold 128 of 255), normalize.
+    Steps whose probability is 0 are left out.
+    """
+    steps = [
+        v2.RandomResizedCrop(size, scale=scale, ratio=ratio, interpolation=v2.InterpolationMode(interpolation)),
+    ]
+    if flip_prob > 0:
+        steps.append(v2.RandomHorizontalFlip(flip_prob))
+    if jitter_prob > 0:
+        steps.append(v2.RandomApply([v2.ColorJitter(*jitter)], p=jitter_prob))
+    if grayscale_prob > 0:
+        steps.append(v2.RandomGrayscale(grayscale_prob))
+    kernel = blur_kernel_size(size)
+    if blur_prob > 0 and kernel >= MIN_BLUR_KERNEL:
+        steps.append(v2.RandomApply([GaussianBlur(kernel, sigma=blur_sigma)], p=blur_prob))
+    if solarize_prob > 0:
+        steps.append(v2.RandomSolarize(threshold=128, p=solarize_prob))
+    return v2.Compose(steps + _normalize(mean, std))
+
+
+class ImageCrop:
+    """MAE's pretraining augmentation (He et al. 2022): random resized crop (bicubic), flip, normalize.
+
+    ``{"image": PIL} -> {"image": (3, size, size), "label"}``.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        scale: tuple[float, float] = (0.2, 1.0),
+        flip: bool = True,
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        interpolation: Interpolation = "bicubic",
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+    ):
+        self.view = view_transform(
+            size, scale, ratio, interpolation, flip_prob=0.5 if flip else 0.0, mean=mean, std=std
+        )
+
+    def __call__(self, sample: dict) -> dict:
+        return _labelled(sample, {"image": self.view(_image(sample))})
+
+
+class ImageEval:
+    """Deterministic evaluation view: resize the short side to ``resize``, center-crop ``size``, normalize.
+
+    ``resize`` defaults to ``size / 0.875`` (256 for 224), the crop ratio of MAE's linear probe and most
+    ImageNet evaluations. ``{"image": PIL} -> {"image": (3, size, size), "label"}``.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        resize: int | None = None,
+        interpolation: Interpolation = "bicubic",
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+    ):
+        resize = resize if resize is not None else round(size / 0.875)
+        if resize < size:
+            raise ValueError(f"ImageEval resize={resize} must be at least size={size}")
+        self.view = v2.Compose(
+            [v2.Resize(resize, interpolation=v2.InterpolationMode(interpolation)), v2.CenterCrop(size)]
+            + _normalize(mean, std)
+        )
+
+    def __call__(self, sample: dict) -> dict:
+        return _labelled(sample, {"image": self.view(_image(sample))})
+
+
+class TwoViews:
+    """Two asymmetric augmented views of one image, BYOL's augmentation (Grill et al. 2020, Table 6).
+
+    Defaults are BYOL's: crop scale 0.08-1, flip, color jitter (0.4, 0.4, 0.2, 0.1) with p=0.8,
+    grayscale p=0.2, blur p=1.0 / 0.1, solarize p=0 / 0.2 (view 1 / view 2). Barlow Twins and VICReg
+    use the same. SimSiam (ImageNet): ``scale: [0.2, 1]``, ``jitter: [0.4, 0.4, 0.4, 0.1]``,
+    ``blur_prob: [0.5, 0.5]``, ``solarize_prob: [0, 0]``, ``interpolation: bilinear``.
+    Views under 40 px get no blur (see ``MIN_BLUR_KERNEL``).
+
+    ``{"image": PIL} -> {"views": [(3, size, size), (3, size, size)], "label"}``; collated, ``views`` is a
+    list of two (B, 3, size, size) tensors.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        interpolation: Interpolation = "bicubic",
+        flip_prob: float = 0.5,
+        jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+        jitter_prob: float = 0.8,
+        grayscale_prob: float = 0.2,
+        blur_prob: tuple[float, float] = (1.0, 0.1),
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        solarize_prob: tuple[float, float] = (0.0, 0.2),
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+    ):
+        self.views = [
+            view_transform(
+                size, scale, ratio=ratio, interpolation=interpolation, flip_prob=flip_prob, jitter=jitter,
+                jitter_prob=jitter_prob, grayscale_prob=grayscale_prob, blur_prob=blur, blur_sigma=blur_sigma,
+                solarize_prob=solarize, mean=mean, std=std,
+            )
+            for blur, solarize in zip(blur_prob, solarize_prob, strict=True)
+        ]
+
+    def __call__(self, sample: dict) -> dict:
+        image = _image(sample)
+        return _labelled(sample, {"views": [view(image) for view in self.views]})
+
+
+class MultiCrop:
+    """DINO's multi-crop (Caron et al. 2021): two global views and ``n_local`` small local views.
+
+    Per DINO: every view gets flip, color jitter (0.4, 0.4, 0.2, 0.1) p=0.8 and grayscale p=0.2;
+    global view 1 blur p=1.0, global view 2 blur p=0.1 and solarize p=0.2, local views blur p=0.5.
+    DINO blurs with PIL (radius = sigma); here the kernel is 10% of the view size (:func:`blur_kernel_size`).
+
+    ``{"image": PIL} -> {"global_views": [2 x (3, global_size, global_size)],
+    "local_views": [n_local x (3, local_size, local_size)], "label"}``.
+    """
+
+    def __init__(
+        self,
+        global_size: int,
+        local_size: int,
+        n_local: int,
+        global_scale: tuple[float, float] = (0.4, 1.0),
+        local_scale: tuple[float, float] = (0.05, 0.4),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        interpolation: Interpolation = "bicubic",
+        flip_prob: float = 0.5,
+        jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+        jitter_prob: float = 0.8,
+        grayscale_prob: float = 0.2,
+        global_blur_prob: tuple[float, float] = (1.0, 0.1),
+        local_blur_prob: float = 0.5,
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        global_solarize_prob: tuple[float, float] = (0.0, 0.2),
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+    ):
+        shared = dict(
+            ratio=ratio, interpolation=interpolation, flip_prob=flip_prob, jitter=jitter, jitter_prob=jitter_prob,
+            grayscale_prob=grayscale_prob, blur_sigma=blur_sigma, mean=mean, std=std,
+        )
+        self.global_views = [
+            view_transform(global_size, global_scale, blur_prob=blur, solarize_prob=solarize, **shared)
+            for blur, solarize in zip(global_blur_prob, global_solarize_prob, strict=True)
+        ]
+        self.local_view = view_transform(local_size, local_scale, blur_prob=local_blur_prob, **shared)
+        self.n_local = n_local
+
+    def __call__(self, sample: dict) -> dict:
+        image = _image(sample)
+        return _labelled(
+            sample,
+            {
+                "global_views": [view(image) for view in self.global_views],
+                "local_views": [self.local_view(image) for _ in range(self.n_local)],
+            },
+        )
+
+
+def random_resized_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]) -> Box:
+    """A box drawn as torchvision's RandomResizedCrop draws it: area fraction in ``scale``, aspect log-uniform in
+    ``ratio``."""
+    # make_params only reads the input's size: a zero-stride stand-in avoids allocating an image.
+    stand_in = torch.empty(1, 1, 1).expand(1, height, width)
+    box = v2.RandomResizedCrop(1, scale=scale, ratio=ratio).make_params([stand_in])
+    return box["top"], box["left"], box["height"], box["width"]
+
+
+def global_local_boxes(
+    height: int,
+    width: int,
+    size: int,
+    global_scale: tuple[float, float],
+    local_scale: tuple[float, float],
+    ratio: tuple[float, float],
+) -> tuple[Box, Box]:
+    """CropMAE's global-to-local crop geometry on a ``height`` x ``width`` image, as two boxes in image pixels.
+
+    The global box is a random resized crop of the image. The local box is a random resized crop of the
+    global view *after* it is resized to ``size`` x ``size`` (so ``local_scale`` and ``ratio`` are relative to
+    that view, as in the CropMAE code), mapped back to image pixels; it always lies inside the global box.
+    """
+    g_top, g_left, g_h, g_w = random_resized_box(height, width, global_scale, ratio)
+    l_top, l_left, l_h, l_w = random_resized_box(size, size, local_scale, ratio)  # in the resized global view
+    # Flooring the offsets keeps floor(offset) + round(extent) <= the global extent, so the box stays inside.
+    top = g_top + int(l_top * g_h / size)
+    left = g_left + int(l_left * g_w / size)
+    h = max(1, round(l_h * g_h / size))
+    w = max(1, round(l_w * g_w / size))
+    return (g_top, g_left, g_h, g_w), (top, left, h, w)
+
+
+class GlobalLocalCrop:
+    """The view pair of Siamese Cropped MAE, CropMAE (Eymaël et al., ECCV 2024): a global view and a local
+    crop of it; the model reconstructs the (heavily masked) local view from the global one.
+
+    Geometry by :func:`global_local_boxes`. Both views are then resized to ``size`` and flipped
+    *independently* with ``flip_prob``, as in the CropMAE code; no color augmentation. Defaults are those
+    of the official ImageNet training script: global scale 0.1-1, local scale 0.3-0.6 of the global view,
+    aspect 3/4-4/3, bilinear. Unlike the CropMAE code, which crops the local view out of the already resized global
+    view, both views are cut from the original image (same content, one resampling instead of two).
+
+    ``{"image": PIL} -> {"global": (3, size, size), "local": (3, size, size), "label"}``.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        global_scale: tuple[float, float] = (0.1, 1.0),
+        local_scale: tuple[float, float] = (0.3, 0.6),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        flip_prob: float = 0.5,
+        interpolation: Interpolation = "bilinear",
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+    ):
+        self.size, self.global_scale, self.local_scale, self.ratio = size, global_scale, local_scale, ratio
+        self.interpolation = v2.InterpolationMode(interpolation)
+        self.finish = v2.Compose([v2.RandomHorizontalFlip(flip_prob)] + _normalize(mean, std))
+
+    def __call__(self, sample: dict) -> dict:
+        image = _image(sample)
+        boxes = global_local_boxes(
+            image.shape[-2], image.shape[-1], self.size, self.global_scale, self.local_scale, self.ratio
+        )
+        global_view, local_view = (
+            self.finish(
+                v2.functional.resized_crop(image, *box, size=[self.size, self.size], interpolation=self.interpolation)
+            )
+            for box in boxes
+        )
+        return _labelled(sample, {"global": global_view, "local": local_view})
+
+
+class VideoClip:
+    """A clip of ``num_frames`` frames, ``stride`` frames apart, for video MAEs (VideoMAE, Tong et al. 2022).
+
+    Train: random start, one random resized crop and one flip shared by all frames. Eval: centered start,
+    short side resized to ``size`` and center crop. VideoMAE itself crops with fixed multi-scale boxes;
+    the random resized crop here is MAE's image augmentation applied to the whole clip.
+    A clip shorter than ``(num_frames - 1) * stride + 1`` frames raises ``ValueError``.
+
+    ``{"video": (T, H, W, 3) uint8} -> {"video": (3, num_frames, size, size), "label"}``.
+    """
+
+    def __init__(
+        self,
+        num_frames: int,
+        stride: int,
+        size: int,
+        scale: tuple[float, float] = (0.2, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        flip: bool = True,
+        train: bool = True,
+        interpolation: Interpolation = "bilinear",
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+    ):
+        self.num_frames, self.stride, self.train = num_frames, stride, train
+        self.span = (num_frames - 1) * stride + 1
+        mode = v2.InterpolationMode(interpolation)
+        if train:
+            spatial = [v2.RandomResizedCrop(size, scale=scale, ratio=ratio, interpolation=mode)]
+            spatial += [v2.RandomHorizontalFlip(0.5)] if flip else []
+        else:
+            spatial = [v2.Resize(size, interpolation=mode), v2.CenterCrop(size)]
+        self.spatial = v2.Compose(spatial + _normalize(mean, std))
+
+    def __call__(self, sample: dict) -> dict:
+        video = torch.as_tensor(_field(sample, "video"))
+        where = f"sample {sample.get('__key__', '?')!r} from {sample.get('__url__', '?')!r}"
+        if video.ndim != 4 or video.shape[-1] != 3:
+            raise ValueError(f"'video' of {where} must be (T, H, W, 3), got shape {tuple(video.shape)}")
+        frames = video.shape[0]
+        if frames < self.span:
+            raise ValueError(
+                f"'video' of {where} has {frames} frames, but num_frames={self.num_frames} with "
+                f"stride={self.stride} needs at least {self.span}"
+            )
+        if self.train:
+            start = int(torch.randint(frames - self.span + 1, ()))
+        else:
+            start = (frames - self.span) // 2
+        clip = video[start : start + self.span : self.stride].permute(0, 3, 1, 2)  # (num_frames, 3, H, W)
+        clip = self.spatial(tv_tensors.Video(clip))  # (num_frames, 3, size, size)
+        clip = clip.as_subclass(torch.Tensor).transpose(0, 1)  # (3, num_frames, size, size)
+        return _labelled(sample, {"video": clip})
+
+
+def crop_or_pad(waveform: torch.Tensor, length: int, random: bool) -> torch.Tensor:
+    """Cut ``waveform`` (..., S) to ``length`` samples (random or centered window) or zero-pad it at the end."""
+    excess = waveform.shape[-1] - length
+    if excess < 0:
+        return torch.nn.functional.pad(waveform, (0, -excess))
+    start = int(torch.randint(excess + 1, ())) if random else excess // 2
+    return waveform[..., start : start + length]
+
+
+class AudioClip:
+    """A fixed-length mono waveform at ``sample_rate``: mixdown, resample, then crop (random in train,
+    centered in eval) or zero-pad to ``seconds``. Log-mel features come later, on device (:func:`log_mel`).
+
+    ``{"audio": (C, S) or (S,) float, "sample_rate": int} -> {"audio": (round(sample_rate * seconds),), "label"}``.
+    """
+
+    def __init__(self, sample_rate: int, seconds: float, train: bool = True):
+        self.sample_rate, self.train = sample_rate, train
+        self.length = round(sample_rate * seconds)
+
+    def __call__(self, sample: dict) -> dict:
+        audio = torch.as_tensor(_field(sample, "audio"), dtype=torch.float32)
+        if audio.ndim == 2:
+            audio = audio.mean(0)  # (S,)
+        elif audio.ndim != 1:
+            raise ValueError(
+                f"'audio' of sample {sample.get('__key__', '?')!r} from {sample.get('__url__', '?')!r} "
+                f"must be (channels, samples) or (samples,), got shape {tuple(audio.shape)}"
+            )
+        rate = int(_field(sample, "sample_rate"))
+        if rate != self.sample_rate:
+            audio = AF.resample(audio, rate, self.sample_rate)
+        return _labelled(sample, {"audio": crop_or_pad(audio, self.length, random=self.train)})
+
+
+def log_mel(
+    waveform: torch.Tensor,
+    sample_rate: int,
+    n_mels: int = 128,
+    hop_ms: float = 10.0,
+    win_ms: float = 25.0,
+    mean: float = AUDIOSET_FBANK_MEAN,
+    std: float = AUDIOSET_FBANK_STD,
+    frames: int | None = None,
+) -> torch.Tensor:
+    """Normalized Kaldi log-mel filterbanks of a batch of waveforms, AudioMAE's input (Huang et al. 2022).
+
+    (B, S) -> (B, 1, n_mels, frames), frames = 1 + (S - win) // hop (Kaldi drops partial frames: 98 for
+    1 s at 16 kHz). Same features as AudioMAE/AST: ``torchaudio.compliance.kaldi.fbank`` with a Hanning
+    window, HTK mel scale, no energy, no dither, then ``(fbank - mean) / (2 * std)`` with AudioSet's
+    statistics by default (``mean=0, std=0.5`` leaves them unnormalized). Runs in float32 even under autocast.
+    ``frames``: keep the first ``frames`` frames, or zero-pad the log-mel (before normalizing) at the end, as
+    AudioMAE does to reach its fixed 1024 frames (998 for 10 s); None keeps every frame.
+    Note AudioMAE lays the spectrogram out as (time, mel); transpose if a model wants that.
+    """
+
+    def fbank(one: torch.Tensor) -> torch.Tensor:  # (S,) -> (frames, n_mels)
+        return kaldi.fbank(
+            one[None], sample_frequency=sample_rate, num_mel_bins=n_mels, frame_shift=hop_ms,
+            frame_length=win_ms, htk_compat=True, use_energy=False, window_type="hanning", dither=0.0,
+        )
+
+    if waveform.ndim != 2:
+        raise ValueError(f"log_mel takes a batch of waveforms (B, samples), got shape {tuple(waveform.shape)}")
+    with torch.autocast(waveform.device.type, enabled=False):
+        # kaldi.fbank takes one waveform; vmap batches it without a Python loop over the batch.
+        features = torch.func.vmap(fbank)(waveform.float())  # (B, frames, n_mels)
+    if frames is not None:
+        features = torch.nn.functional.pad(features[:, :frames], (0, 0, 0, max(frames - features.shape[1], 0)))
+    return ((features - mean) / (2 * std)).transpose(1, 2).unsqueeze(1)  # (B, 1, n_mels, frames)

@@ -1,0 +1,319 @@
+"""Sample transforms in core/augment.py, on synthetic images, videos and sine waves."""
+
+import math
+import pickle
+from typing import Callable
+
+import jsonargparse
+import numpy as np
+import pytest
+import torch
+import torchaudio.functional as AF
+import yaml
+from PIL import Image
+from torch.utils.data import default_collate
+from torchvision.transforms import v2
+
+from core import augment
+from core.augment import (
+    AudioClip,
+    GaussianBlur,
+    GlobalLocalCrop,
+    ImageCrop,
+    ImageEval,
+    MultiCrop,
+    TwoViews,
+    VideoClip,
+    blur_kernel_size,
+    global_local_boxes,
+    log_mel,
+)
+
+SIZE = 24
+
+
+def image_sample(height=40, width=56, seed=0, label=3):
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return {"image": Image.fromarray(pixels), "label": label, "__key__": f"img{seed}", "__url__": "shard-0.tar"}
+
+
+def unnormalize(x, mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD):
+    return x * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+
+
+def run_seeded(transform, sample, seed):
+    torch.manual_seed(seed)
+    return transform(sample)
+
+
+IMAGE_TRANSFORMS = {
+    "ImageCrop": lambda: ImageCrop(SIZE),
+    "TwoViews": lambda: TwoViews(SIZE),
+    "MultiCrop": lambda: MultiCrop(SIZE, SIZE // 2, n_local=3),
+    "GlobalLocalCrop": lambda: GlobalLocalCrop(SIZE),
+}
+
+
+def tensors_of(out):
+    """Every tensor in a transform's output, in a fixed order, for comparisons."""
+    found = []
+    for key in sorted(out):
+        value = out[key]
+        found += value if isinstance(value, list) else [value] if torch.is_tensor(value) else []
+    return found
+
+
+def test_image_crop_shape_dtype_and_label():
+    out = ImageCrop(SIZE)(image_sample())
+    assert set(out) == {"image", "label"}
+    assert out["image"].shape == (3, SIZE, SIZE) and out["image"].dtype == torch.float32
+    assert out["label"] == image_sample()["label"]
+
+
+def test_image_eval_normalizes_exactly_and_ignores_seed():
+    sample = image_sample(SIZE, SIZE)
+    transform = ImageEval(SIZE, resize=SIZE)  # no resampling at all: output is the normalized input
+    out = run_seeded(transform, sample, 0)["image"]
+    pixels = torch.from_numpy(np.array(sample["image"])).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(unnormalize(out), pixels)
+    torch.testing.assert_close(run_seeded(transform, sample, 1)["image"], out)
+
+
+def test_image_eval_center_crop_of_resized_image():
+    out = ImageEval(SIZE)(image_sample(height=80, width=60))["image"]
+    assert out.shape == (3, SIZE, SIZE)
+    with pytest.raises(ValueError, match="resize=8 must be at least size=24"):
+        ImageEval(SIZE, resize=8)
+
+
+@pytest.mark.parametrize("name", IMAGE_TRANSFORMS)
+def test_image_transforms_deterministic_under_seed(name):
+    transform, sample = IMAGE_TRANSFORMS[name](), image_sample()
+    first, again, other = (tensors_of(run_seeded(transform, sample, seed)) for seed in (0, 0, 1))
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_two_views_shapes_differ_and_collate():
+    out = TwoViews(SIZE)(image_sample())
+    assert set(out) == {"views", "label"}
+    v1, v2_ = out["views"]
+    assert v1.shape == v2_.shape == (3, SIZE, SIZE) and v1.dtype == torch.float32
+    assert not torch.equal(v1, v2_)
+    batch = default_collate([TwoViews(SIZE)(image_sample(seed=s, label=s)) for s in range(3)])
+    assert [v.shape for v in batch["views"]] == [(3, 3, SIZE, SIZE)] * 2
+    assert batch["label"].tolist() == [0, 1, 2]
+
+
+def test_two_views_blur_kernel_scales_with_size_and_is_off_for_tiny_views():
+    assert blur_kernel_size(224) == 23  # BYOL's kernel at 224 px
+    for size, blurred in ((32, False), (64, True)):
+        steps = [t for step in TwoViews(size).views[0].transforms for t in getattr(step, "transforms", [step])]
+        blurs = [t for t in steps if isinstance(t, GaussianBlur)]
+        assert bool(blurs) == blurred
+        assert all(b.kernel_size == blur_kernel_size(size) for b in blurs)
+
+
+def test_two_views_probabilities_reach_the_views():
+    views = TwoViews(64, blur_prob=(0.3, 0.7), solarize_prob=(0.0, 0.4)).views
+    blur_p = [
+        [s.p for s in v.transforms if isinstance(s, v2.RandomApply) and isinstance(s.transforms[0], GaussianBlur)]
+        for v in views
+    ]
+    solarize_p = [[s.p for s in v.transforms if isinstance(s, v2.RandomSolarize)] for v in views]
+    assert blur_p == [[0.3], [0.7]] and solarize_p == [[], [0.4]]
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.8, 2.0])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_separable_gaussian_blur_matches_torchvision(sigma, dtype):
+    image = v2.functional.to_dtype(
+        torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, 30, 40), dtype=np.uint8)), dtype, scale=True
+    )
+    kernel = blur_kernel_size(224)
+    ours = GaussianBlur(kernel, (sigma, sigma))(image)
+    theirs = v2.functional.gaussian_blur(image, [kernel, kernel], [sigma, sigma])
+    assert ours.dtype == dtype and ours.shape == image.shape
+    if dtype == torch.uint8:  # may differ by one level where the two float results round to either side of .5
+        torch.testing.assert_close(ours.float(), theirs.float(), atol=1, rtol=0)
+    else:
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_multi_crop_counts_shapes_and_collate():
+    n_local, local_size = 3, SIZE // 2
+    out = MultiCrop(SIZE, local_size, n_local)(image_sample())
+    assert set(out) == {"global_views", "local_views", "label"}
+    assert [v.shape for v in out["global_views"]] == [(3, SIZE, SIZE)] * 2
+    assert [v.shape for v in out["local_views"]] == [(3, local_size, local_size)] * n_local
+    assert MultiCrop(SIZE, local_size, 0)(image_sample())["local_views"] == []
+    batch = default_collate([MultiCrop(SIZE, local_size, n_local)(image_sample(seed=s)) for s in range(2)])
+    assert [v.shape for v in batch["local_views"]] == [(2, 3, local_size, local_size)] * n_local
+
+
+@pytest.mark.parametrize("local_scale", [(0.3, 0.6), (0.001, 0.01)])  # CropMAE's, and slivers that probe rounding
+@pytest.mark.parametrize("height,width,size", [(40, 56, 24), (7, 5, 32), (300, 200, 16)])
+def test_global_local_local_box_inside_global_box_inside_image(height, width, size, local_scale):
+    torch.manual_seed(0)
+    for _ in range(200):
+        boxes = global_local_boxes(height, width, size, (0.1, 1.0), local_scale, (3 / 4, 4 / 3))
+        (gt, gl, gh, gw), (lt, ll, lh, lw) = boxes
+        assert 0 <= gt and 0 <= gl and gt + gh <= height and gl + gw <= width
+        assert gt <= lt and gl <= ll and lt + lh <= gt + gh and ll + lw <= gl + gw
+        assert lh >= 1 and lw >= 1 and lh * lw <= gh * gw
+
+
+def test_global_local_crop_cuts_views_at_the_boxes():
+    sample = image_sample(64, 80)
+    out = run_seeded(GlobalLocalCrop(SIZE, flip_prob=0.0), sample, 5)
+    assert set(out) == {"global", "local", "label"}
+    torch.manual_seed(5)
+    boxes = global_local_boxes(64, 80, SIZE, (0.1, 1.0), (0.3, 0.6), (3 / 4, 4 / 3))
+    image = v2.functional.to_image(sample["image"])
+    for name, box in zip(("global", "local"), boxes):
+        expected = v2.functional.resized_crop(image, *box, [SIZE, SIZE], interpolation=v2.InterpolationMode.BILINEAR)
+        torch.testing.assert_close(unnormalize(out[name]), expected.float() / 255)
+
+
+def numbered_video(frames, height=20, width=30):
+    """Frame t is filled with the value t, so a clip's frame indices can be read back."""
+    return torch.arange(frames, dtype=torch.uint8)[:, None, None, None].expand(frames, height, width, 3).clone()
+
+
+def frame_indices(clip):
+    return (unnormalize(clip.transpose(0, 1))[:, 0].mean((-1, -2)) * 255).round().long().tolist()
+
+
+def test_video_clip_shape_and_center_frames_in_eval():
+    num_frames, stride, frames = 4, 3, 30
+    out = VideoClip(num_frames, stride, SIZE, train=False)({"video": numbered_video(frames), "label": 1})
+    assert out["video"].shape == (3, num_frames, SIZE, SIZE) and out["video"].dtype == torch.float32
+    start = (frames - ((num_frames - 1) * stride + 1)) // 2
+    assert frame_indices(out["video"]) == [start + i * stride for i in range(num_frames)]
+    assert out["label"] == 1
+
+
+def test_video_clip_train_strided_frames_and_one_crop_for_all_frames():
+    num_frames, stride, frames = 4, 2, 12
+    transform = VideoClip(num_frames, stride, SIZE)
+    torch.manual_seed(0)
+    starts = set()
+    for _ in range(20):
+        idx = frame_indices(transform({"video": numbered_video(frames)})["video"])
+        assert idx == [idx[0] + i * stride for i in range(num_frames)] and idx[-1] < frames
+        starts.add(idx[0])
+    assert len(starts) > 1
+    still = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 20, 30, 3), dtype=np.uint8))
+    still = still.expand(frames, -1, -1, -1)
+    clip = transform({"video": still})["video"]  # (3, T, H, W)
+    assert all(torch.equal(clip[:, 0], clip[:, t]) for t in range(num_frames))
+
+
+def test_video_clip_too_short_raises_with_lengths():
+    with pytest.raises(ValueError, match=r"has 6 frames, but num_frames=4 with stride=2 needs at least 7"):
+        VideoClip(4, 2, SIZE)({"video": numbered_video(6), "__key__": "clip9", "__url__": "v.tar"})
+    with pytest.raises(ValueError, match=r"must be \(T, H, W, 3\)"):
+        VideoClip(4, 2, SIZE)({"video": torch.zeros(8, 3, 20, 30, dtype=torch.uint8)})
+
+
+def sine(freq, rate, seconds):
+    t = torch.arange(round(rate * seconds)) / rate
+    return torch.sin(2 * math.pi * freq * t)
+
+
+def test_audio_clip_mixdown_resample_and_pad():
+    in_rate, out_rate, freq, seconds = 8000, 16000, 440.0, 0.5
+    wave = sine(freq, in_rate, seconds)
+    stereo = torch.stack([wave, 3 * wave])  # mixdown is the mean: 2 * wave
+    out = AudioClip(out_rate, 2 * seconds, train=False)({"audio": stereo, "sample_rate": in_rate, "label": 0})
+    filled = round(out_rate * seconds)
+    assert out["audio"].shape == (round(out_rate * 2 * seconds),) and out["label"] == 0
+    assert torch.all(out["audio"][filled:] == 0)
+    # Away from the edges, the resampled tone matches the tone synthesized at the new rate.
+    middle = slice(filled // 4, 3 * filled // 4)
+    torch.testing.assert_close(out["audio"][middle], 2 * sine(freq, out_rate, seconds)[middle], atol=1e-2, rtol=0)
+
+
+def test_audio_clip_crops_center_in_eval_and_randomly_in_train():
+    rate, samples, length = 100, 250, 100
+    ramp = torch.arange(samples, dtype=torch.float32)[None]  # (1, S)
+    sample = {"audio": ramp, "sample_rate": rate}
+    center = AudioClip(rate, length / rate, train=False)(sample)["audio"]
+    torch.testing.assert_close(center, ramp[0, (samples - length) // 2 :][:length])
+    torch.manual_seed(0)
+    starts = {int(AudioClip(rate, length / rate)(sample)["audio"][0]) for _ in range(20)}
+    assert len(starts) > 1 and all(0 <= s <= samples - length for s in starts)
+
+
+def test_audio_clip_resampling_matches_torchaudio_length():
+    in_rate, out_rate = 44100, 16000
+    wave = sine(1000.0, in_rate, 1.0)[None]
+    expected = AF.resample(wave, in_rate, out_rate).shape[-1]
+    out = AudioClip(out_rate, 2.0, train=False)({"audio": wave, "sample_rate": in_rate})["audio"]
+    assert out[:expected].abs().max() > 0 and torch.all(out[expected:] == 0)
+
+
+def test_log_mel_shape_batching_and_pitch():
+    rate, hop_ms, win_ms, n_mels = 16000, 10.0, 25.0, 128
+    waves = torch.stack([sine(500.0, rate, 1.0), sine(4000.0, rate, 1.0), torch.zeros(rate)])
+    feats = log_mel(waves, rate, n_mels=n_mels, hop_ms=hop_ms, win_ms=win_ms)
+    hop, win = round(rate * hop_ms / 1000), round(rate * win_ms / 1000)
+    assert feats.shape == (3, 1, n_mels, 1 + (rate - win) // hop) and feats.dtype == torch.float32
+    singles = torch.cat([log_mel(w[None], rate, n_mels=n_mels) for w in waves])
+    torch.testing.assert_close(feats, singles)
+    low, high = feats[:2, 0].mean(-1).argmax(-1).tolist()  # loudest mel bin of each tone
+    assert low < high
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert log_mel(waves, rate).dtype == torch.float32
+    with pytest.raises(ValueError, match=r"\(B, samples\), got shape \(16000,\)"):
+        log_mel(waves[0], rate)
+
+
+@pytest.mark.parametrize(
+    "config,sample",
+    [
+        ({"class_path": "core.augment.TwoViews", "init_args": {"size": 32}}, image_sample()),
+        ({"class_path": "core.augment.ImageCrop", "init_args": {"size": 32, "scale": [0.5, 1.0]}}, image_sample()),
+        ({"class_path": "core.augment.ImageEval", "init_args": {"size": 32, "resize": 40}}, image_sample()),
+        (
+            {"class_path": "core.augment.MultiCrop", "init_args": {"global_size": 32, "local_size": 16, "n_local": 2}},
+            image_sample(),
+        ),
+        ({"class_path": "core.augment.GlobalLocalCrop", "init_args": {"size": 32}}, image_sample()),
+        (
+            {"class_path": "core.augment.VideoClip", "init_args": {"num_frames": 2, "stride": 2, "size": 16}},
+            {"video": numbered_video(5)},
+        ),
+        (
+            {"class_path": "core.augment.AudioClip", "init_args": {"sample_rate": 8000, "seconds": 0.5}},
+            {"audio": torch.zeros(1, 100), "sample_rate": 8000},
+        ),
+    ],
+)
+def test_built_from_yaml_by_jsonargparse_and_picklable(config, sample):
+    parser = jsonargparse.ArgumentParser()
+    parser.add_argument("--transform", type=Callable[[dict], dict])
+    cfg = parser.parse_string(yaml.safe_dump({"transform": config}))
+    transform = parser.instantiate(cfg).transform
+    assert type(transform).__name__ == config["class_path"].rsplit(".", 1)[1]
+    copy = pickle.loads(pickle.dumps(transform))  # DataLoader workers may receive it pickled
+    first, again = run_seeded(transform, sample, 0), run_seeded(copy, sample, 0)
+    assert all(torch.equal(a, b) for a, b in zip(tensors_of(first), tensors_of(again), strict=True))
+
+
+def test_yaml_rejects_unknown_interpolation():
+    parser = jsonargparse.ArgumentParser(exit_on_error=False)
+    parser.add_argument("--transform", type=Callable[[dict], dict])
+    config = {"class_path": "core.augment.ImageCrop", "init_args": {"size": 32, "interpolation": "lanczos"}}
+    with pytest.raises(jsonargparse.ArgumentError):
+        parser.parse_object({"transform": config})
+
+
+def test_missing_or_bad_fields_name_the_sample():
+    with pytest.raises(KeyError, match=r"needs 'image'.*'img7'.*'shard-3.tar'"):
+        ImageCrop(SIZE)({"audio": torch.zeros(1, 10), "__key__": "img7", "__url__": "shard-3.tar"})
+    gray = {"image": Image.fromarray(np.zeros((30, 30), dtype=np.uint8)), "__key__": "g1", "__url__": "s.tar"}
+    with pytest.raises(ValueError, match=r"'image' of sample 'g1' from 's.tar' must be RGB"):
+        TwoViews(SIZE)(gray)
+    with pytest.raises(ValueError, match=r"'audio' .* got shape \(1, 2, 3\)"):
+        AudioClip(8000, 1.0)({"audio": torch.zeros(1, 2, 3), "sample_rate": 8000})

@@ -1,0 +1,185 @@
+"""Global-batch losses in a real 2-process run (gloo, CPU): every gradient that DistributedDataParallel
+produces with `gather=True` must equal the gradient of one process on the concatenated batch.
+
+The two ranks are started once for the module; each writes its results with torch.save and the tests
+compare them with a single-process reference computed here.
+"""
+
+import gc
+import math
+import socket
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch._dynamo  # noqa: F401  DDP imports it lazily (seconds); imported here, forked ranks inherit it
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from core.distributed import all_reduce_mean, gather_with_grad, world
+from core.losses import barlow_twins_loss, clip_loss, dino_center, siglip_loss, vicreg_loss
+
+WORLD, BATCH, IN, DIM = 2, 4, 5, 3  # per-rank batch; the reference sees WORLD * BATCH samples
+
+
+class Siamese(nn.Module):
+    """One linear encoder shared by both views (Barlow Twins, VICReg)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(IN, DIM, bias=False)  # standardising the views cancels any bias
+
+    def forward(self, x1, x2):
+        return self.proj(x1), self.proj(x2)
+
+
+class DualEncoder(nn.Module):
+    """Two linear towers with a learnable temperature, and a bias for SigLIP (CLIP, SigLIP)."""
+
+    def __init__(self, with_bias: bool):
+        super().__init__()
+        self.image, self.text = nn.Linear(IN, DIM), nn.Linear(IN, DIM)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(5.0)))
+        self.logit_bias = nn.Parameter(torch.tensor(-1.0)) if with_bias else None
+
+    def forward(self, x1, x2):
+        return F.normalize(self.image(x1), dim=-1), F.normalize(self.text(x2), dim=-1)
+
+
+# name: (model factory, loss of (model, z1, z2, gather))
+CASES = {
+    "barlow_twins": (Siamese, lambda m, z1, z2, gather: barlow_twins_loss(z1, z2, lambd=0.1, gather=gather)),
+    "vicreg": (Siamese, lambda m, z1, z2, gather: vicreg_loss(z1, z2, gather=gather)),
+    "clip": (lambda: DualEncoder(False), lambda m, z1, z2, gather: clip_loss(z1, z2, m.logit_scale, gather=gather)),
+    "siglip": (lambda: DualEncoder(True), lambda m, z1, z2, gather: siglip_loss(z1, z2, m.logit_scale, m.logit_bias, gather=gather)),
+}
+
+
+def make_model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return CASES[name][0]().double()
+
+
+def global_batch(name: str):
+    g = torch.Generator().manual_seed(sorted(CASES).index(name))
+    x1 = torch.randn(WORLD * BATCH, IN, generator=g, dtype=torch.float64)
+    return x1, x1 + 0.5 * torch.randn(WORLD * BATCH, IN, generator=g, dtype=torch.float64)  # two correlated views
+
+
+def grads_and_loss(name: str, model: nn.Module, x1, x2, gather: bool):
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    z1, z2 = model(x1, x2)
+    loss = CASES[name][1](inner, z1, z2, gather)
+    loss.backward()
+    return {n: p.grad.detach().clone() for n, p in inner.named_parameters()}, loss.detach()
+
+
+def rank_results(rank: int) -> dict:
+    results = {"world": torch.tensor(world())}
+    local = slice(rank * BATCH, (rank + 1) * BATCH)
+
+    # gather_with_grad: the concatenation forward; backward sums what every rank sends to a slice.
+    x = (torch.arange(BATCH * 2, dtype=torch.float64).view(BATCH, 2) + 100 * rank).requires_grad_()
+    gathered = gather_with_grad(x)
+    (gathered * (rank + 1)).sum().backward()
+    results["gathered"], results["gather_grad"] = gathered.detach(), x.grad
+
+    for name in CASES:
+        model = DistributedDataParallel(make_model(name))
+        x1, x2 = global_batch(name)
+        grads, loss = grads_and_loss(name, model, x1[local], x2[local], gather=True)
+        results.update({f"{name}/grad/{k}": v for k, v in grads.items()})
+        results[f"{name}/loss"] = loss
+
+    teacher = [t[local] for t in global_batch("clip")]
+    results["center"] = dino_center(torch.ones(1, IN, dtype=torch.float64), teacher, momentum=0.5)
+    results["mean"] = all_reduce_mean(torch.tensor([float(rank)]))
+
+    try:
+        gather_with_grad(torch.zeros(3 if rank == 0 else 2, DIM))
+        results["mismatch"] = "no error"
+    except ValueError as e:
+        results["mismatch"] = str(e)
+    return results
+
+
+def worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30)
+    )
+    try:
+        torch.save(rank_results(rank), f"{out_dir}/rank{rank}.pt")
+    finally:
+        # The DDP models must be gone before the process group: a Reducer that drops the group's last
+        # reference joins gloo's threads while holding the GIL, and deadlocks if one of them needs it.
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("ddp")
+    # Forked ranks inherit the imported torch instead of importing it again (seconds each on a busy CI box);
+    # like DataLoader workers, they use one intra-op thread, which keeps fork safe with OpenMP.
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    ranks = mp.start_processes(worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=False, start_method=method)
+    deadline = time.monotonic() + 60
+    while not ranks.join(timeout=0.5):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"the {WORLD} ranks did not finish within 60 s")
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def test_gather_with_grad_concatenates_and_sums_gradients(ranks):
+    expected = torch.cat([torch.arange(BATCH * 2, dtype=torch.float64).view(BATCH, 2) + 100 * r for r in range(WORLD)])
+    for r, res in enumerate(ranks):
+        assert res["world"].tolist() == [r, WORLD]
+        assert torch.equal(res["gathered"], expected)
+        # Rank r's loss weighs every gathered element by r + 1, so each slice receives 1 + 2 + ... + WORLD.
+        assert torch.equal(res["gather_grad"], torch.full((BATCH, 2), WORLD * (WORLD + 1) / 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_ddp_gradients_equal_single_process_on_global_batch(ranks, name):
+    x1, x2 = global_batch(name)
+    ref_grads, ref_loss = grads_and_loss(name, make_model(name), x1, x2, gather=False)
+    for r, res in enumerate(ranks):
+        for param, ref in ref_grads.items():
+            assert ref.abs().max() > 1e-6, f"{name}: reference gradient of {param} is zero, the check would be vacuous"
+            torch.testing.assert_close(res[f"{name}/grad/{param}"], ref, rtol=1e-8, atol=1e-10, msg=f"{name} rank {r} {param}")
+    # Local losses average (as DDP averages their gradients) to the global one.
+    mean_loss = sum(res[f"{name}/loss"] for res in ranks) / WORLD
+    torch.testing.assert_close(mean_loss, ref_loss, rtol=1e-10, atol=1e-12)
+
+
+def test_dino_center_and_all_reduce_mean_use_every_rank(ranks):
+    teacher = list(global_batch("clip"))
+    expected = dino_center(torch.ones(1, IN, dtype=torch.float64), teacher, momentum=0.5)
+    for res in ranks:
+        torch.testing.assert_close(res["center"], expected, rtol=1e-12, atol=1e-12)
+        assert res["mean"].item() == pytest.approx(sum(range(WORLD)) / WORLD)
+
+
+def test_mismatched_batch_sizes_raise_on_every_rank(ranks):
+    for res in ranks:
+        assert "equal batch sizes" in res["mismatch"] and "[3, 2]" in res["mismatch"]
+
+
+def test_single_process_is_identity():
+    x = torch.randn(3, 2)
+    assert world() == (0, 1)
+    assert gather_with_grad(x) is x
+    assert all_reduce_mean(x) is x

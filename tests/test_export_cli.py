@@ -1,0 +1,87 @@
+"""core.export / load_encoder round trips and the shared CLI."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from core import load_encoder
+from core.export import describe_encoder, export_checkpoint
+from core.resnet import ResNet
+from core.vit import ViT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fake_checkpoint(path, backbone, spec, prefix="model.encoder."):
+    # What Lightning writes, reduced to what export reads: the state dict and the declared encoders.
+    state = {prefix + k: v for k, v in backbone.state_dict().items()}
+    state["model.head.weight"] = torch.zeros(2, 2)  # weights outside the encoder are left out
+    torch.save({"state_dict": state, "encoders": {"image": describe_encoder(prefix, backbone, spec)}}, path)
+
+
+@pytest.mark.parametrize(
+    "backbone, x",
+    [
+        (ViT((16, 16), (4, 4), size="tiny", depth=2, pool="mean"), torch.randn(3, 3, 16, 16)),
+        (ViT((4, 16, 16), (2, 8, 8), size="tiny", depth=1), torch.randn(2, 3, 4, 16, 16)),
+        (ResNet(18, small_images=True), torch.randn(2, 3, 16, 16)),
+    ],
+)
+def test_export_round_trip_gives_identical_outputs(tmp_path, backbone, x):
+    backbone.eval()
+    spec = {"modality": "image", "size": list(x.shape[-2:]), "mean": [0.5] * 3, "std": [0.25] * 3}
+    fake_checkpoint(tmp_path / "last.ckpt", backbone, spec)
+    (folder,) = export_checkpoint(str(tmp_path / "last.ckpt"), str(tmp_path / "out"))
+    assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors"]
+    enc = load_encoder(folder)
+    assert enc.input == spec
+    with torch.no_grad():
+        expected, got = backbone(x), enc(x)
+        assert got.shape == (x.shape[0], backbone.embed_dim)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        fresh = load_encoder(folder, pretrained=False)(x)
+    assert not torch.allclose(fresh, expected)  # the random-init baseline really is another network
+
+
+def test_export_refuses_checkpoint_without_encoders(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "x.ckpt")
+    with pytest.raises(ValueError, match="declares no encoders"):
+        export_checkpoint(str(tmp_path / "x.ckpt"), str(tmp_path / "out"))
+
+
+def test_load_encoder_names_missing_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_encoder(str(tmp_path))
+
+
+def test_export_cli(tmp_path):
+    backbone = ViT((8, 8), (4, 4), size="tiny", depth=1)
+    fake_checkpoint(tmp_path / "last.ckpt", backbone, {"modality": "image", "size": [8, 8], "mean": [0] * 3, "std": [1] * 3})
+    out = subprocess.run(
+        [sys.executable, "-m", "core.export", str(tmp_path / "last.ckpt"), "--out", str(tmp_path / "e")],
+        capture_output=True, text=True, cwd=ROOT, check=True,
+    )
+    assert "model.safetensors" in out.stdout
+    assert os.path.isfile(tmp_path / "e" / "config.json")
+
+
+def test_print_config_shows_every_section():
+    out = subprocess.run(
+        [sys.executable, "recipes/mae/train.py", "fit", "--config", "recipes/mae/configs/demo.yaml", "--print_config"],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    for key in ("model:", "data:", "trainer:", "probe:", "checkpoint:", "mask_ratio: 0.75", "seed_everything:"):
+        assert key in out.stdout
+
+
+def test_wrong_config_key_is_named():
+    out = subprocess.run(
+        [sys.executable, "recipes/mae/train.py", "fit", "--config", "recipes/mae/configs/demo.yaml", "--model.mask_rati=0.5"],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert out.returncode != 0
+    assert "mask_rati" in out.stderr

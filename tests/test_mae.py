@@ -1,0 +1,81 @@
+"""The image MAE recipe: its demo config through the real CLI, export, overfitting, bad input."""
+
+import glob
+import os
+
+import pytest
+import torch
+
+from core import load_encoder
+from core.cli import run
+from core.export import export_checkpoint
+from recipes.mae.model import MAE
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "recipes/mae/configs/demo.yaml")
+
+
+def small_mae(**kw):
+    args = dict(image_size=16, patch_size=4, size="tiny", encoder_depth=2, decoder_dim=64, decoder_depth=1, decoder_heads=4)
+    return MAE(**{**args, **kw})
+
+
+def test_demo_config_trains_a_few_steps_and_exports(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out = str(tmp_path)
+    cli = run(
+        MAE,
+        args=[
+            "fit", "--config", DEMO,
+            "--trainer.max_steps=3", "--trainer.limit_val_batches=2", "--trainer.val_check_interval=3",
+            f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
+            f"--checkpoint.dirpath={out}/ckpt", "--checkpoint.every_n_train_steps=3",
+            "--data.batch_size=16", "--data.num_workers=0", "--data.samples_per_epoch=48",
+            "--model.encoder_depth=2", "--model.pictures_every_n_steps=2",
+        ],
+    )  # fmt: skip
+    assert cli.trainer.global_step == 3
+    metrics = cli.trainer.callback_metrics
+    assert {"train/loss", "val/loss", "probe/linear_acc", "probe/knn_acc"} <= set(metrics)
+    assert glob.glob(f"{out}/logs/*/reconstructions/train_step0000000.png")
+    assert glob.glob(f"{out}/logs/*/reconstructions/val_step*.png")
+
+    (folder,) = export_checkpoint(f"{out}/ckpt/last.ckpt", f"{out}/export")
+    enc = load_encoder(folder)
+    assert enc.input["modality"] == "image" and enc.input["size"] == [32, 32]
+    module = cli.model.eval()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(images), module.embed({"image": images}))
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    model = small_mae(mask_ratio=0.5)
+    images = torch.randn(8, 3, 16, 16)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(40):
+        loss, _, _ = model.reconstruct(images, torch.Generator().manual_seed(0))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_encoder_sees_only_visible_patches_during_training():
+    model = small_mae()
+    images = torch.randn(2, 3, 16, 16)
+    _, pred, mask = model.reconstruct(images, torch.Generator().manual_seed(0))
+    assert pred.shape == (2, 16, 48)
+    assert mask.sum(1).tolist() == [12, 12]  # 75% of 16 patches
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"mask_ratio": 1.2}, "mask_ratio must be in"), ({"mask_ratio": 0.0}, "mask_ratio must be in"), ({"image_size": 18}, "not divisible")],
+)
+def test_bad_config_fails_before_training(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        small_mae(**kwargs)

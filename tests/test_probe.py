@@ -1,0 +1,82 @@
+"""kNN and linear probes on separable vs unlearnable data, and the collapse measure."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from core.probe import embedding_std, is_collapsed, knn_accuracy, linear_probe_accuracy, probe_scores, split_halves
+
+CLASSES, DIM = 4, 8
+
+
+def clusters(n_per_class: int, seed: int, spread: float = 0.3):
+    """Gaussian blobs around well separated class centres (the same centres for every seed)."""
+    centres = torch.randn(CLASSES, DIM, generator=torch.Generator().manual_seed(123)) * 3
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(CLASSES).repeat_interleave(n_per_class)
+    x = centres[y] + spread * torch.randn(len(y), DIM, generator=g)
+    return x, y
+
+
+def test_probes_separate_clusters():
+    train_x, train_y = clusters(30, seed=1)
+    test_x, test_y = clusters(30, seed=2)
+    assert knn_accuracy(train_x, train_y, test_x, test_y, k=10) >= 0.95
+    assert linear_probe_accuracy(train_x, train_y, test_x, test_y) >= 0.95
+
+
+def test_probes_are_at_chance_on_random_labels():
+    g = torch.Generator().manual_seed(3)
+    train_x, test_x = torch.randn(400, DIM, generator=g), torch.randn(400, DIM, generator=g)
+    train_y, test_y = torch.randint(0, CLASSES, (400,), generator=g), torch.randint(0, CLASSES, (400,), generator=g)
+    chance = 1 / CLASSES
+    assert abs(knn_accuracy(train_x, train_y, test_x, test_y) - chance) < 0.1
+    assert abs(linear_probe_accuracy(train_x, train_y, test_x, test_y) - chance) < 0.1
+
+
+def test_knn_votes_are_weighted_by_similarity():
+    # One very close neighbour of class 0 against two farther ones of class 1.
+    train_x = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.6, -0.8]])
+    train_y = torch.tensor([0, 1, 1])
+    test_x, test_y = torch.tensor([[1.0, 0.0]]), torch.tensor([0])
+    # exp(1/0.07) > 2 exp(0.6/0.07): the close neighbour wins; at temperature 10 the majority does.
+    assert math.exp(1 / 0.07) > 2 * math.exp(0.6 / 0.07) and math.exp(1 / 10) < 2 * math.exp(0.6 / 10)
+    assert knn_accuracy(train_x, train_y, test_x, test_y, k=3, temperature=0.07) == 1.0
+    assert knn_accuracy(train_x, train_y, test_x, test_y, k=3, temperature=10.0) == 0.0
+    assert knn_accuracy(train_x, train_y, test_x, test_y, k=1) == 1.0
+    # k larger than the training set uses all of it.
+    assert knn_accuracy(train_x, train_y, test_x, test_y, k=50, temperature=10.0) == 0.0
+
+
+def test_probe_scores_on_split_halves():
+    x, y = clusters(20, seed=4)
+    train_x, train_y, test_x, test_y = split_halves(x, y)
+    assert len(train_x) + len(test_x) == len(x)
+    assert sorted(torch.cat([train_x, test_x]).sum(1).tolist()) == sorted(x.sum(1).tolist())  # a partition
+    cyclic = torch.arange(100) % 10  # shards written in label order must still give both halves every class
+    _, fit_y, _, test_y_cyclic = split_halves(torch.zeros(100, 1), cyclic)
+    assert fit_y.unique().numel() == 10 and test_y_cyclic.unique().numel() == 10
+    scores = probe_scores(train_x, train_y, test_x, test_y)
+    assert set(scores) == {"linear_acc", "knn_acc"}
+    assert min(scores.values()) >= 0.95
+
+
+def test_embedding_std_by_hand():
+    z = torch.randn(6, 3, generator=torch.Generator().manual_seed(5))
+    zn = z.numpy() / np.linalg.norm(z.numpy(), axis=1, keepdims=True)
+    expected = np.mean([np.std(zn[:, d], ddof=1) for d in range(3)])
+    assert embedding_std(z) == pytest.approx(expected, rel=1e-5)
+
+
+def test_collapse_detection():
+    d = 32
+    g = torch.Generator().manual_seed(6)
+    spread = torch.randn(512, d, generator=g)
+    collapsed = torch.randn(1, d, generator=g).expand(512, d) * 5 + 1e-4 * torch.randn(512, d, generator=g)
+    spread_std, collapsed_std = embedding_std(spread), embedding_std(collapsed)
+    assert spread_std == pytest.approx(1 / math.sqrt(d), rel=0.1)
+    assert collapsed_std < 1e-3
+    assert not is_collapsed(spread_std, d)
+    assert is_collapsed(collapsed_std, d)

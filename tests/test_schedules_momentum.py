@@ -1,0 +1,271 @@
+"""Learning-rate schedules at their key steps, the EMA target network, weight-decay groups and LARS."""
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from core.momentum import cosine_momentum, momentum_copy, update_momentum
+from core.optim import LARS, param_groups
+from core.schedules import Infinite, WarmupCosine, WarmupStableDecay, step_scheduler
+
+# ---------------------------------------------------------------- schedules
+
+
+def test_warmup_cosine_key_steps():
+    s = WarmupCosine(warmup_steps=10, total_steps=110, min_ratio=0.1)
+    assert s(0) == pytest.approx(1 / 10)
+    assert s(4) == pytest.approx(5 / 10)
+    assert s(9) == pytest.approx(1.0)  # warmup ends at the peak
+    assert s(10) == pytest.approx(1.0)
+    assert s(60) == pytest.approx((1.0 + 0.1) / 2)  # half way down the cosine
+    assert s(35) == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2)
+    assert s(110) == pytest.approx(0.1)
+    assert s(500) == pytest.approx(0.1)  # stays at the floor past the end
+    values = [s(i) for i in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+@pytest.mark.parametrize(
+    "decay, at_quarter, at_half",
+    [
+        ("linear", 1 - 0.8 * 0.25, 1 - 0.8 * 0.5),
+        ("1-sqrt", 1 - 0.8 * 0.5, 1 - 0.8 * math.sqrt(0.5)),
+        ("cosine", 0.2 + 0.8 * (1 + math.cos(math.pi / 4)) / 2, 0.2 + 0.8 / 2),
+    ],
+)
+def test_warmup_stable_decay_key_steps(decay, at_quarter, at_half):
+    s = WarmupStableDecay(warmup_steps=10, total_steps=100, decay_steps=20, min_ratio=0.2, decay=decay)
+    assert s(0) == pytest.approx(0.1)
+    assert s(9) == pytest.approx(1.0)
+    assert s(10) == s(50) == s(79) == pytest.approx(1.0)  # the stable phase
+    assert s(80) == pytest.approx(1.0)  # the decay starts from the peak
+    assert s(85) == pytest.approx(at_quarter)
+    assert s(90) == pytest.approx(at_half)
+    assert s(100) == pytest.approx(0.2)
+    assert s(150) == pytest.approx(0.2)
+
+
+def test_warmup_stable_decay_rejects_bad_settings():
+    with pytest.raises(ValueError, match="decay='exp'"):
+        WarmupStableDecay(10, 100, 20, decay="exp")
+    with pytest.raises(ValueError, match="total_steps=100"):
+        WarmupStableDecay(90, 100, 20)
+
+
+def test_infinite_without_anneal_stays_constant():
+    s = Infinite(warmup_steps=10, cooldown_steps=40, constant_ratio=0.2)
+    assert s(0) == pytest.approx(0.1)
+    assert s(9) == pytest.approx(1.0)
+    assert s(10) == pytest.approx(1.0)
+    assert s(30) == pytest.approx((1.0 + 0.2) / 2)  # half way through the cooldown
+    assert s(50) == pytest.approx(0.2)
+    assert s(10_000) == pytest.approx(0.2)
+
+
+def test_infinite_with_anneal():
+    s = Infinite(warmup_steps=10, cooldown_steps=40, constant_ratio=0.2, anneal_at=200, anneal_steps=50, min_ratio=0.0)
+    assert s(199) == pytest.approx(0.2)
+    assert s(200) == pytest.approx(0.2)
+    assert s(225) == pytest.approx(0.1)  # linear anneal, half way
+    assert s(250) == pytest.approx(0.0)
+    assert s(400) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda offset: WarmupCosine(10, 110, min_ratio=0.1, offset=offset),
+        lambda offset: WarmupStableDecay(10, 100, 20, min_ratio=0.1, decay="1-sqrt", offset=offset),
+        lambda offset: Infinite(10, 40, constant_ratio=0.2, offset=offset),
+    ],
+)
+def test_offset_rewarms_from_zero(make):
+    plain, rewarmed = make(0), make(1000)
+    for step in [0, 5, 9, 10, 30, 60, 85, 90, 110, 300]:
+        assert rewarmed(1000 + step) == pytest.approx(plain(step))
+    assert rewarmed(1000) == pytest.approx(0.1)  # a fresh warmup, not the end of the old schedule
+    # Before the re-warm point (e.g. when the scheduler is first built at step 0) the factor is never negative.
+    assert all(rewarmed(step) >= 0 for step in range(0, 1000, 50))
+
+
+def test_infinite_anneal_at_counts_global_steps_with_offset():
+    s = Infinite(10, 40, constant_ratio=0.2, anneal_at=1200, anneal_steps=50, offset=1000)
+    assert s(1100) == pytest.approx(0.2)
+    assert s(1225) == pytest.approx(0.1)
+    assert s(1250) == pytest.approx(0.0)
+
+
+def lrs_from_training(schedule, steps: int, peak_lr: float = 0.5):
+    """Run a real optimizer with `step_scheduler` and record the learning rate used at every step."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=peak_lr)
+    entry = step_scheduler(opt, schedule)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        before = model.weight.detach().clone()
+        opt.zero_grad()
+        model(torch.ones(2, 3)).sum().backward()
+        opt.step()
+        torch.testing.assert_close(model.weight.detach(), before - lrs[-1] * model.weight.grad)
+        entry["scheduler"].step()
+    return entry, opt, model, lrs
+
+
+def test_step_scheduler_drives_a_real_optimizer():
+    schedule = WarmupCosine(warmup_steps=4, total_steps=12)
+    entry, _, _, lrs = lrs_from_training(schedule, 14)
+    assert entry["interval"] == "step"
+    assert lrs == pytest.approx([0.5 * schedule(i) for i in range(14)])
+    assert lrs[3] == pytest.approx(0.5) and lrs[12] == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        WarmupCosine(4, 20, min_ratio=0.1, offset=2),
+        WarmupStableDecay(4, 20, 8, decay="cosine"),
+        Infinite(4, 8, constant_ratio=0.3),
+        Infinite(4, 8, constant_ratio=0.3, anneal_at=10, anneal_steps=4),
+    ],
+)
+def test_scheduler_state_round_trips_with_weights_only(schedule):
+    entry, opt, model, _ = lrs_from_training(schedule, 7)
+    buffer = io.BytesIO()
+    torch.save({"scheduler": entry["scheduler"].state_dict(), "optimizer": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+
+    # A fresh scheduler built with different settings takes the saved step and settings.
+    new_opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    new_opt.load_state_dict(state["optimizer"])
+    fresh = step_scheduler(new_opt, type(schedule)(warmup_steps=1, **{k: v for k, v in vars(schedule).items() if k != "warmup_steps"}))
+    fresh["scheduler"].load_state_dict(state["scheduler"])
+    assert fresh["scheduler"].last_epoch == 7
+    assert fresh["scheduler"].lr_lambdas[0] == schedule
+    for step in range(8, 12):
+        new_opt.step()
+        fresh["scheduler"].step()
+        assert new_opt.param_groups[0]["lr"] == pytest.approx(0.5 * schedule(step))
+
+
+# ---------------------------------------------------------------- momentum
+
+
+def tiny_net():
+    return nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+
+
+def test_update_momentum_exact_values_and_buffers():
+    torch.manual_seed(0)
+    model = tiny_net()
+    target = momentum_copy(model)
+    with torch.no_grad():
+        for p in target.parameters():
+            p.copy_(torch.randn_like(p))
+    old_target = {k: v.numpy().copy() for k, v in target.state_dict().items()}
+    model.train()
+    model(torch.randn(5, 3) * 4 + 1)  # moves the BatchNorm running statistics of the online model only
+    update_momentum(model, target, m=0.9)
+
+    online = dict(model.named_parameters())
+    for name, p in target.named_parameters():
+        o, t0 = online[name].detach().numpy(), old_target[name]
+        expected = np.array([0.9 * t0.flat[i] + 0.1 * o.flat[i] for i in range(t0.size)]).reshape(t0.shape)
+        np.testing.assert_allclose(p.numpy(), expected, rtol=1e-6, atol=1e-7)
+    for name, buf in target.named_buffers():
+        assert torch.equal(buf, dict(model.named_buffers())[name]), name
+    assert int(target[1].num_batches_tracked) == 1
+    assert not np.allclose(target[1].running_mean.numpy(), old_target["1.running_mean"])
+
+
+def test_update_momentum_m_one_keeps_target_and_m_zero_copies():
+    torch.manual_seed(0)
+    model, other = tiny_net(), tiny_net()
+    target = momentum_copy(other)
+    before = [p.clone() for p in target.parameters()]
+    update_momentum(model, target, m=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(target.parameters(), before))
+    update_momentum(model, target, m=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(target.parameters(), model.parameters()))
+
+
+def test_momentum_copy_is_frozen_and_independent():
+    model = tiny_net()
+    target = momentum_copy(model)
+    assert all(not p.requires_grad for p in target.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    out = target(torch.randn(4, 3))
+    assert not out.requires_grad
+    assert all(p.grad is None for p in target.parameters())
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    assert not torch.equal(model[0].weight, target[0].weight)
+
+
+def test_cosine_momentum_key_steps():
+    assert cosine_momentum(0, 100, base=0.99, end=1.0) == pytest.approx(0.99)
+    assert cosine_momentum(50, 100, base=0.99, end=1.0) == pytest.approx(0.995)
+    assert cosine_momentum(25, 100, base=0.99, end=1.0) == pytest.approx(1.0 - 0.01 * (1 + math.cos(math.pi / 4)) / 2)
+    assert cosine_momentum(100, 100, base=0.99, end=1.0) == pytest.approx(1.0)
+    assert cosine_momentum(150, 100, base=0.99, end=1.0) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- optimizer
+
+
+def test_param_groups_split_one_dim_params_out():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.LayerNorm(4), nn.Linear(4, 3), nn.BatchNorm1d(3))
+    frozen = nn.Linear(2, 2)
+    frozen.requires_grad_(False)
+    model.append(frozen)
+    decay, no_decay = param_groups(model, weight_decay=0.05)
+    assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[2].weight)}
+    expected_no_decay = [model[0].bias, model[1].weight, model[1].bias, model[2].bias, model[3].weight, model[3].bias]
+    assert {id(p) for p in no_decay["params"]} == {id(p) for p in expected_no_decay}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert no_decay["lars_exclude"] and not decay.get("lars_exclude", False)
+
+
+def lars_by_hand(w, b, grads, lr, momentum, wd, eta):
+    """Two LARS steps on a weight (adapted, decayed) and a bias (excluded), elementwise in numpy."""
+    w, b = w.copy(), b.copy()
+    buf_w, buf_b = None, None
+    for g_w, g_b in grads:
+        update = g_w + wd * w
+        trust = eta * math.sqrt((w**2).sum()) / math.sqrt((update**2).sum())
+        update = update * trust
+        buf_w = update if buf_w is None else momentum * buf_w + update
+        buf_b = g_b if buf_b is None else momentum * buf_b + g_b
+        w = w - lr * buf_w
+        b = b - lr * buf_b
+    return w, b
+
+
+def test_lars_two_steps_against_hand_computation():
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 2).double()
+    w0, b0 = layer.weight.detach().numpy().copy(), layer.bias.detach().numpy().copy()
+    opt = LARS(param_groups(layer, weight_decay=0.1), lr=0.5, momentum=0.9, trust_coefficient=0.02)
+    grads = []
+    for seed in (1, 2):
+        g = torch.Generator().manual_seed(seed)
+        layer.weight.grad = torch.randn(2, 3, generator=g, dtype=torch.float64)
+        layer.bias.grad = torch.randn(2, generator=g, dtype=torch.float64)
+        grads.append((layer.weight.grad.numpy().copy(), layer.bias.grad.numpy().copy()))
+        opt.step()
+    w, b = lars_by_hand(w0, b0, grads, lr=0.5, momentum=0.9, wd=0.1, eta=0.02)
+    np.testing.assert_allclose(layer.weight.detach().numpy(), w, rtol=1e-12)
+    np.testing.assert_allclose(layer.bias.detach().numpy(), b, rtol=1e-12)
+
+
+def test_lars_zero_weight_uses_unit_trust():
+    w = nn.Parameter(torch.zeros(2, 2))
+    w.grad = torch.ones(2, 2)
+    LARS([w], lr=0.1, trust_coefficient=0.001).step()
+    torch.testing.assert_close(w.detach(), torch.full((2, 2), -0.1))

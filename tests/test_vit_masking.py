@@ -1,0 +1,209 @@
+"""ViT token shapes, encoding only kept patches, exact masking counts, patch order and the MAE decoder."""
+
+import math
+
+import pytest
+import torch
+
+from core.heads import MAEDecoder
+from core.masking import patchify, random_mask, time_freq_mask, tube_mask, unpatchify
+from core.vit import PatchEmbed, ViT, sincos_pos_embed
+
+TINY = dict(dim=16, depth=1, heads=2)
+
+
+@pytest.mark.parametrize(
+    "input_size, patch_size, in_chans, grid",
+    [
+        ((8, 12), (4, 4), 3, (2, 3)),  # image
+        ((4, 8, 8), (2, 4, 4), 3, (2, 2, 2)),  # video tubelets
+        ((16, 32), (4, 8), 1, (4, 4)),  # spectrogram (mel bins, frames)
+    ],
+)
+def test_vit_token_and_embedding_shapes(input_size, patch_size, in_chans, grid):
+    torch.manual_seed(0)
+    vit = ViT(input_size=input_size, patch_size=patch_size, in_chans=in_chans, **TINY)
+    n = math.prod(grid)
+    assert vit.grid == grid and vit.num_patches == n
+    x = torch.randn(2, in_chans, *input_size)
+    assert vit.tokens(x).shape == (2, 1 + n, 16)
+    assert vit(x).shape == (2, 16)
+    keep_idx, _ = random_mask(2, n, 0.5)
+    assert vit.tokens(x, keep_idx).shape == (2, 1 + n // 2, 16)
+
+
+def test_tokens_encode_only_kept_patches():
+    torch.manual_seed(0)
+    vit = ViT(input_size=(8, 8), patch_size=(4, 4), in_chans=1, pool="mean", **TINY).eval()
+    x = torch.randn(1, 1, 8, 8)
+    keep_idx = torch.tensor([[0, 3]])  # grid 2x2: keep top-left and bottom-right, hide (0, 1) and (1, 0)
+    base = vit.tokens(x, keep_idx)
+
+    hidden_changed = x.clone()
+    hidden_changed[..., 0:4, 4:8] += 5.0  # patch 1
+    hidden_changed[..., 4:8, 0:4] -= 5.0  # patch 2
+    torch.testing.assert_close(vit.tokens(hidden_changed, keep_idx), base, rtol=0, atol=0)
+
+    kept_changed = x.clone()
+    kept_changed[..., 4:8, 4:8] += 5.0  # patch 3
+    assert not torch.allclose(vit.tokens(kept_changed, keep_idx), base, atol=1e-4)
+    # Without a mask the hidden patches do count.
+    assert not torch.allclose(vit.tokens(hidden_changed), vit.tokens(x), atol=1e-4)
+
+
+def test_patch_embed_rejects_indivisible_and_wrong_sizes():
+    with pytest.raises(ValueError, match=r"\(10, 8\).*\(4, 4\).*axis 0"):
+        PatchEmbed((10, 8), (4, 4), 3, 8)
+    with pytest.raises(ValueError, match="2D or 3D"):
+        PatchEmbed((8, 8), (2, 4, 4), 3, 8)
+    embed = PatchEmbed((8, 8), (4, 4), 3, 8)
+    with pytest.raises(ValueError, match=r"\(8, 12\)"):
+        embed(torch.zeros(1, 3, 8, 12))
+
+
+def test_random_mask_exact_counts():
+    gen = torch.Generator().manual_seed(0)
+    for n, ratio, kept in [(196, 0.75, 49), (10, 0.9, 1), (1000, 0.9, 100), (16, 0.5, 8), (7, 0.5, 3)]:
+        keep_idx, mask = random_mask(4, n, ratio, generator=gen)
+        assert keep_idx.shape == (4, kept), (n, ratio)
+        assert mask.shape == (4, n)
+        assert (mask.sum(1) == n - kept).all()
+        for b in range(4):
+            assert keep_idx[b].unique().numel() == kept
+            assert (keep_idx[b].diff() > 0).all()  # sorted, the order the encoder sees
+            assert not mask[b, keep_idx[b]].any()
+    # Different samples get different masks.
+    keep_idx, _ = random_mask(8, 64, 0.75, generator=gen)
+    assert len({tuple(row.tolist()) for row in keep_idx}) > 1
+
+
+def test_tube_mask_shares_the_spatial_mask_over_time():
+    t, h, w = 4, 3, 5
+    keep_idx, mask = tube_mask(3, (t, h, w), 0.6, generator=torch.Generator().manual_seed(1))
+    kept_per_frame = h * w - math.floor(h * w * 0.6)
+    assert keep_idx.shape == (3, t * kept_per_frame)
+    assert mask.shape == (3, t * h * w)
+    assert (mask.sum(1) == t * (h * w - kept_per_frame)).all()
+    frames = mask.view(3, t, h * w)
+    for b in range(3):
+        for i in range(1, t):
+            assert torch.equal(frames[b, i], frames[b, 0])
+        assert (keep_idx[b].diff() > 0).all()
+        assert not mask[b, keep_idx[b]].any()
+
+
+def test_time_freq_mask_hides_whole_rows_and_columns():
+    f, t = 6, 10
+    keep_idx, mask = time_freq_mask(4, (f, t), time_ratio=0.3, freq_ratio=0.5, generator=torch.Generator().manual_seed(2))
+    n_f, n_t = f - 3, t - 3
+    assert keep_idx.shape == (4, n_f * n_t)
+    grid = mask.view(4, f, t)
+    for b in range(4):
+        hidden_rows = grid[b].all(dim=1)
+        hidden_cols = grid[b].all(dim=0)
+        assert int(hidden_rows.sum()) == f - n_f and int(hidden_cols.sum()) == t - n_t
+        # Every hidden patch lies in a hidden row or a hidden column; every other patch is visible.
+        expected = hidden_rows.view(f, 1) | hidden_cols.view(1, t)
+        assert torch.equal(grid[b], expected)
+        assert not mask[b, keep_idx[b]].any()
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 1.5])
+def test_mask_ratio_outside_open_interval_raises(ratio):
+    with pytest.raises(ValueError, match="mask_ratio"):
+        random_mask(2, 16, ratio)
+    with pytest.raises(ValueError, match="mask_ratio"):
+        tube_mask(2, (2, 4, 4), ratio)
+    with pytest.raises(ValueError, match="time_ratio"):
+        time_freq_mask(2, (4, 4), ratio, 0.5)
+    with pytest.raises(ValueError, match="freq_ratio"):
+        time_freq_mask(2, (4, 4), 0.5, ratio)
+
+
+def test_mask_that_keeps_nothing_raises():
+    with pytest.raises(ValueError, match="no visible patch"):
+        random_mask(2, 4, 0.9)
+
+
+@pytest.mark.parametrize("shape, patch_size", [((2, 3, 8, 12), (4, 4)), ((2, 3, 4, 8, 8), (2, 4, 4)), ((2, 1, 16, 32), (4, 8))])
+def test_patchify_round_trip(shape, patch_size):
+    x = torch.randn(shape)
+    patches = patchify(x, patch_size)
+    grid = tuple(s // p for s, p in zip(shape[2:], patch_size))
+    assert patches.shape == (shape[0], math.prod(grid), math.prod(patch_size) * shape[1])
+    assert torch.equal(unpatchify(patches, patch_size, grid, shape[1]), x)
+
+
+def test_patchify_patch_content_by_hand():
+    # (1, 2, 4, 4) image, 2x2 patches: patch k = (row, col) of the 2x2 grid, features (py, px, c).
+    x = torch.arange(32.0).view(1, 2, 4, 4)
+    patches = patchify(x, (2, 2))
+    for k in range(4):
+        gy, gx = divmod(k, 2)
+        expected = [x[0, c, 2 * gy + py, 2 * gx + px].item() for py in range(2) for px in range(2) for c in range(2)]
+        assert patches[0, k].tolist() == expected
+
+
+def test_patchify_rejects_indivisible():
+    with pytest.raises(ValueError, match=r"\(5, 8\)"):
+        patchify(torch.zeros(1, 3, 5, 8), (4, 4))
+
+
+@pytest.mark.parametrize("input_size, patch_size", [((8, 12), (4, 4)), ((4, 8, 8), (2, 4, 4))])
+def test_patchify_order_matches_patch_embed_tokens(input_size, patch_size):
+    """A PatchEmbed whose conv copies each pixel of the patch to one output channel must reproduce
+    patchify exactly: same patch order (token k) and same feature order."""
+    c = 2
+    p = math.prod(patch_size)
+    embed = PatchEmbed(input_size, patch_size, c, dim=p * c)
+    with torch.no_grad():
+        embed.proj.bias.zero_()
+        embed.proj.weight.zero_()  # (dim, C, *patch_size)
+        for j in range(p * c):
+            offset, channel = divmod(j, c)  # patchify's features are (*patch positions, channel)
+            position = [0] * len(patch_size)
+            for axis in reversed(range(len(patch_size))):
+                offset, position[axis] = divmod(offset, patch_size[axis])
+            embed.proj.weight[(j, channel, *position)] = 1.0
+    x = torch.randn(2, c, *input_size)
+    torch.testing.assert_close(embed(x), patchify(x, patch_size), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("grid, dim", [((2, 3), 16), ((2, 2, 3), 24), ((14, 14), 64), ((3, 4, 4), 10)])
+def test_sincos_pos_embed_shape_and_distinct_rows(grid, dim):
+    pe = sincos_pos_embed(grid, dim)
+    n = math.prod(grid)
+    assert pe.shape == (n, dim)
+    assert torch.isfinite(pe).all()
+    distances = torch.cdist(pe, pe) + torch.eye(n) * 1e3
+    assert distances.min() > 1e-3
+
+
+def test_sincos_pos_embed_values_by_hand():
+    # 1x2 grid, dim 4: axis 0 gets 2 channels (sin, cos of row * 1), axis 1 gets 2 (sin, cos of col * 1).
+    pe = sincos_pos_embed((1, 2), 4)
+    expected = torch.tensor([[0.0, 1.0, 0.0, 1.0], [0.0, 1.0, math.sin(1.0), math.cos(1.0)]])
+    torch.testing.assert_close(pe, expected)
+    with pytest.raises(ValueError, match="even"):
+        sincos_pos_embed((2, 2), 7)
+
+
+def test_mae_decoder_shape_and_visible_tokens_in_place():
+    torch.manual_seed(0)
+    grid, enc_dim, patch_dim = (2, 3), 12, 5
+    n = math.prod(grid)
+    decoder = MAEDecoder(grid, enc_dim, patch_dim, dim=8, depth=1, heads=2)
+    keep_idx = torch.tensor([[1, 4], [0, 5]])
+    tokens = torch.randn(2, 3, enc_dim)
+    assert decoder(tokens, keep_idx).shape == (2, n, patch_dim)
+
+    # With no blocks each output depends only on its own position, so it can be checked token by token.
+    flat = MAEDecoder(grid, enc_dim, patch_dim, dim=8, depth=0, heads=2)
+    out = flat(tokens, keep_idx)
+    with torch.no_grad():
+        for b in range(2):
+            visible = {int(idx): k for k, idx in enumerate(keep_idx[b])}
+            for i in range(n):
+                x = flat.embed(tokens[b, 1 + visible[i]]) if i in visible else flat.mask_token[0, 0]
+                expected = flat.pred(flat.norm(x + flat.pos_embed[0, i]))
+                torch.testing.assert_close(out[b, i], expected)
