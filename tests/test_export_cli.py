@@ -85,3 +85,22 @@ def test_wrong_config_key_is_named():
     )
     assert out.returncode != 0
     assert "mask_rati" in out.stderr
+
+
+def test_text_encoder_round_trip_ships_its_tokenizer(tmp_path):
+    from core.text import TextTokenizer, TextTransformer, train_tokenizer
+
+    texts = ["the quick brown fox jumps over the lazy dog", "def f(x):\n    return x + 1", "masked autoencoders"] * 20
+    train_tokenizer(texts, vocab_size=300, out_dir=str(tmp_path / "tok"))
+    tok = TextTokenizer(str(tmp_path / "tok"), max_len=16)
+    backbone = TextTransformer(vocab_size=tok.vocab_size, dim=32, depth=1, heads=2, max_len=16, pad_id=tok.pad_id).eval()
+    spec = {"modality": "text", "tokenizer": str(tmp_path / "tok"), "max_len": 16}
+    fake_checkpoint(tmp_path / "last.ckpt", backbone, spec)
+    (folder,) = export_checkpoint(str(tmp_path / "last.ckpt"), str(tmp_path / "out"))
+    assert "tokenizer.json" in os.listdir(folder)
+    (tmp_path / "tok" / "tokenizer.json").unlink()  # the export must not depend on the training-time folder
+    enc = load_encoder(folder)
+    sentences = ["the lazy fox", "return x"]
+    with torch.no_grad():
+        batch = tok(sentences)
+        torch.testing.assert_close(enc(sentences), backbone(batch["input_ids"], batch["attention_mask"]), rtol=0, atol=0)

@@ -1,0 +1,161 @@
+"""Safe, explicit decoders for WebDataset samples.
+
+A raw sample is what a tar shard holds for one key: ``{"__key__": "000042", "__url__": "train-000003.tar",
+"jpg": b"...", "cls": b"3"}``. The decoder is chosen by the member's last extension (lowercased), so
+``caption.txt`` decodes as ``txt``. Members whose format is pickle-based are refused, never unpickled;
+members with an unknown extension are dropped.
+
+Decoded keys:
+
+==========================  =================================================================
+extension                   decoded
+==========================  =================================================================
+jpg jpeg png webp bmp       ``image``: PIL image in RGB
+flac wav ogg mp3            ``audio``: float32 tensor (channels, samples); ``sample_rate``: int
+mp4 webm mkv avi mov        ``video``: uint8 tensor (T, H, W, 3), every frame; ``fps``: float
+txt                         ``text``: str (utf-8)
+cls                         ``label``: int
+json                        ``json``: the parsed JSON value (a dict for this project's shards)
+npy                         ``npy``: numpy array, loaded with ``allow_pickle=False``
+==========================  =================================================================
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any, Callable
+
+import av
+import numpy as np
+import PIL.Image
+import soundfile
+import torch
+
+IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp"})
+AUDIO_EXTENSIONS = frozenset({"flac", "wav", "ogg", "mp3"})
+VIDEO_EXTENSIONS = frozenset({"mp4", "webm", "mkv", "avi", "mov"})
+# Formats whose loading runs pickle, i.e. arbitrary code chosen by whoever wrote the shard.
+PICKLE_EXTENSIONS = frozenset({"pyd", "pickle", "pkl", "pth", "pt", "joblib", "dill"})
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used. ``reason`` is a short category for counting (``"undecodable .png"``)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class UndecodableSample(SampleError):
+    """A member's bytes are not what its extension says (truncated image, garbage audio, ...)."""
+
+
+class RefusedSample(SampleError):
+    """A member is pickle-based: loading it would execute code from the shard, so the sample is refused."""
+
+
+def decode_image(data: bytes) -> PIL.Image.Image:
+    """Decode image bytes to an RGB PIL image."""
+    with PIL.Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
+
+
+def decode_audio(data: bytes) -> tuple[torch.Tensor, int]:
+    """Decode audio bytes with soundfile to a float32 (channels, samples) tensor and its sample rate."""
+    samples, sample_rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (samples, channels)
+    return torch.from_numpy(samples.T.copy()), int(sample_rate)  # (channels, samples)
+
+
+def decode_video(data: bytes) -> tuple[torch.Tensor, float]:
+    """Decode every frame of the first video stream with PyAV to a uint8 (T, H, W, 3) tensor and its fps."""
+    with av.open(io.BytesIO(data)) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]  # T x (H, W, 3)
+        rate = stream.average_rate or stream.guessed_rate
+    if not frames:
+        raise ValueError("no decodable frame")
+    if rate is None:
+        raise ValueError("no frame rate")
+    return torch.from_numpy(np.stack(frames)), float(rate)  # (T, H, W, 3)
+
+
+def decode_label(data: bytes) -> int:
+    """Decode a class index stored as ASCII digits."""
+    return int(data.decode("ascii").strip())
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    """Load a .npy array; object arrays (which would need pickle) are rejected by ``allow_pickle=False``."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _single(key: str, decode: Callable[[bytes], Any]) -> Callable[[bytes], dict]:
+    return lambda data: {key: decode(data)}
+
+
+def _audio(data: bytes) -> dict:
+    audio, sample_rate = decode_audio(data)
+    return {"audio": audio, "sample_rate": sample_rate}
+
+
+def _video(data: bytes) -> dict:
+    video, fps = decode_video(data)
+    return {"video": video, "fps": fps}
+
+
+# extension -> function from member bytes to the decoded entries it contributes
+DECODERS: dict[str, Callable[[bytes], dict]] = {
+    **{ext: _single("image", decode_image) for ext in IMAGE_EXTENSIONS},
+    **{ext: _audio for ext in AUDIO_EXTENSIONS},
+    **{ext: _video for ext in VIDEO_EXTENSIONS},
+    "txt": _single("text", lambda data: data.decode("utf-8")),
+    "cls": _single("label", decode_label),
+    "json": _single("json", json.loads),
+    "npy": _single("npy", decode_npy),
+}
+
+
+def member_extension(member: str) -> str:
+    """The extension that picks a decoder: the last one, lowercased (``"Caption.TXT"`` -> ``"txt"``)."""
+    return member.rsplit(".", 1)[-1].lower()
+
+
+def decode_sample(raw: dict[str, Any]) -> dict:
+    """Decode a raw WebDataset sample with the decoders above.
+
+    Keeps ``__key__`` and ``__url__``, drops members with unknown extensions and other ``__meta__`` entries.
+    Raises ``RefusedSample`` if any member is pickle-based (nothing is unpickled), ``UndecodableSample``
+    if a member's bytes cannot be decoded, two members decode to the same key, or no member is decodable.
+    """
+    where = f"sample {raw.get('__key__')!r} of {raw.get('__url__')!r}"
+    members = {name: data for name, data in raw.items() if not name.startswith("__")}
+    refused = sorted(name for name in members if member_extension(name) in PICKLE_EXTENSIONS)
+    if refused:
+        ext = member_extension(refused[0])
+        raise RefusedSample(f"refused .{ext} (pickle)", f"{where}: member {refused[0]!r} is pickle-based; refused")
+    decoded = {name: raw[name] for name in ("__key__", "__url__") if name in raw}
+    sources: dict[str, str] = {}  # decoded key -> member it came from, to report clashes
+    for name, data in members.items():
+        ext = member_extension(name)
+        if ext not in DECODERS:
+            continue
+        try:
+            entries = DECODERS[ext](data)
+        except Exception as error:
+            message = f"{where}: cannot decode member {name!r}: {error}"
+            raise UndecodableSample(f"undecodable .{ext}", message) from error
+        for key in entries:
+            if key in sources:
+                raise UndecodableSample(
+                    "clashing members", f"{where}: members {sources[key]!r} and {name!r} both decode to {key!r}"
+                )
+            sources[key] = name
+        decoded.update(entries)
+    if not sources:
+        raise UndecodableSample(
+            "no decodable member", f"{where}: no member with a known extension (members: {sorted(members)})"
+        )
+    return decoded

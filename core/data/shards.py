@@ -1,0 +1,66 @@
+"""Find and read tar shards: brace patterns, globs, ``pipe:`` commands and URLs, opened by webdataset's ``gopen``."""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Iterator
+from urllib.parse import urlparse
+
+import braceexpand
+import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+
+def listing(urls: list[str], limit: int = 8) -> str:
+    """The first ``limit`` URLs, comma-separated, and how many there are in all."""
+    shown = ", ".join(urls[:limit])
+    return shown + (f", ... ({len(urls)} in all)" if len(urls) > limit else "")
+
+
+def local_files(pattern: str) -> list[str]:
+    """Files named by a local brace pattern and/or glob; raises ``FileNotFoundError`` naming the pattern."""
+    expanded = list(braceexpand.braceexpand(pattern))
+    missing = [path for path in expanded if not glob.has_magic(path) and not os.path.isfile(path)]
+    if missing:
+        raise FileNotFoundError(
+            f"shard pattern {pattern!r}: {len(missing)} of {len(expanded)} shards do not exist: {listing(missing)}"
+        )
+    files = [file for path in expanded for file in (sorted(glob.glob(path)) if glob.has_magic(path) else [path])]
+    files = [file for file in files if os.path.isfile(file)]
+    if not files:
+        raise FileNotFoundError(f"shard pattern {pattern!r} matches no file")
+    return files
+
+
+def expand_urls(patterns: str | list[str]) -> list[str]:
+    """Shard URLs from brace patterns (``train-{000000..000099}.tar``), globs, ``pipe:`` commands or URLs.
+
+    Local patterns must name existing files. ``pipe:`` commands and URLs (``s3://``, ``https://``) are only
+    brace-expanded; webdataset's ``gopen`` opens them when they are read.
+    """
+    urls = []
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        urls += list(braceexpand.braceexpand(pattern)) if urlparse(pattern).scheme else local_files(pattern)
+    if not urls:
+        raise ValueError(f"no shard pattern given: {patterns!r}")
+    return urls
+
+
+def read_shard(url: str) -> Iterator[dict]:
+    """Raw samples of one tar shard (``{"__key__", "__url__", "<ext>": bytes}``), in file order.
+
+    The URL is opened by webdataset's ``gopen``: a local path, ``pipe:<command>`` or http(s)/gs/... URLs.
+    Raises on a missing shard, a corrupt tar or a pipe command that exits with an error.
+    """
+    stream = wds.gopen(url)
+    complete = False
+    try:
+        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+        complete = True
+    finally:
+        try:
+            stream.close()  # a pipe command's exit status is checked here
+        except Exception:
+            if complete:
+                raise  # when stopped early, a killed pipe's exit status means nothing

@@ -1,0 +1,434 @@
+"""Stream batches from WebDataset tar shards into a Lightning Trainer.
+
+The pipeline for one DataLoader worker is a chain of small generators:
+
+    training:    resampled shard URLs -> raw samples -> shuffle buffer -> decode   (one chain per source)
+                 -> weighted mix of the sources -> transform -> batch
+    validation:  this rank's and worker's shards, each once -> raw samples -> decode -> transform -> batch
+
+Training streams are infinite, so an epoch is a fixed number of batches, identical on every rank, and DDP
+never waits on a rank that ran out of data. Rank and world size come from the Trainer, never from
+environment variables. Samples are decoded only by ``core.data.decoders`` (nothing is unpickled).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import random
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+
+from core.data.decoders import RefusedSample, SampleError, decode_sample
+from core.data.shards import expand_urls, listing, read_shard
+
+log = logging.getLogger(__name__)
+
+# Our training loader's length is exact by construction (a fixed number of batches drawn from an infinite
+# stream), which is what this generic Lightning warning about IterableDataset lengths is worried about.
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined", category=UserWarning)
+
+SampleTransform = Callable[[dict], dict]
+COUNTERS = ("samples_read", "samples_skipped", "samples_refused", "shard_errors")
+
+
+class NoReadableShards(RuntimeError):
+    """Not a single sample could be read from a stream's shards (all missing, corrupt or undecodable)."""
+
+
+class StreamStats:
+    """Sample counters in shared memory, one row per DataLoader worker, readable from the main process."""
+
+    def __init__(self, names: list[str], num_workers: int):
+        self.names = list(names)
+        self.table = torch.zeros(max(1, num_workers), len(self.names), dtype=torch.int64).share_memory_()
+        self._warned: set[tuple[str, str]] = set()  # per process: each problem is logged once
+
+    def add(self, name: str, n: int = 1) -> None:
+        worker = get_worker_info()
+        self.table[worker.id if worker else 0, self.names.index(name)] += n
+
+    def totals(self) -> dict[str, int]:
+        return dict(zip(self.names, self.table.sum(0).tolist()))
+
+    def warn_once(self, url: str, key: str, message: str) -> None:
+        if (url, key) not in self._warned:
+            self._warned.add((url, key))
+            log.warning(message)
+
+
+@dataclass
+class ShardRead:
+    """One pass over one shard: its raw samples (known once the pass ends), how many were decoded, how many well."""
+
+    url: str
+    total: int | None = None
+    done: int = 0
+    good: int = 0
+    error: str = "no samples"  # why the latest sample (or the shard itself) failed
+
+    @property
+    def finished(self) -> bool:
+        return self.total is not None and self.done >= self.total
+
+
+class ReadHealth:
+    """Stops an endless stream that can read nothing: raises once the latest finished pass over *every*
+    shard gave no decodable sample. A shard revives as soon as a pass over it gives one.
+
+    Passes are tracked (rather than, say, a run of failures) because the shuffle buffer interleaves samples of
+    many passes: a few bad samples in a row say nothing about whether good ones exist."""
+
+    def __init__(self, urls: list[str]):
+        self.urls = set(urls)
+        self.dead: dict[str, str] = {}  # url -> why its latest finished pass gave nothing
+
+    def record(self, read: ShardRead) -> None:
+        if not read.finished:
+            return
+        if read.good:
+            self.dead.pop(read.url, None)
+            return
+        self.dead[read.url] = read.error
+        if self.dead.keys() >= self.urls:
+            reasons = sorted(f"{url} ({why})" for url, why in self.dead.items())
+            raise NoReadableShards(f"no sample could be read from any of {len(self.urls)} shards: {listing(reasons)}")
+
+
+def raw_samples(urls: Iterable[str], stats: StreamStats, health: ReadHealth | None = None) -> Iterator[dict]:
+    """Raw samples of each shard in turn, each tagged with its ``ShardRead``; unreadable shards are counted."""
+    for url in urls:
+        read = ShardRead(url)
+        count = 0
+        try:
+            for sample in read_shard(url):
+                sample["__read__"] = read
+                count += 1
+                yield sample
+        except Exception as error:
+            read.error = f"{type(error).__name__}: {error.args[0] if error.args else error}"
+            stats.add("shard_errors")
+            stats.warn_once(url, "", f"cannot read shard {url} after {count} samples: {read.error}")
+        read.total = count
+        if health is not None:
+            health.record(read)
+
+
+def decoded_samples(samples: Iterable[dict], stats: StreamStats, health: ReadHealth | None = None) -> Iterator[dict]:
+    """Decode raw samples; undecodable and refused (pickle) ones are skipped, counted and logged once."""
+    for sample in samples:
+        read: ShardRead = sample.pop("__read__")
+        try:
+            decoded = decode_sample(sample)
+        except SampleError as error:
+            decoded = None
+            read.error = error.reason
+            stats.add("samples_refused" if isinstance(error, RefusedSample) else "samples_skipped")
+            stats.warn_once(sample["__url__"], sample["__key__"], f"skipped: {error}")
+        read.done += 1
+        read.good += decoded is not None
+        if health is not None:
+            health.record(read)
+        if decoded is not None:
+            stats.add("samples_read")
+            yield decoded
+
+
+def shuffled(samples: Iterable[dict], buffer_size: int, rng: random.Random) -> Iterator[dict]:
+    """Shuffle a stream through a buffer of ``buffer_size`` samples (0 or 1: no shuffling)."""
+    if buffer_size <= 1:
+        yield from samples
+        return
+    buffer: list[dict] = []
+    for sample in samples:
+        if len(buffer) < buffer_size:
+            buffer.append(sample)
+            continue
+        i = rng.randrange(buffer_size)
+        yield buffer[i]
+        buffer[i] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def mixed(
+    sources: list[Iterator[dict]], weights: list[float], rng: random.Random, stats: StreamStats
+) -> Iterator[dict]:
+    """Draw each sample from source ``i`` with probability ``weights[i] / sum(weights)``; count draws per source."""
+    indices = range(len(sources))
+    while True:
+        i = rng.choices(indices, weights)[0]
+        sample = next(sources[i])
+        stats.add(f"source_{i}_samples")
+        yield sample
+
+
+def transformed(samples: Iterable[dict], transform: SampleTransform | None) -> Iterator[dict]:
+    """Apply the user transform; a failure names the sample it failed on."""
+    for sample in samples:
+        if transform is None:
+            yield sample
+            continue
+        try:
+            result = transform(sample)
+        except Exception as error:
+            raise RuntimeError(
+                f"transform {transform!r} failed on sample {sample.get('__key__')!r} of {sample.get('__url__')!r}: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        yield result
+
+
+def collate(samples: list[dict]) -> dict:
+    """Batch samples with torch's default collate (tensors stacked, numbers to tensors, strings to lists)."""
+    try:
+        return default_collate(samples)
+    except Exception as error:
+        kinds = {key: type(value).__name__ for key, value in samples[0].items()}
+        raise TypeError(
+            f"cannot batch samples with entries {kinds}: {error}. Give a transform that turns every entry into a "
+            "tensor, number or string, with tensors of the same shape across samples."
+        ) from error
+
+
+def batched(samples: Iterable[dict], batch_size: int, partial: bool) -> Iterator[dict]:
+    """Collate consecutive samples into batches; ``partial`` keeps a short last batch."""
+    batch: list[dict] = []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == batch_size:
+            yield collate(batch)
+            batch = []
+    if batch and partial:
+        yield collate(batch)
+
+
+def _worker_slot() -> tuple[int, int]:
+    worker = get_worker_info()
+    return (worker.id, worker.num_workers) if worker else (0, 1)
+
+
+class ShardStream(IterableDataset):
+    """Batches from tar shards for one rank.
+
+    ``resample=True`` (training): every worker draws shards at random with replacement from this rank's
+    share of each source, shuffles samples through ``shuffle_buffer``, and mixes sources by ``weights``; the
+    stream never ends. A rank's share is every ``world_size``-th shard of a source (all of them when a source
+    has fewer shards than ranks). Seeds derive from (seed, rank, worker, start_step, iteration), which the
+    loader sets before each pass, so a resumed run or a new epoch draws new samples.
+
+    ``resample=False`` (validation): each shard of ``sources`` is read once, split across ranks then workers.
+    """
+
+    def __init__(
+        self,
+        sources: list[list[str]],
+        batch_size: int,
+        resample: bool,
+        weights: list[float] | None = None,
+        transform: SampleTransform | None = None,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+    ):
+        self.sources, self.batch_size, self.resample = sources, batch_size, resample
+        self.weights = weights or [1.0] * len(sources)
+        self.transform, self.shuffle_buffer, self.seed = transform, shuffle_buffer, seed
+        self.rank, self.world_size = rank, world_size
+        self.start_step, self.iteration = 0, 0
+        per_source = [f"source_{i}_samples" for i in range(len(sources))] if resample else []
+        self.stats = StreamStats([*COUNTERS, *per_source], num_workers)
+
+    def rank_shards(self, source: int | None = None) -> list[str]:
+        """The shards this rank reads, of one source or (``None``) of all."""
+        if source is None:
+            return [url for i in range(len(self.sources)) for url in self.rank_shards(i)]
+        urls = self.sources[source]
+        if self.resample and len(urls) < self.world_size:
+            return urls
+        return urls[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = _worker_slot()
+        if self.resample:
+            rng = random.Random(f"{self.seed}/{self.rank}/{worker}/{self.start_step}/{self.iteration}")
+            sources = [self._resampled_source(i, rng) for i in range(len(self.sources))]
+            samples = mixed(sources, self.weights, rng, self.stats)
+        else:
+            urls = self.rank_shards()[worker::num_workers]
+            samples = decoded_samples(raw_samples(urls, self.stats), self.stats)
+        yield from batched(transformed(samples, self.transform), self.batch_size, partial=not self.resample)
+
+    def _resampled_source(self, source: int, rng: random.Random) -> Iterator[dict]:
+        urls = self.rank_shards(source)
+        health = ReadHealth(urls)
+        shards = (rng.choice(urls) for _ in itertools.count())
+        raw = shuffled(raw_samples(shards, self.stats, health), self.shuffle_buffer, rng)
+        return decoded_samples(raw, self.stats, health)
+
+
+class ShardLoader(DataLoader):
+    """A DataLoader over a ``ShardStream`` (batched in the workers).
+
+    Each pass yields ``batches`` batches (``None``: until the stream ends) and first stamps the stream with
+    ``current_step()`` and a pass counter, which seed the workers. ``on_batch`` runs in the main process after
+    each batch. A pass that yields nothing although this rank has shards raises ``NoReadableShards``.
+    Workers are not persistent: each pass starts them with the freshly stamped stream.
+    """
+
+    def __init__(
+        self,
+        stream: ShardStream,
+        num_workers: int,
+        batches: int | None = None,
+        current_step: Callable[[], int] = lambda: 0,
+        on_batch: Callable[[], None] = lambda: None,
+    ):
+        super().__init__(stream, batch_size=None, num_workers=num_workers)
+        self.stream, self.batches, self.current_step, self.on_batch = stream, batches, current_step, on_batch
+
+    def __len__(self) -> int:
+        return self.batches if self.batches is not None else super().__len__()
+
+    def __iter__(self) -> Iterator[dict]:
+        self.stream.start_step = self.current_step()
+        self.stream.iteration += 1
+        count = 0
+        for batch in itertools.islice(super().__iter__(), self.batches):
+            count += 1
+            self.on_batch()
+            yield batch
+        urls = self.stream.rank_shards()
+        if count == 0 and urls:
+            raise NoReadableShards(
+                f"no sample could be read from {listing(urls)} (counts: {self.stream.stats.totals()}); "
+                "see the warnings above for each shard and sample"
+            )
+
+
+def read_batches(
+    patterns: str | list[str], transform: SampleTransform | None = None, batch_size: int = 64, num_workers: int = 0
+) -> ShardLoader:
+    """Batches of every sample of the shards, each shard read once (outside a Trainer: probes, evaluation)."""
+    stream = ShardStream([expand_urls(patterns)], batch_size, False, transform=transform, num_workers=num_workers)
+    return ShardLoader(stream, num_workers)
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Train and validation batches from WebDataset tar shards.
+
+    Args:
+        train: shard pattern(s) for training; a list gives several sources to mix (see ``train_weights``).
+            Patterns are brace ranges (``data/train-{000000..000099}.tar``), globs, ``pipe:<command>``
+            (``pipe:aws s3 cp s3://bucket/train-000000.tar -``) or URLs webdataset opens.
+        val: shard pattern(s) for validation; each shard is read once per validation run.
+        train_weights: sampling weight of each ``train`` source (e.g. ``[0.95, 0.05]``); by default
+            proportional to each source's number of shards, as if they were one dataset.
+        batch_size: training batch size per rank.
+        val_batch_size: validation batch size per rank (default ``batch_size``).
+        num_workers: DataLoader worker processes per rank.
+        train_transform / val_transform: ``dict -> dict`` applied to each decoded sample (see
+            ``core.data.decoders``) before batching; typically from ``core.augment``.
+        shuffle_buffer: samples held per worker and source to shuffle raw (undecoded) samples.
+        samples_per_epoch: samples per epoch over all ranks; an epoch is
+            ``ceil(samples_per_epoch / (batch_size * world_size))`` batches on every rank.
+        seed: base seed; each rank and worker derives its own from it and the global step.
+    """
+
+    def __init__(
+        self,
+        train: str | list[str],
+        val: str | list[str] | None = None,
+        train_weights: list[float] | None = None,
+        batch_size: int = 64,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        train_transform: SampleTransform | None = None,
+        val_transform: SampleTransform | None = None,
+        shuffle_buffer: int = 1000,
+        samples_per_epoch: int = 100_000,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.train = [train] if isinstance(train, str) else list(train)
+        self.val = [val] if isinstance(val, str) else val
+        if train_weights is not None and (
+            len(train_weights) != len(self.train) or min(train_weights) < 0 or sum(train_weights) <= 0
+        ):
+            raise ValueError(f"train_weights {train_weights}: need one weight >= 0 per train source {self.train}")
+        val_batch_size = val_batch_size or batch_size
+        sizes = {"batch_size": batch_size, "val_batch_size": val_batch_size, "samples_per_epoch": samples_per_epoch}
+        for name, value in sizes.items():
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        self.train_weights, self.batch_size, self.val_batch_size = train_weights, batch_size, val_batch_size
+        self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
+        self.samples_per_epoch, self.seed = samples_per_epoch, seed
+        self.train_transform, self.val_transform = train_transform, val_transform
+        self.train_stream: ShardStream | None = None
+        self.val_stream: ShardStream | None = None
+        self._logged_step = -1
+
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        # From the Trainer: Lightning's launchers do not set RANK, which webdataset's split_by_node reads.
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+
+    def batches_per_epoch(self) -> int:
+        """Training batches per epoch, the same on every rank."""
+        return math.ceil(self.samples_per_epoch / (self.batch_size * self._rank_and_world_size()[1]))
+
+    def train_dataloader(self) -> ShardLoader:
+        rank, world_size = self._rank_and_world_size()
+        sources = [expand_urls(pattern) for pattern in self.train]
+        weights = self.train_weights or [float(len(urls)) for urls in sources]
+        self.train_stream = ShardStream(
+            sources, self.batch_size, resample=True, weights=weights, transform=self.train_transform,
+            shuffle_buffer=self.shuffle_buffer, seed=self.seed, rank=rank, world_size=world_size,
+            num_workers=self.num_workers,
+        )  # fmt: skip
+        batches = self.batches_per_epoch()
+        return ShardLoader(self.train_stream, self.num_workers, batches, self._global_step, self._log_train_stats)
+
+    def val_dataloader(self) -> ShardLoader | list:
+        if not self.val:
+            return []
+        rank, world_size = self._rank_and_world_size()
+        self.val_stream = ShardStream(
+            [expand_urls(self.val)], self.val_batch_size, resample=False, transform=self.val_transform,
+            rank=rank, world_size=world_size, num_workers=self.num_workers,
+        )  # fmt: skip
+        return ShardLoader(self.val_stream, self.num_workers)
+
+    @property
+    def train_stats(self) -> dict[str, int]:
+        """Training counters on this rank: samples read/skipped/refused, shard errors, draws per source."""
+        return self.train_stream.stats.totals() if self.train_stream else {}
+
+    @property
+    def val_stats(self) -> dict[str, int]:
+        """Validation counters on this rank, cumulative over validation runs."""
+        return self.val_stream.stats.totals() if self.val_stream else {}
+
+    def _global_step(self) -> int:
+        # Called when a pass over the train loader starts. On resume, Lightning restores the checkpoint's
+        # global step before it requests and iterates the train loader, so a resumed run draws new samples.
+        return self.trainer.global_step if self.trainer is not None else 0
+
+    def _log_train_stats(self) -> None:
+        trainer = self.trainer
+        if trainer is None or not trainer.loggers or trainer.global_step % max(1, trainer.log_every_n_steps):
+            return
+        if trainer.global_step == self._logged_step:  # Lightning fetches a batch ahead: log each step once
+            return
+        self._logged_step = trainer.global_step
+        metrics = {f"data/{name}": value for name, value in self.train_stats.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)

@@ -1,0 +1,124 @@
+"""ShardDataModule in a real 2-process DDP run (Lightning Trainer, strategy="ddp", gloo on CPU, 2 DataLoader
+workers per rank): every rank trains on the same number of batches from its own train shards, and the
+validation shards are split over ranks and workers so that every sample is read exactly once.
+
+The run is started once for the module, as users start it: this file runs as a script and Lightning's
+launcher starts the second rank the same way. Each rank writes what it saw to a JSON file that the tests read.
+(``ddp_spawn`` would make the DataLoader workers start by spawning too, each re-importing torch: far slower.)
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+
+from core.data import ShardDataModule
+from test_data_stream import VectorTransform, write_vectors
+
+WORLD, BATCH, EPOCHS, WORKERS = 2, 4, 2, 2
+TRAIN_SAMPLES, VAL_SAMPLES, SAMPLES_PER_EPOCH = 40, 21, 40
+
+
+class RecordingModel(L.LightningModule):
+    """Trains a linear layer; records, per epoch, the keys and shards of the batches this rank sees."""
+
+    def __init__(self, out_dir: str):
+        super().__init__()
+        self.out_dir = out_dir
+        self.layer = torch.nn.Linear(4, 1)
+        self.train_batches: list[list[str]] = []  # per epoch: the url of every training sample
+        self.val_keys: list[list[str]] = []  # per epoch: the key of every validation sample
+        self.val_urls: list[list[str]] = []
+
+    def on_train_epoch_start(self):
+        self.train_batches.append([])
+
+    def training_step(self, batch, batch_idx):
+        self.train_batches[-1].append(batch["__url__"])
+        return torch.nn.functional.mse_loss(self.layer(batch["x"]).squeeze(1), batch["label"].float())
+
+    def on_validation_epoch_start(self):
+        self.val_keys.append([])
+        self.val_urls.append([])
+
+    def validation_step(self, batch, batch_idx):
+        self.val_keys[-1] += batch["__key__"]
+        self.val_urls[-1] += batch["__url__"]
+
+    def on_fit_end(self):
+        record = {
+            "rank": self.global_rank,
+            "world_size": self.trainer.world_size,
+            "train_batches": [len(epoch) for epoch in self.train_batches],
+            "train_urls": sorted({url for epoch in self.train_batches for batch in epoch for url in batch}),
+            "val_keys": self.val_keys,
+            "val_urls": self.val_urls,
+            "batches_per_epoch": self.trainer.datamodule.batches_per_epoch(),
+            "num_training_batches": self.trainer.num_training_batches,
+        }
+        with open(f"{self.out_dir}/rank{self.global_rank}.json", "w") as f:
+            json.dump(record, f)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def run(train: str, val: str, out_dir: str) -> None:
+    """One rank of the DDP run (Lightning starts the other by running this script again)."""
+    dm = ShardDataModule(train, val=val, batch_size=BATCH, num_workers=WORKERS, samples_per_epoch=SAMPLES_PER_EPOCH,
+                         train_transform=VectorTransform(), val_transform=VectorTransform())  # fmt: skip
+    trainer = L.Trainer(accelerator="cpu", devices=WORLD, strategy="ddp", max_epochs=EPOCHS, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, default_root_dir=out_dir)  # fmt: skip
+    trainer.fit(RecordingModel(out_dir), dm)
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("ddp")
+    train = write_vectors(tmp_path, "train", TRAIN_SAMPLES, per_shard=10)  # 4 shards: 2 per rank
+    val = write_vectors(tmp_path, "val", VAL_SAMPLES, per_shard=7)  # 3 shards: uneven over ranks
+    env = {key: value for key, value in os.environ.items() if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    result = subprocess.run([sys.executable, __file__, train, val, str(tmp_path)], env={**env, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=110)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = []
+    for rank in range(WORLD):
+        with open(tmp_path / f"rank{rank}.json") as f:
+            records.append(json.load(f))
+    return records
+
+
+@pytest.mark.timeout(120)
+def test_every_rank_trains_on_the_same_number_of_batches(ranks):
+    expected = math.ceil(SAMPLES_PER_EPOCH / (BATCH * WORLD))
+    assert [r["world_size"] for r in ranks] == [WORLD] * WORLD
+    for record in ranks:
+        assert record["batches_per_epoch"] == record["num_training_batches"] == expected
+        assert record["train_batches"] == [expected] * EPOCHS
+
+
+@pytest.mark.timeout(120)
+def test_train_shards_are_assigned_per_rank(ranks):
+    urls = [set(r["train_urls"]) for r in ranks]
+    assert urls[0].isdisjoint(urls[1])
+    assert len(urls[0] | urls[1]) == math.ceil(TRAIN_SAMPLES / 10)
+
+
+@pytest.mark.timeout(120)
+def test_val_shards_are_read_once_over_ranks_and_workers(ranks):
+    for epoch in range(EPOCHS):
+        keys = [r["val_keys"][epoch] for r in ranks]
+        assert sorted(keys[0] + keys[1]) == [f"val_{i:06d}" for i in range(VAL_SAMPLES)]  # all, no duplicates
+        urls = [set(r["val_urls"][epoch]) for r in ranks]
+        assert urls[0].isdisjoint(urls[1]) and len(urls[0]) == 2 and len(urls[1]) == 1
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    run(*sys.argv[1:])

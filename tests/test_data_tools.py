@@ -1,0 +1,193 @@
+"""The shard tools: ``python -m core.data.write`` for every input kind, read back through the data layer, and
+``python -m core.data.inspect`` with its report and exit codes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from core.data import read_batches
+from core.data.inspect import main as inspect_main
+from core.data.shards import expand_urls, read_shard
+from core.data.write import main as write_main
+from core.data.write import write_shards
+from test_data_stream import audio_bytes, image_bytes, junk_shards, npy_bytes, to_tensors, video_bytes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tool(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+
+def raw_members(pattern: str) -> dict[str, dict]:
+    """{key: raw sample} of the shards, as stored."""
+    return {raw["__key__"]: raw for url in expand_urls(pattern) for raw in read_shard(url)}
+
+
+def pixels(value: int, size: int = 8) -> np.ndarray:
+    return np.full((size, size, 3), value, np.uint8)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    root = tmp_path / "images"
+    files = {"dog/b.png": 30, "dog/sub/c.jpg": 60, "cat/a.png": 90, "cat/x.y.png": 120}
+    for name, value in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(image_bytes(pixels(value), "png" if name.endswith("png") else "jpeg"))
+    (root / "cat" / "a.txt").write_text("a cat on a mat\n")  # a caption file next to the image
+    (root / "cat" / "notes.md").write_text("not media")
+    return root
+
+
+def test_image_folder_with_classes(image_folder, tmp_path, capsys):
+    out = str(tmp_path / "shards" / "img-%06d.tar")
+    summary = write_main(["--out", out, "--max-count", "3", "folder", str(image_folder)])
+    printed = capsys.readouterr().out
+    assert summary["samples"] == 4 and summary["shards"] == 2
+    assert "wrote 4 samples in 2 shards" in printed and "classes: 0=cat, 1=dog" in printed
+    pattern = str(tmp_path / "shards" / "img-{000000..000001}.tar")
+    assert f"shards: {pattern}" in printed and "extensions: cls, jpg, png, txt" in printed
+
+    raw = raw_members(pattern)
+    assert sorted(raw) == ["cat_a_png", "cat_x_y_png", "dog_b_png", "dog_sub_c_jpg"]
+    assert raw["dog_sub_c_jpg"]["jpg"] == (image_folder / "dog/sub/c.jpg").read_bytes()  # stored as-is
+    batches = list(read_batches(pattern, to_tensors, batch_size=1))
+    decoded = {b["__key__"][0]: (b["label"].item(), b["text"][0], b["image"][0, 0, 0, 0].item()) for b in batches}
+    assert decoded["cat_a_png"] == (0, "a cat on a mat", 90)
+    assert decoded["cat_x_y_png"] == (0, "cat", 120)
+    assert decoded["dog_b_png"] == (1, "dog", 30)
+    assert decoded["dog_sub_c_jpg"][:2] == (1, "dog") and abs(decoded["dog_sub_c_jpg"][2] - 60) < 3
+
+    write_main(["--out", str(tmp_path / "again" / "img-%06d.tar"), "--max-count", "3", "folder", str(image_folder)])
+    assert sorted(raw_members(str(tmp_path / "again" / "img-{000000..000001}.tar"))) == sorted(raw)  # stable keys
+
+
+def test_folder_mixing_class_folders_and_loose_files_is_an_error(image_folder, tmp_path):
+    (image_folder / "loose.png").write_bytes(image_bytes(pixels(0), "png"))
+    with pytest.raises(ValueError, match="loose.png"):
+        write_main(["--out", str(tmp_path / "x-%06d.tar"), "folder", str(image_folder)])
+
+
+def test_flat_audio_folder_and_video_class_folders(tmp_path):
+    wave = (0.3 * np.sin(np.linspace(0, 30, 400))[:, None]).astype(np.float32)  # (samples, 1)
+    (tmp_path / "audio").mkdir()
+    (tmp_path / "audio" / "one.flac").write_bytes(audio_bytes(wave, 8000, "FLAC"))
+    (tmp_path / "audio" / "two.wav").write_bytes(audio_bytes(wave[:200], 8000, "WAV"))
+    write_main(["--out", str(tmp_path / "a-%06d.tar"), "folder", str(tmp_path / "audio"), "--media", "audio"])
+    batches = {b["__key__"][0]: b for b in read_batches(str(tmp_path / "a-000000.tar"), batch_size=1)}
+    assert sorted(batches) == ["one_flac", "two_wav"] and "label" not in batches["one_flac"]
+    assert batches["one_flac"]["audio"].shape == (1, 1, 400) and batches["two_wav"]["audio"].shape == (1, 1, 200)
+
+    frames = np.zeros((3, 16, 16, 3), np.uint8)
+    for name in ("run/r1.mp4", "walk/w1.mp4", "walk/w2.mp4"):
+        (tmp_path / "video" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "video" / name).write_bytes(video_bytes(frames, fps=5))
+    write_main(["--out", str(tmp_path / "v-%06d.tar"), "folder", str(tmp_path / "video")])
+    batches = list(read_batches(str(tmp_path / "v-000000.tar"), batch_size=3))
+    assert batches[0]["label"].tolist() == [0, 1, 1] and batches[0]["text"] == ["run", "walk", "walk"]
+    assert batches[0]["video"].shape == (3, 3, 16, 16, 3) and batches[0]["fps"].tolist() == [5.0] * 3
+
+
+def test_csv_and_jsonl_captions_with_any_media(tmp_path):
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "p.png").write_bytes(image_bytes(pixels(10), "png"))
+    (media / "s.flac").write_bytes(audio_bytes(np.zeros((100, 1), np.float32), 8000, "FLAC"))
+    (media / "m.mp4").write_bytes(video_bytes(np.zeros((2, 16, 16, 3), np.uint8), fps=4))
+    (tmp_path / "captions.csv").write_text(
+        'path,caption,label\nmedia/p.png,"a red, square",bird\nmedia/s.flac,silence,ant\nmedia/p.png,again,bird\n'
+    )
+    summary = write_main(["--out", str(tmp_path / "c-%06d.tar"), "table", str(tmp_path / "captions.csv")])
+    assert summary["samples"] == 3 and summary["extensions"] == ["cls", "flac", "png", "txt"]
+    raw = raw_members(str(tmp_path / "c-000000.tar"))
+    assert sorted(raw) == ["0", "1", "2"]  # one sample per row, even for a repeated media file
+    assert raw["0"]["txt"] == b"a red, square" and raw["0"]["cls"] == b"1" and raw["1"]["cls"] == b"0"
+    assert raw["2"]["png"] == (media / "p.png").read_bytes()
+
+    rows = [{"file": "media/m.mp4", "text": "a clip", "label": 4}, {"file": "media/p.png", "text": "img", "label": 2}]
+    (tmp_path / "captions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_main(["--out", str(tmp_path / "j-%06d.tar"), "table", str(tmp_path / "captions.jsonl"),
+                "--path-column", "file", "--caption-column", "text"])  # fmt: skip
+    raw = raw_members(str(tmp_path / "j-000000.tar"))
+    assert set(raw["0"]) >= {"mp4", "txt", "cls"} and raw["0"]["cls"] == b"4" and raw["1"]["txt"] == b"img"
+
+
+def test_table_errors_name_the_row(tmp_path):
+    (tmp_path / "t.csv").write_text("path,caption\nmissing.png,hello\n")
+    with pytest.raises(FileNotFoundError, match="row 0.*missing.png"):
+        write_main(["--out", str(tmp_path / "x-%06d.tar"), "table", str(tmp_path / "t.csv")])
+    (tmp_path / "u.csv").write_text("image,caption\nmissing.png,hello\n")
+    with pytest.raises(ValueError, match=r"row 0: no column \['path'\]"):
+        write_main(["--out", str(tmp_path / "x-%06d.tar"), "table", str(tmp_path / "u.csv")])
+
+
+def test_text_files_per_file_and_per_line(tmp_path):
+    (tmp_path / "docs" / "more").mkdir(parents=True)
+    (tmp_path / "docs" / "a.txt").write_text("first line\n\nsecond line\n")
+    (tmp_path / "docs" / "more" / "b.txt").write_text("only line")
+    write_main(["--out", str(tmp_path / "d-%06d.tar"), "text", str(tmp_path / "docs")])
+    texts = {b["__key__"][0]: b["text"][0] for b in read_batches(str(tmp_path / "d-000000.tar"), batch_size=1)}
+    assert texts == {"a_txt": "first line\n\nsecond line\n", "more_b_txt": "only line"}
+
+    write_main(["--out", str(tmp_path / "l-%06d.tar"), "--max-count", "2", "text", str(tmp_path / "docs"),
+                "--per-line"])  # fmt: skip
+    batches = read_batches(str(tmp_path / "l-{000000..000001}.tar"), batch_size=1)
+    texts = {b["__key__"][0]: b["text"][0] for b in batches}
+    assert texts == {"a_txt_0000000": "first line", "a_txt_0000002": "second line", "more_b_txt_0000000": "only line"}
+
+
+def test_max_bytes_splits_shards(tmp_path):
+    (tmp_path / "docs").mkdir()
+    for i in range(6):
+        (tmp_path / "docs" / f"{i}.txt").write_text("x" * 3000)
+    summary = write_main(["--out", str(tmp_path / "b-%06d.tar"), "--max-bytes", "5000", "text", str(tmp_path / "docs")])
+    # A new shard starts once the current one holds 5000 bytes or more: here after every second sample.
+    assert summary["shards"] == 3 and summary["samples"] == 6
+    assert [len(raw_members(f)) for f in summary["files"]] == [2, 2, 2]
+
+
+def test_write_module_runs_from_the_command_line(tmp_path, capsys):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("hello")
+    result = tool("core.data.write", "--out", str(tmp_path / "w-%06d.tar"), "text", str(tmp_path / "docs"))
+    assert result.returncode == 0, result.stderr
+    assert "wrote 1 samples in 1 shards" in result.stdout
+    assert [raw["txt"] for raw in read_shard(str(tmp_path / "w-000000.tar"))] == [b"hello"]
+    with pytest.raises(SystemExit):
+        write_main(["--out", str(tmp_path / "w.tar"), "text", str(tmp_path / "docs")])
+    assert "needs a shard number field" in capsys.readouterr().err
+
+
+def test_inspect_reports_reasons_examples_and_extensions(tmp_path, capsys):
+    good = [{"__key__": f"s{i}", "npy": npy_bytes(np.zeros(2, np.float32)), "cls": b"1", "odd": b"?"} for i in range(5)]
+    good[1]["npy"] = b"broken"
+    good[2]["pyd"] = b"never unpickled"
+    write_shards(good, str(tmp_path / "m-%06d.tar"), max_count=3)
+    result = tool("core.data.inspect", str(tmp_path / "m-{000000..000001}.tar"))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "shards read: 2" in out and "samples read: 3" in out and "samples skipped: 2" in out
+    assert "undecodable .npy: 1" in out and f"e.g. {tmp_path}/m-000000.tar s1:" in out
+    assert "refused .pyd (pickle): 1" in out and f"e.g. {tmp_path}/m-000000.tar s2:" in out
+    assert "extensions seen: cls (5), npy (5), odd (5), pyd (1)" in out
+    assert "decoded keys: label (3), npy (3)" in out
+
+    assert inspect_main([str(tmp_path / "m-{000000..000001}.tar"), "--limit", "2"]) == 0
+    limited = capsys.readouterr().out
+    assert "shards read: 1" in limited and "samples read: 1" in limited and "samples skipped: 1" in limited
+
+
+def test_inspect_exit_codes_when_nothing_is_readable(tmp_path):
+    pattern = junk_shards(tmp_path)
+    result = tool("core.data.inspect", pattern)
+    assert result.returncode == 1
+    assert "samples read: 0" in result.stdout and "unreadable shards: 1" in result.stdout
+    assert "undecodable .png: 3" in result.stdout and "no sample could be read" in result.stderr
+    result = tool("core.data.inspect", str(tmp_path / "absent-{0..3}.tar"))
+    assert result.returncode == 2 and "absent-{0..3}.tar" in result.stderr
