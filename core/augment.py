@@ -283,6 +283,24 @@ class MultiCrop:
         )
 
 
+def batch_views(batch: dict, key: str, size: int, count: int | None = None) -> list[torch.Tensor]:
+    """The collated views under ``batch[key]`` (``"views"`` of :class:`TwoViews`, ``"global_views"`` and
+    ``"local_views"`` of :class:`MultiCrop`): a list of (B, 3, size, size) tensors, checked against what the
+    model was built for, so that a mismatched data transform fails with a message naming the setting."""
+    views = batch.get(key) if isinstance(batch, dict) else None
+    if not isinstance(views, (list, tuple)) or not views or (count is not None and len(views) != count):
+        expected = f"{count} views" if count is not None else "a list of views"
+        raise ValueError(
+            f"the model trains on batch[{key!r}], {expected} made by the train transform (core.augment.TwoViews "
+            f"or MultiCrop); got {f'keys {sorted(batch)}' if isinstance(batch, dict) else type(batch).__name__}"
+            + (f" with {len(views)} views" if isinstance(views, (list, tuple)) else "")
+        )
+    for view in views:
+        if tuple(view.shape[-2:]) != (size, size):
+            raise ValueError(f"batch[{key!r}] holds {tuple(view.shape[-2:])}-pixel views, but the model is set up for {size}x{size}")
+    return list(views)
+
+
 def random_resized_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]) -> Box:
     """A box drawn as torchvision's RandomResizedCrop draws it: area fraction in ``scale``, aspect log-uniform in
     ``ratio``."""

@@ -115,5 +115,7 @@ def warmup_and_total_steps(trainer, warmup_epochs: float) -> tuple[int, int]:
     if trainer.max_epochs and trainer.max_epochs > 0 and trainer.max_steps in (-1, None):
         per_epoch = total / trainer.max_epochs
     else:
+        if math.isinf(trainer.num_training_batches):  # a max_steps-only run has not loaded its train loader yet
+            trainer.fit_loop.setup_data()
         per_epoch = trainer.num_training_batches / trainer.accumulate_grad_batches
     return int(round(warmup_epochs * per_epoch)), total

@@ -28,15 +28,18 @@ import webdataset as wds
 from core.data.decoders import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, member_extension
 
 
-def write_shards(samples: Iterable[dict], pattern: str, max_count: int = 10_000, max_bytes: int = 1 << 30) -> dict:
+def write_shards(
+    samples: Iterable[dict], pattern: str, max_count: int = 10_000, max_bytes: int = 1 << 30, mtime: float | None = None
+) -> dict:
     """Write ``samples`` to shards named by ``pattern`` (e.g. ``out/train-%06d.tar``).
 
-    A new shard starts when the current one holds ``max_count`` samples or ``max_bytes`` bytes.
+    A new shard starts when the current one holds ``max_count`` samples or ``max_bytes`` bytes. ``mtime`` stamps
+    every member (default: now); a fixed value makes the same samples give byte-identical shards.
     Returns a summary: number of samples, shards, bytes and the extensions seen.
     """
     os.makedirs(os.path.dirname(os.path.abspath(pattern)), exist_ok=True)
     n, extensions = 0, set()
-    with wds.ShardWriter(pattern, maxcount=max_count, maxsize=max_bytes, verbose=0) as sink:
+    with wds.ShardWriter(pattern, maxcount=max_count, maxsize=max_bytes, verbose=0, mtime=mtime) as sink:
         for sample in samples:
             sink.write(sample)
             extensions.update(k for k in sample if not k.startswith("__"))

@@ -1,0 +1,169 @@
+"""The offline demo data (data/make_demo.py): reproducible, decodable, balanced, with disjoint splits.
+
+Builds tiny versions (``--scale``) of every set three times: twice with seed 0 (with 2 and 1 worker
+processes, in different folders and at different times) and once with seed 1.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from collections import defaultdict
+
+import braceexpand
+import pytest
+
+from core.data.decoders import decode_sample
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "data", "make_demo.py")
+SCALE = "0.02"  # the smallest split (video val, 500 at full scale) still holds every class
+LABELED = {"image": "png", "video": "mp4", "audio": "flac"}
+CLASS_FIELD = {"image": "shape", "video": "motion", "audio": "sound"}  # json field holding the class name
+
+
+def build(cwd, *args: str) -> str:
+    """Run make_demo.py in ``cwd`` with ``--out demo`` (a relative path, as ``make data`` has); return the folder."""
+    os.makedirs(cwd, exist_ok=True)
+    command = [sys.executable, SCRIPT, "--out", "demo", *args]
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stderr}"
+    return os.path.join(cwd, "demo")
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory) -> dict[str, str]:
+    tmp = tmp_path_factory.mktemp("demo")
+    return {
+        "seed0": build(tmp / "a", "--seed", "0", "--scale", SCALE, "--workers", "2"),
+        "seed0_again": build(tmp / "b", "--seed", "0", "--scale", SCALE, "--workers", "1"),
+        "seed1": build(tmp / "c", "--seed", "1", "--scale", SCALE),
+    }
+
+
+def file_hashes(folder: str) -> dict[str, str]:
+    """sha256 of every file under ``folder``, by relative path."""
+    hashes = {}
+    for path in sorted(glob.glob(os.path.join(folder, "**", "*"), recursive=True)):
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                hashes[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return hashes
+
+
+def read_tar(path: str) -> dict[str, dict[str, bytes]]:
+    """``{key: {extension: bytes}}`` of a shard, read with the standard library only."""
+    samples: dict[str, dict[str, bytes]] = defaultdict(dict)
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            key, ext = member.name.split(".", 1)
+            samples[key][ext] = tar.extractfile(member).read()
+    return dict(samples)
+
+
+def split_samples(info_dir: str, split_info: dict) -> dict[str, dict[str, bytes]]:
+    """All samples of one split, from the shards its brace pattern names (which must all exist)."""
+    pattern = os.path.join(info_dir, os.path.basename(split_info["pattern"]))
+    files = list(braceexpand.braceexpand(pattern))
+    assert len(files) == split_info["shards"] and all(os.path.isfile(f) for f in files), pattern
+    samples = {}
+    for f in files:
+        samples.update(read_tar(f))
+    return samples
+
+
+def load_info(folder: str) -> dict:
+    with open(os.path.join(folder, "info.json")) as f:
+        return json.load(f)
+
+
+def test_same_seed_gives_byte_identical_files(builds):
+    first, again = file_hashes(builds["seed0"]), file_hashes(builds["seed0_again"])
+    assert {p for p in first if p.endswith(".tar")} >= {f"{m}/train-000000.tar" for m in LABELED}
+    assert first == again
+
+
+def test_different_seed_changes_the_data(builds):
+    seed0, seed1 = file_hashes(builds["seed0"]), file_hashes(builds["seed1"])
+    assert seed0.keys() == seed1.keys()
+    for path in seed0:
+        if path.endswith(".tar") and path.split("/")[0] in LABELED:
+            assert seed0[path] != seed1[path], path
+    for domain in ("prose", "code"):  # the seed picks and orders the chunks of each text split
+        shards = sorted(p for p in seed0 if p.startswith(f"text/{domain}/"))
+        assert [seed0[p] for p in shards] != [seed1[p] for p in shards], domain
+
+
+@pytest.mark.parametrize("modality", list(LABELED))
+def test_labeled_shards_decode_and_cover_all_classes(builds, modality):
+    folder = os.path.join(builds["seed0"], modality)
+    info = load_info(folder)
+    classes = info["classes"]
+    assert len(classes) == 10 == len(set(classes))
+    keys = {}
+    for split, split_info in info["splits"].items():
+        samples = split_samples(folder, split_info)
+        assert len(samples) == split_info["samples"]
+        keys[split] = set(samples)
+        counts = [0] * len(classes)
+        for key, members in samples.items():
+            assert set(members) == {LABELED[modality], "cls", "txt", "json"}, key
+            decoded = decode_sample({"__key__": key, **members})
+            label, meta = decoded["label"], decoded["json"]
+            counts[label] += 1
+            assert meta[CLASS_FIELD[modality]] == classes[label], key
+            assert classes[label] in decoded["text"], (key, decoded["text"])  # every caption names the class
+            if modality == "image":
+                assert decoded["image"].size == (32, 32) and decoded["image"].mode == "RGB"
+            elif modality == "video":
+                assert tuple(decoded["video"].shape) == (16, 32, 32, 3) and decoded["fps"] == 8
+            else:
+                assert tuple(decoded["audio"].shape) == (1, 16_000) and decoded["sample_rate"] == 16_000
+                assert decoded["audio"].abs().max() < 1
+        assert counts == split_info["samples_per_class"]
+        assert min(counts) > 0, f"{modality} {split}: a class has no sample: {counts}"
+    assert keys["train"] and keys["val"] and not keys["train"] & keys["val"]
+
+
+def test_text_domains(builds):
+    folder = os.path.join(builds["seed0"], "text")
+    info = load_info(folder)
+    assert set(info["domains"]) == {"prose", "code"}
+    for domain, splits in info["domains"].items():
+        sources, keys = {}, {}
+        for split, split_info in splits.items():
+            samples = split_samples(os.path.join(folder, domain), split_info)
+            assert len(samples) == split_info["samples"] > 0
+            keys[split] = set(samples)
+            sources[split] = set()
+            for key, members in samples.items():
+                assert set(members) == {"txt", "json"}, key
+                text, meta = members["txt"].decode("utf-8"), json.loads(members["json"])
+                assert meta["domain"] == domain and meta["chars"] == len(text), key
+                assert 512 <= len(text) <= 2000 + 512, (key, len(text))
+                sources[split].add(meta["source"])
+                if domain == "code":
+                    assert meta["source"].startswith("Lib/") and meta["source"].endswith(".py"), meta
+                else:
+                    assert meta["source"].startswith(("pydoc_data.topics:", "docstrings:")), meta
+        assert not keys["train"] & keys["val"], domain
+        assert not sources["train"] & sources["val"], f"{domain}: a source is in both splits"
+
+
+def test_only_builds_the_named_modalities(tmp_path):
+    out = build(tmp_path, "--only", "audio", "--scale", "0.002")
+    assert sorted(os.listdir(out)) == ["audio"]
+    assert load_info(os.path.join(out, "audio"))["splits"]["val"]["samples"] == 2
+
+
+def test_unknown_modality_is_an_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, SCRIPT, "--out", str(tmp_path), "--only", "image,smell"], capture_output=True, text=True
+    )
+    assert result.returncode != 0 and "smell" in result.stderr
