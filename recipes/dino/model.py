@@ -1,0 +1,199 @@
+"""DINO: Caron et al., "Emerging Properties in Self-Supervised Vision Transformers", ICCV 2021.
+
+Self-distillation with no labels. A student (encoder + DINOHead) sees every crop of an image, two large
+global crops and several small local ones (multi-crop); a teacher, the exponential moving average of the
+student, sees only the global crops. The student is trained to match, with cross-entropy, the teacher's
+output distribution over K prototypes on every other crop. The teacher's outputs are centred (a running
+mean of its logits is subtracted) and sharpened (a low temperature); centring alone would spread the
+outputs uniformly and sharpening alone would put everything in one prototype: together they avoid
+collapse. The teacher's temperature warms up, its momentum rises to 1 along a cosine, the weight decay
+rises from 0.04 to 0.4 along a cosine.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.augment import IMAGENET_MEAN, IMAGENET_STD, batch_views
+from core.export import describe_encoder
+from core.losses import dino_center, dino_loss
+from core.momentum import cosine_momentum, momentum_copy, update_momentum
+from core.optim import param_groups, scaled_lr
+from core.probe import log_embedding_std
+from core.schedules import WarmupCosine, step_scheduler, warmup_and_total_steps
+from core.vit import ViT
+
+
+class DINOHead(nn.Module):
+    """The DINO projection head (Caron et al. 2021, Sec. 3.1 and App. C): a 3-layer MLP with GELU
+    (hidden 2048) down to a 256-d bottleneck, L2-normalised, then a weight-normalised linear layer to K
+    prototypes (paper: 65536). The prototypes' norm is fixed to 1 (the paper's `norm_last_layer`, which
+    stabilises training), so the logits are cosine similarities."""
+
+    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim), nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+            nn.Linear(hidden_dim, bottleneck_dim),
+        )  # fmt: skip
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.prototypes = nn.Parameter(torch.empty(out_dim, bottleneck_dim))
+        nn.init.trunc_normal_(self.prototypes, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(self.mlp(x), dim=-1)  # (B, bottleneck_dim)
+        return x @ F.normalize(self.prototypes, dim=-1).T  # (B, K)
+
+
+def encode(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """backbone(images) -> (B, D), also for a ViT on crops smaller than its input size (the local crops):
+    their patches get the ViT's position table resized to their grid by bicubic interpolation, as DINO's
+    `interpolate_pos_encoding` does. A ResNet takes any size as it is."""
+    if not isinstance(backbone, ViT) or tuple(images.shape[-2:]) == backbone.patch_embed.input_size:
+        return backbone(images)
+    patch = backbone.patch_embed.patch_size
+    if images.shape[-2] % patch[0] or images.shape[-1] % patch[1]:
+        raise ValueError(f"crops of {tuple(images.shape[-2:])} pixels are not divisible by the ViT's patch size {patch}")
+    x = backbone.patch_embed.proj(images)  # (B, dim, h, w)
+    h, w = x.shape[-2:]
+    gh, gw = backbone.grid
+    table = backbone.pos_embed.reshape(1, gh, gw, -1).permute(0, 3, 1, 2)  # (1, dim, gh, gw)
+    pos = F.interpolate(table, size=(h, w), mode="bicubic", align_corners=False)  # (1, dim, h, w)
+    x = (x + pos).flatten(2).transpose(1, 2)  # (B, h * w, dim)
+    x = torch.cat([backbone.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + h * w, dim)
+    for block in backbone.blocks:
+        x = block(x)
+    return backbone.pool_tokens(backbone.norm(x))
+
+
+class DINO(L.LightningModule):
+    """backbone: the encoder to pretrain, any core backbone with `embed_dim` (config: `class_path:
+    core.vit.ViT` or `core.resnet.ResNet` with its `init_args`; its input size is the global crop size);
+    paper: ViT-S/16. global_size/local_size: sides of the global and local crops (paper: 224, 96).
+    out_dim/hidden_dim/bottleneck_dim: DINOHead (paper: 65536, 2048, 256).
+    student_temp: paper 0.1. teacher_temp: the teacher's temperature after a linear warmup from
+    warmup_teacher_temp over warmup_teacher_temp_epochs (paper: 0.04 -> 0.04, or 0.04 -> 0.07 over 30).
+    center_momentum: EMA of the teacher's mean logits (paper: 0.9). base_momentum: the teacher's EMA
+    momentum at step 0, raised to 1 along a cosine (paper: 0.996).
+    base_lr: learning rate per 256 samples of effective batch (paper: 5e-4); AdamW, linear warmup for
+    `warmup_epochs` (paper: 10), then cosine to `min_lr` (paper: 1e-6). weight_decay -> weight_decay_end:
+    cosine schedule of the decay on weights (paper: 0.04 -> 0.4); biases and norms are not decayed.
+    freeze_last_layer_epochs: the prototypes get no update during the first epochs (paper: 1).
+    mean/std: the input normalisation of the data transform (recorded for export).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        global_size: int = 224,
+        local_size: int = 96,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        student_temp: float = 0.1,
+        teacher_temp: float = 0.04,
+        warmup_teacher_temp: float = 0.04,
+        warmup_teacher_temp_epochs: int = 0,
+        center_momentum: float = 0.9,
+        base_momentum: float = 0.996,
+        base_lr: float = 5e-4,
+        min_lr: float = 1e-6,
+        weight_decay: float = 0.04,
+        weight_decay_end: float = 0.4,
+        warmup_epochs: float = 10,
+        freeze_last_layer_epochs: int = 1,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+    ):
+        super().__init__()
+        # The backbone's class_path and init_args are in the CLI's config.yaml and in the checkpoint's
+        # "encoders" entry; a module object in hparams would make the checkpoint need unpickling.
+        self.save_hyperparameters(ignore=["backbone"])
+        embed_dim = getattr(backbone, "embed_dim", None)
+        if not isinstance(embed_dim, int):
+            raise ValueError(f"backbone {type(backbone).__name__} must have an integer embed_dim (core.resnet.ResNet, core.vit.ViT)")
+        if isinstance(backbone, ViT) and backbone.patch_embed.input_size != (global_size, global_size):
+            raise ValueError(f"the ViT's input_size {backbone.patch_embed.input_size} must be the global crop size {global_size}")
+        for name, value in {"base_momentum": base_momentum, "center_momentum": center_momentum}.items():
+            if not 0 <= value <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        self.backbone = backbone
+        self.head = DINOHead(embed_dim, out_dim, hidden_dim, bottleneck_dim)
+        self.teacher_backbone = momentum_copy(self.backbone)
+        self.teacher_head = momentum_copy(self.head)
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def teacher_temperature(self) -> float:
+        """Linear warmup over the first epochs, per epoch as in the paper's code."""
+        h = self.hparams
+        if self.current_epoch >= h.warmup_teacher_temp_epochs:
+            return h.teacher_temp
+        return h.warmup_teacher_temp + (h.teacher_temp - h.warmup_teacher_temp) * self.current_epoch / max(h.warmup_teacher_temp_epochs - 1, 1)
+
+    def training_step(self, batch, batch_idx):
+        h = self.hparams
+        global_views = batch_views(batch, "global_views", h.global_size, count=2)  # 2 x (B, 3, G, G)
+        local_views = batch_views(batch, "local_views", h.local_size) if batch.get("local_views") else []  # N x (B, 3, l, l)
+        n = global_views[0].shape[0]
+        with torch.no_grad():
+            teacher = self.teacher_head(encode(self.teacher_backbone, torch.cat(global_views))).chunk(2)  # 2 x (B, K)
+        # Crops of one size share a forward pass.
+        student = self.head(encode(self.backbone, torch.cat(global_views)))  # (2B, K)
+        if local_views:
+            student = torch.cat([student, self.head(encode(self.backbone, torch.cat(local_views)))])  # ((2 + N) B, K)
+        student = list(student.split(n))  # 2 + N views, globals first
+        temp = self.teacher_temperature()
+        loss = dino_loss(student, list(teacher), self.center, h.student_temp, temp)
+        self.center.copy_(dino_center(self.center, list(teacher), h.center_momentum))  # over every rank's batch
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/teacher_temp", temp)
+        log_embedding_std(self, student[0])
+        return loss
+
+    def on_before_optimizer_step(self, optimizer):
+        # The paper freezes the prototypes at first: their early updates destabilise training.
+        if self.current_epoch < self.hparams.freeze_last_layer_epochs:
+            self.head.prototypes.grad = None
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        """The weight decay of this step, the optimizer's step, then the teacher's EMA step: once per
+        optimizer step, so gradient accumulation moves the teacher once, as one large batch would."""
+        h = self.hparams
+        total = self.trainer.estimated_stepping_batches
+        # cosine_momentum is a cosine ramp from `base` to `end`: DINO schedules its weight decay the same way.
+        optimizer.param_groups[0]["weight_decay"] = cosine_momentum(self.trainer.global_step, total, h.weight_decay, h.weight_decay_end)
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # global_step does not count this step yet: k = 0 for the first, as in the paper's schedule.
+        m = cosine_momentum(self.trainer.global_step, total, h.base_momentum)
+        update_momentum(self.backbone, self.teacher_backbone, m)
+        update_momentum(self.head, self.teacher_head, m)
+        self.log("train/momentum", m)
+        self.log("train/weight_decay", optimizer.param_groups[0]["weight_decay"])
+
+    def validation_step(self, batch, batch_idx):
+        """Validation batches are clean images for the online probe (core.probe.OnlineProbe calls `embed`);
+        there are no crops to score a loss on."""
+
+    def embed(self, batch) -> torch.Tensor:
+        """The representation: the teacher's encoder on clean images, (B, embed_dim). The paper evaluates
+        the teacher, which is better than the student throughout training."""
+        return self.teacher_backbone(batch["image"])
+
+    def configure_optimizers(self):
+        h = self.hparams
+        lr = scaled_lr(h.base_lr, self.trainer)
+        groups = param_groups(nn.ModuleList([self.backbone, self.head]), h.weight_decay)  # decayed group first
+        optimizer = torch.optim.AdamW(groups, lr=lr)
+        warmup, total = warmup_and_total_steps(self.trainer, h.warmup_epochs)
+        return {"optimizer": optimizer, "lr_scheduler": step_scheduler(optimizer, WarmupCosine(warmup, total, min_ratio=h.min_lr / lr))}
+
+    def on_save_checkpoint(self, checkpoint):
+        spec = {"modality": "image", "size": [self.hparams.global_size] * 2, "mean": list(self.hparams.mean), "std": list(self.hparams.std)}
+        checkpoint["encoders"] = {"image": describe_encoder("teacher_backbone.", self.teacher_backbone, spec)}

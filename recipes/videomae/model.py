@@ -1,0 +1,159 @@
+"""VideoMAE: Tong et al., "VideoMAE: Masked Autoencoders are Data-Efficient Learners for Self-Supervised
+Video Pre-Training", NeurIPS 2022.
+
+Cut a clip into 2-frame tubelets, hide 90% of them with *tube masking* (one random spatial mask shared by
+every time step, so a hidden patch cannot be copied from the same place in the next frame), encode the
+visible tubelets with a ViT and let a light decoder predict the pixels of the hidden ones, each tubelet
+normalised per channel by its own mean and std. The decoder runs over all tokens (visible tokens plus a
+mask token at every hidden place) and the loss is taken on the hidden tubelets only: the same objective
+as VideoMAE's decoder, which predicts only the hidden tokens. After pretraining the decoder is thrown away
+and the encoder sees every tubelet.
+"""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+import torch
+
+from core.export import describe_encoder
+from core.heads import MAEDecoder
+from core.losses import masked_patch_loss
+from core.masking import check_ratio, patchify, tube_mask
+from core.optim import param_groups, scaled_lr
+from core.schedules import WarmupCosine, step_scheduler, warmup_and_total_steps
+from core.visualize import reconstruction_rows, save_reconstructions
+from core.vit import ViT
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def tubelet_targets(video: torch.Tensor, patch_size: tuple[int, int, int], normalize: bool):
+    """VideoMAE's reconstruction targets: (B, 3, T, H, W) -> (B, N, pt*ph*pw*3), and the per-tubelet
+    (mean, std), each (B, N, 1, 3), that map normalised predictions back to pixels (None without `normalize`).
+
+    Each tubelet is normalised per channel (unbiased std, + 1e-6), as VideoMAE's `normlize_target`.
+    VideoMAE first undoes the ImageNet normalisation; a per-channel affine map leaves the per-channel
+    normalised tubelet unchanged, so that step is skipped here.
+    """
+    patches = patchify(video, patch_size)  # (B, N, P * C), channels last
+    if not normalize:
+        return patches, None
+    B, N, _ = patches.shape
+    patches = patches.view(B, N, -1, video.shape[1])  # (B, N, P, C)
+    mean = patches.mean(dim=2, keepdim=True)
+    std = patches.var(dim=2, unbiased=True, keepdim=True).sqrt() + 1e-6
+    return ((patches - mean) / std).flatten(2), (mean, std)
+
+
+class VideoMAE(L.LightningModule):
+    """num_frames/stride/image_size: the clip the data transform gives (paper: 16 frames, stride 4 on
+    Kinetics, 2 on Something-Something v2, 224 px); `stride` is recorded for export (core.evaluate samples
+    clips with it). patch_size/tubelet_size: tubelets of tubelet_size x patch_size x patch_size (paper: 2x16x16).
+    size/encoder_depth/pool: the ViT encoder (paper: base, mean pooling of the patch tokens).
+    decoder_*: the decoder (paper, ViT-B: 4 blocks, 384 wide, 6 heads).
+    base_lr: learning rate per 256 clips of effective batch (paper: 1.5e-4); AdamW, betas (0.9, 0.95),
+    weight decay 0.05 on weights only; linear warmup for `warmup_epochs`, then cosine down to
+    `min_lr_ratio` x the peak (VideoMAE: min_lr 1e-5 / lr 1.5e-4).
+    mean/std: the input normalisation the data transform applies (recorded for export and pictures).
+    """
+
+    def __init__(
+        self,
+        num_frames: int = 16,
+        stride: int = 4,
+        image_size: int = 224,
+        patch_size: int = 16,
+        tubelet_size: int = 2,
+        size: str = "base",
+        encoder_depth: int | None = None,
+        pool: str = "mean",
+        decoder_dim: int = 384,
+        decoder_depth: int = 4,
+        decoder_heads: int = 6,
+        mask_ratio: float = 0.9,
+        norm_pix_loss: bool = True,
+        base_lr: float = 1.5e-4,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_epochs: float = 40,
+        min_lr_ratio: float = 1e-5 / 1.5e-4,
+        mean: list[float] = IMAGENET_MEAN,
+        std: list[float] = IMAGENET_STD,
+        pictures_every_n_steps: int = 1000,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        check_ratio("mask_ratio", mask_ratio)
+        if stride < 1:
+            raise ValueError(f"stride must be at least 1, got {stride}")
+        self.patch = (tubelet_size, patch_size, patch_size)
+        input_size = (num_frames, image_size, image_size)
+        self.encoder = ViT(input_size, self.patch, 3, size=size, depth=encoder_depth, pool=pool)
+        patch_dim = tubelet_size * patch_size * patch_size * 3
+        self.decoder = MAEDecoder(self.encoder.grid, self.encoder.embed_dim, patch_dim, decoder_dim, decoder_depth, decoder_heads)
+
+    def check_clip(self, video: torch.Tensor) -> None:
+        expected = (3, self.hparams.num_frames, self.hparams.image_size, self.hparams.image_size)
+        if tuple(video.shape[1:]) != expected:
+            raise ValueError(
+                f"VideoMAE expects clips (B, 3, num_frames, image_size, image_size) = (B, {', '.join(map(str, expected))}), "
+                f"got {tuple(video.shape)}; set the data transform's num_frames/size to the model's num_frames/image_size"
+            )
+
+    def reconstruct(self, video: torch.Tensor, generator: torch.Generator | None = None):
+        """video (B, 3, T, H, W) -> loss, predicted tubelets (B, N, P), mask (B, N), target (mean, std) or None."""
+        self.check_clip(video)
+        keep_idx, mask = tube_mask(video.shape[0], self.encoder.grid, self.hparams.mask_ratio, video.device, generator)
+        tokens = self.encoder.tokens(video, keep_idx)  # (B, 1 + K, D): visible tubelets only
+        pred = self.decoder(tokens, keep_idx)  # (B, N, P)
+        target, stats = tubelet_targets(video, self.patch, self.hparams.norm_pix_loss)
+        loss = masked_patch_loss(pred, target, mask, norm_pix=False)  # targets are normalised above
+        return loss, pred, mask, stats
+
+    def training_step(self, batch, batch_idx):
+        loss, pred, mask, stats = self.reconstruct(batch["video"])
+        self.log("train/loss", loss, prog_bar=True)
+        every = self.hparams.pictures_every_n_steps
+        if every and self.global_step % every == 0 and self.trainer.is_global_zero:
+            self.save_pictures(batch["video"], pred, mask, stats, "train")
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        # A fixed mask per batch index, so the validation loss moves only when the model does.
+        generator = torch.Generator(device=self.device).manual_seed(batch_idx)
+        loss, pred, mask, stats = self.reconstruct(batch["video"], generator)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        if batch_idx == 0 and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self.save_pictures(batch["video"], pred, mask, stats, "val")
+
+    def embed(self, batch) -> torch.Tensor:
+        """The representation: every tubelet visible, no masking (what the online probe and export use)."""
+        return self.encoder(batch["video"])
+
+    def save_pictures(self, video, pred, mask, stats, split: str) -> None:
+        """Rows: original, masked, prediction, prediction pasted into the visible tubelets; frames side by side."""
+        pred = pred.detach()
+        if stats is not None:  # back from per-tubelet, per-channel normalised units to the input's units
+            mean, std = stats
+            pred = (pred.view(*mean.shape[:2], -1, mean.shape[-1]) * std + mean).flatten(2)
+        rows = [video] + reconstruction_rows(video, pred, mask, self.patch, norm_pix=False)
+        path = os.path.join(self.trainer.log_dir or ".", "reconstructions", f"{split}_step{self.global_step:07d}.png")
+        save_reconstructions(path, rows, self.hparams.mean, self.hparams.std)
+
+    def configure_optimizers(self):
+        lr = scaled_lr(self.hparams.base_lr, self.trainer)
+        optimizer = torch.optim.AdamW(param_groups(self, self.hparams.weight_decay), lr=lr, betas=self.hparams.betas)
+        warmup, total = warmup_and_total_steps(self.trainer, self.hparams.warmup_epochs)
+        schedule = WarmupCosine(warmup, total, min_ratio=self.hparams.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": step_scheduler(optimizer, schedule)}
+
+    def on_save_checkpoint(self, checkpoint):
+        hp = self.hparams
+        spec = {
+            "modality": "video", "frames": hp.num_frames, "stride": hp.stride, "size": [hp.image_size] * 2,
+            "mean": list(hp.mean), "std": list(hp.std),
+        }
+        checkpoint["encoders"] = {"video": describe_encoder("encoder.", self.encoder, spec)}

@@ -1,0 +1,153 @@
+"""AudioMAE recipe: the log-mel front end and its frame count (also in the export), exact random and
+time/frequency masking, the loss on hidden patches only, a one-batch overfit, bad configurations, and the
+demo config end to end through the CLI, export and load_encoder."""
+
+import csv
+import glob
+import json
+import os
+
+import pytest
+import torch
+
+from core import load_encoder
+from core.augment import log_mel
+from core.cli import run
+from core.export import export_checkpoint
+from core.masking import whole
+from recipes.audiomae.model import AudioMAE, roll_and_scale
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_INFO = os.path.join(ROOT, "data", "demo", "audio", "info.json")
+# 0.25 s at 8 kHz: 23 Kaldi frames, cropped to 16; 32 mel bins; 8x8 patches: a (4, 2) grid.
+TINY = dict(
+    sample_rate=8000, seconds=0.25, n_mels=32, n_frames=16, patch_size=8, size="tiny", encoder_depth=1,
+    decoder_dim=32, decoder_depth=1, decoder_heads=2,
+)
+
+
+def waves(batch=3, seconds=0.25, seed=0):
+    return torch.randn(batch, round(8000 * seconds), generator=torch.Generator().manual_seed(seed))
+
+
+def test_spectrogram_is_log_mel_cropped_or_zero_padded_to_n_frames():
+    model = AudioMAE(**TINY)
+    x = waves()
+    full = log_mel(x, 8000, n_mels=32)  # (B, 1, 32, 23)
+    assert full.shape[-1] == 23
+    torch.testing.assert_close(model.spectrogram(x), full[..., :16])  # AudioMAE keeps the first frames
+    padded = AudioMAE(**{**TINY, "n_frames": 32}).spectrogram(x)
+    torch.testing.assert_close(padded[..., :23], full)
+    silence = log_mel(x, 8000, n_mels=32, frames=32)[..., 23:]  # zero log-mel, then normalised
+    assert torch.all(padded[..., 23:] == silence) and torch.all(silence == silence.flatten()[0])
+
+
+def test_random_masking_hides_exactly_the_ratio_and_time_freq_masking_whole_rows_and_columns():
+    torch.manual_seed(0)
+    model = AudioMAE(**{**TINY, "seconds": 0.75, "n_mels": 64, "n_frames": 64})  # an (8, 8) grid
+    spec = model.spectrogram(waves(batch=4, seconds=0.75))
+    _, _, mask = model.reconstruct(spec)
+    assert (~mask).sum(1).tolist() == [whole(64 * 0.2)] * 4
+
+    model = AudioMAE(**{**TINY, "seconds": 0.75, "n_mels": 64, "n_frames": 64, "masking": "time_freq"})
+    _, _, mask = model.reconstruct(spec)
+    visible = ~mask.view(4, 8, 8)  # (B, freq rows, time columns)
+    rows, cols = visible.any(2), visible.any(1)
+    assert torch.equal(visible, rows.unsqueeze(2) & cols.unsqueeze(1))  # a visible patch: its row and column kept
+    assert rows.sum(1).tolist() == [8 - whole(8 * 0.5)] * 4 and cols.sum(1).tolist() == [8 - whole(8 * 0.6)] * 4
+
+
+def test_loss_ignores_visible_patches():
+    torch.manual_seed(0)
+    model = AudioMAE(**{**TINY, "mask_ratio": 0.5})
+    loss, pred, mask = model.reconstruct(model.spectrogram(waves()))
+    pred.retain_grad()
+    loss.backward()
+    grad = pred.grad.abs().sum(-1)  # (B, N)
+    assert torch.all(grad[~mask] == 0)
+    assert torch.all(grad[mask] > 0)
+
+
+def test_roll_and_scale_rolls_each_waveform_and_scales_it_between_half_and_one_and_a_half():
+    torch.manual_seed(0)
+    x = torch.arange(1.0, 9.0).repeat(64, 1)  # (64, 8)
+    y = roll_and_scale(x)
+    scale = y.abs().max(1).values / 8  # rolling keeps the maximum, 8
+    assert torch.all((scale > 0.5) & (scale < 1.5))
+    shift = (y / scale[:, None]).argmax(1) - 7  # where the last sample landed, mod 8
+    torch.testing.assert_close(y, torch.stack([x[i].roll(int(s)) * scale[i] for i, s in enumerate(shift)]))
+    assert len(set((shift % 8).tolist())) > 1  # every waveform draws its own shift
+
+
+def test_a_few_steps_on_one_batch_drive_the_loss_down():
+    torch.manual_seed(0)
+    model = AudioMAE(**TINY)
+    spec = model.spectrogram(waves(batch=4))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(40):
+        loss, *_ = model.reconstruct(spec, torch.Generator().manual_seed(0))  # one fixed mask
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"mask_ratio": 0.0}, "mask_ratio must be in"),
+        ({"mask_ratio": 1.0}, "mask_ratio must be in"),
+        ({"time_mask_ratio": 1.2}, "time_mask_ratio must be in"),
+        ({"n_frames": 20}, "not divisible by patch size"),
+        ({"n_mels": 36}, "not divisible by patch size"),
+        ({"masking": "blocks"}, "masking='blocks' must be one of"),
+    ],
+)
+def test_bad_configuration_is_refused_at_construction(change, message):
+    with pytest.raises(ValueError, match=message):
+        AudioMAE(**{**TINY, **change})
+
+
+def test_waveforms_of_the_wrong_length_are_named():
+    with pytest.raises(ValueError, match=r"sample_rate \* seconds\) = \(B, 2000\).*\(3, 1000\)"):
+        AudioMAE(**TINY).spectrogram(waves(seconds=0.125))
+
+
+def demo_patterns() -> dict:
+    if not os.path.isfile(DEMO_INFO):
+        pytest.fail(f"{DEMO_INFO} is missing: build the demo shards with `make data`")
+    with open(DEMO_INFO) as f:
+        splits = json.load(f)["splits"]
+    return {split: os.path.relpath(splits[split]["pattern"], ROOT) for split in ("train", "val")}
+
+
+def test_demo_config_trains_logs_pictures_and_exports_an_encoder_that_takes_waveforms(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the demo config names the shards relative to the repository
+    patterns = demo_patterns()
+    cli = run(AudioMAE, args=[
+        "fit", "--config", os.path.join(ROOT, "recipes/audiomae/configs/demo.yaml"),
+        f"--data.train={patterns['train']}", f"--data.val={patterns['val']}",
+        "--data.batch_size=4", "--data.val_batch_size=10", "--data.num_workers=0",
+        "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=2", "--trainer.num_sanity_val_steps=0",
+        "--model.pictures_every_n_steps=2",
+        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--checkpoint.dirpath={tmp_path}/checkpoints",
+    ])  # fmt: skip
+    model, log_dir = cli.model, cli.trainer.log_dir
+    with open(os.path.join(log_dir, "metrics.csv")) as f:
+        logged = {key for row in csv.DictReader(f) for key, value in row.items() if value}
+    assert {"train/loss", "val/loss", "probe/linear_acc", "probe/knn_acc"} <= logged
+    assert glob.glob(os.path.join(log_dir, "reconstructions", "train_step*.png"))
+    assert glob.glob(os.path.join(log_dir, "reconstructions", "val_step*.png"))
+
+    (folder,) = export_checkpoint(str(tmp_path / "checkpoints" / "last.ckpt"), str(tmp_path / "export"))
+    encoder = load_encoder(folder)
+    hp = model.hparams
+    assert encoder.input["modality"] == "audio" and encoder.input["frames"] == hp.n_frames
+    x = torch.randn(2, round(hp.sample_rate * hp.seconds))
+    assert encoder.preprocess(x).shape == (2, 1, hp.n_mels, hp.n_frames)  # what the encoder was trained on
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), model.embed({"audio": x}), rtol=0, atol=0)

@@ -1,0 +1,100 @@
+"""Barlow Twins: the loss on the projector's outputs, the two learning rates of LARS, the cross-correlation
+goes to the identity on a fixed batch, bad input fails clearly."""
+
+import os
+
+import lightning as L
+import pytest
+import torch
+
+from core.augment import ImageEval, TwoViews
+from core.data import ShardDataModule
+from core.losses import barlow_twins_loss
+from core.optim import LARS
+from core.resnet import ResNet
+from recipes.barlowtwins.model import BarlowTwins
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster than two, and much faster on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_barlow(**kw):
+    torch.manual_seed(0)
+    return BarlowTwins(ResNet(18, small_images=True, width=4), image_size=16, projector_dims=[32, 16], **kw)
+
+
+def views(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 16, 16, generator=g)
+    return {"views": [x, x + 0.3 * torch.randn(n, 3, 16, 16, generator=g)]}
+
+
+def embeddings(model, batch):
+    return [model.projector(model.backbone(x)) for x in batch["views"]]
+
+
+def cross_correlation(z1, z2):
+    z1 = (z1 - z1.mean(0)) / z1.std(0, unbiased=False)
+    z2 = (z2 - z2.mean(0)) / z2.std(0, unbiased=False)
+    return z1.T @ z2 / z1.shape[0]
+
+
+def test_loss_is_barlow_twins_on_the_projections_with_lambda():
+    model, batch = tiny_barlow(lambd=0.02), views()
+    z1, z2 = embeddings(model, batch)
+    torch.testing.assert_close(model.training_step(batch, 0), barlow_twins_loss(z1, z2, lambd=0.02))
+    assert z1.shape == (16, 16)
+
+
+def test_cross_correlation_goes_to_the_identity_on_a_fixed_batch():
+    model, batch = tiny_barlow(), views()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    with torch.no_grad():
+        start = (cross_correlation(*embeddings(model, batch)) - torch.eye(16)).pow(2).sum()
+    for _ in range(40):
+        loss = model.training_step(batch, 0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        end = (cross_correlation(*embeddings(model, batch)) - torch.eye(16)).pow(2).sum()
+    assert end < 0.3 * start
+
+
+@pytest.mark.timeout(60)
+def test_weights_and_biases_get_their_own_scaled_learning_rates(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    data = ShardDataModule(
+        "data/demo/image/train-000000.tar", batch_size=8, num_workers=0, samples_per_epoch=16,
+        train_transform=TwoViews(16, scale=(0.3, 1.0)), val_transform=ImageEval(16),
+    )  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    model = tiny_barlow(lr_weights=0.2, lr_biases=0.0048, weight_decay=1.5e-6)
+    trainer.fit(model, datamodule=data)
+    optimizer = trainer.optimizers[0]
+    assert isinstance(optimizer, LARS)
+    weights, biases = optimizer.param_groups
+    assert weights["initial_lr"] == pytest.approx(0.2 * 8 / 256) and biases["initial_lr"] == pytest.approx(0.0048 * 8 / 256)
+    assert weights["weight_decay"] == 1.5e-6 and not weights["lars_exclude"]
+    assert biases["weight_decay"] == 0 and biases["lars_exclude"]
+    assert all(p.ndim >= 2 for p in weights["params"]) and all(p.ndim == 1 for p in biases["params"])
+    assert len(weights["params"]) + len(biases["params"]) == len(list(model.parameters()))
+
+
+def test_bad_input_fails_clearly():
+    with pytest.raises(ValueError, match=r"batch\['views'\], 2 views"):
+        tiny_barlow().training_step({"views": [torch.randn(2, 3, 16, 16)]}, 0)
+    with pytest.raises(ValueError, match="projector_dims"):
+        BarlowTwins(ResNet(18, width=4), projector_dims=[])

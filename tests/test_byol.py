@@ -1,0 +1,145 @@
+"""BYOL: the target moves by EMA once per optimizer step (gradient accumulation included), the loss goes
+down on a fixed batch, collapse is reported, bad input fails clearly."""
+
+import os
+
+import lightning as L
+import pytest
+import torch
+
+from core.augment import ImageEval, TwoViews
+from core.data import ShardDataModule
+from core.momentum import cosine_momentum, update_momentum
+from core.resnet import ResNet
+from recipes.byol.model import BYOL
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster than two, and much faster on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_byol(**kw):
+    torch.manual_seed(0)
+    backbone = ResNet(18, small_images=True, width=4)
+    return BYOL(backbone, image_size=16, projector_hidden=32, projection_dim=16, predictor_hidden=32, **kw)
+
+
+def views(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 16, 16, generator=g)
+    return {"views": [x, x + 0.3 * torch.randn(n, 3, 16, 16, generator=g)]}
+
+
+def flat(module):
+    return torch.cat([p.detach().flatten() for p in module.parameters()]).clone()
+
+
+class Snapshots(L.Callback):
+    """After every batch: the global step and the online and target parameters."""
+
+    def __init__(self):
+        self.rows = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        online = torch.cat([flat(pl_module.backbone), flat(pl_module.projector)])
+        target = torch.cat([flat(pl_module.target_backbone), flat(pl_module.target_projector)])
+        self.rows.append((trainer.global_step, online, target))
+
+
+@pytest.mark.timeout(60)
+def test_target_moves_once_per_optimizer_step_under_gradient_accumulation(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    model = tiny_byol(base_momentum=0.9, warmup_epochs=0)  # a fast target, so every EMA step shows
+    data = ShardDataModule(
+        "data/demo/image/train-000000.tar", batch_size=8, num_workers=0, samples_per_epoch=48,
+        train_transform=TwoViews(16, scale=(0.3, 1.0)), val_transform=ImageEval(16),
+    )  # fmt: skip
+    snapshots = Snapshots()
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=3, accumulate_grad_batches=2, limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[snapshots],
+    )  # fmt: skip
+    before = torch.cat([flat(model.target_backbone), flat(model.target_projector)])
+    trainer.fit(model, datamodule=data)
+
+    steps = [step for step, _, _ in snapshots.rows]
+    assert steps == [0, 1, 1, 2, 2, 3]  # an optimizer step every second batch
+    previous_step, previous_target = 0, before
+    for step, online, target in snapshots.rows:
+        if step == previous_step:  # an accumulating batch: the target stays put
+            assert torch.equal(target, previous_target)
+        else:  # the EMA of the freshly stepped online weights, with the cosine momentum of the step (0-based) just taken
+            m = cosine_momentum(step - 1, trainer.estimated_stepping_batches, 0.9)
+            torch.testing.assert_close(target, m * previous_target + (1 - m) * online)
+        previous_step, previous_target = step, target
+
+
+def test_loss_goes_down_on_a_fixed_batch():
+    model = tiny_byol(base_momentum=0.99)
+    batch = views()
+    online = [*model.backbone.parameters(), *model.projector.parameters(), *model.predictor.parameters()]
+    opt = torch.optim.Adam(online, lr=1e-3)
+    losses = []
+    for _ in range(30):
+        loss = model.training_step(batch, 0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        update_momentum(model.backbone, model.target_backbone, 0.99)
+        update_momentum(model.projector, model.target_projector, 0.99)
+        losses.append(loss.item())
+    assert 0 < losses[-1] < 0.5 * losses[0]
+
+
+def test_target_gets_no_gradient_and_the_loss_is_symmetric():
+    model = tiny_byol()
+    batch = views()
+    loss = model.training_step(batch, 0)
+    loss.backward()
+    assert all(p.grad is None for p in model.target_backbone.parameters())
+    assert all(p.grad is None for p in model.target_projector.parameters())
+    assert all(p.grad is not None for p in model.predictor.parameters())
+    swapped = {"views": batch["views"][::-1]}
+    torch.testing.assert_close(model.training_step(swapped, 0), loss)
+    # Each direction is 2 - 2 cos, so the sum of two lies in [0, 8].
+    assert 0 <= loss.item() <= 8
+
+
+def test_collapsed_embeddings_are_reported():
+    model = tiny_byol()
+    last = model.projector[-1]
+    torch.nn.init.zeros_(last.weight)  # every input now projects to the bias: a collapsed embedding
+    with pytest.warns(UserWarning, match="embeddings have collapsed"):
+        model.training_step(views(), 0)
+
+
+def test_healthy_embeddings_are_not_reported(recwarn):
+    tiny_byol().training_step(views(), 0)
+    assert not [w for w in recwarn if "collapsed" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    "batch, message",
+    [
+        ({"image": torch.randn(2, 3, 16, 16)}, r"batch\[.views.\], 2 views"),
+        ({"views": [torch.randn(2, 3, 32, 32)] * 2}, "set up for 16x16"),
+    ],
+)
+def test_bad_batches_fail_clearly(batch, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_byol().training_step(batch, 0)
+
+
+def test_bad_config_fails_before_training():
+    with pytest.raises(ValueError, match="base_momentum"):
+        tiny_byol(base_momentum=1.5)
+    with pytest.raises(ValueError, match="embed_dim"):
+        BYOL(torch.nn.Linear(3, 4))

@@ -1,0 +1,158 @@
+"""CropMAE recipe: the local view masked to (at least one) visible patch, the decoder reading the global
+view through cross-attention, the loss on hidden local patches only, a one-batch overfit, bad
+configurations, and the demo config end to end through the CLI, export and load_encoder."""
+
+import csv
+import glob
+import os
+
+import pytest
+import torch
+
+from core import load_encoder
+from core.cli import run
+from core.export import export_checkpoint
+from core.losses import masked_patch_loss
+from core.masking import patchify
+from recipes.cropmae.model import CropMAE, center_crop_resized, visible_count
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "recipes/cropmae/configs/demo.yaml")
+# 16 px in 4-px patches: a 4x4 grid of 16 patches.
+TINY = dict(
+    image_size=16, patch_size=4, size="tiny", encoder_depth=1, decoder_dim=32, decoder_depth=1, decoder_heads=2,
+    decoder_mlp_dim=64, decoder_dropout=0.0,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models on a shared 2-core machine: threads only fight each other.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def images(batch=3, seed=0):
+    return torch.randn(batch, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(
+    "num_patches, mask_ratio, visible",
+    [(196, 0.985, 2), (64, 0.985, 1), (16, 0.985, 1), (64, 0.75, 16), (64, 0.9, 6)],  # 196 * 0.015 = 2.94 -> 2, as MAE
+)
+def test_visible_count_is_mae_rounding_but_never_zero(num_patches, mask_ratio, visible):
+    assert visible_count(num_patches, mask_ratio) == visible
+
+
+def test_local_view_keeps_exactly_the_visible_patches():
+    torch.manual_seed(0)
+    model = CropMAE(**{**TINY, "mask_ratio": 0.75})
+    _, pred, mask = model.reconstruct(images(batch=4), images(batch=4, seed=1))
+    assert pred.shape == (4, 16, 4 * 4 * 3)
+    assert (~mask).sum(1).tolist() == [4] * 4
+    model = CropMAE(**TINY)  # 98.5% of 16 patches: one stays visible
+    _, _, mask = model.reconstruct(images(batch=4), images(batch=4, seed=1))
+    assert (~mask).sum(1).tolist() == [1] * 4
+
+
+def test_prediction_reads_the_global_view_and_only_the_visible_local_patches():
+    torch.manual_seed(0)
+    model = CropMAE(**{**TINY, "mask_ratio": 0.75}).eval()
+    global_view, local_view = images(), images(seed=1)
+    generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731  the same mask every call
+    _, base, mask = model.reconstruct(global_view, local_view, generator())
+    hidden_changed = local_view + 5 * patch_pixels(mask)
+    torch.testing.assert_close(model.reconstruct(global_view, hidden_changed, generator())[1], base)
+    visible_changed = local_view + 5 * patch_pixels(~mask)
+    assert not torch.allclose(model.reconstruct(global_view, visible_changed, generator())[1], base, atol=1e-4)
+    assert not torch.allclose(model.reconstruct(global_view + 1, local_view, generator())[1], base, atol=1e-4)
+
+
+def patch_pixels(mask: torch.Tensor) -> torch.Tensor:
+    """(B, 16) patch mask of a 4x4 grid -> (B, 3, 16, 16) pixel mask."""
+    grid = mask.view(-1, 1, 4, 4).float()
+    return grid.repeat_interleave(4, 2).repeat_interleave(4, 3).expand(-1, 3, -1, -1)
+
+
+def test_loss_ignores_visible_local_patches():
+    torch.manual_seed(0)
+    model = CropMAE(**{**TINY, "mask_ratio": 0.5})
+    loss, pred, mask = model.reconstruct(images(), images(seed=1))
+    pred.retain_grad()
+    loss.backward()
+    grad = pred.grad.abs().sum(-1)  # (B, N)
+    assert torch.all(grad[~mask] == 0)
+    assert torch.all(grad[mask] > 0)
+
+
+def test_a_few_steps_on_one_batch_drive_the_loss_down():
+    torch.manual_seed(0)
+    model = CropMAE(**TINY)
+    # Each image repeats one random patch everywhere (and the local view is the global one): a hidden patch
+    # can be copied from the views, which the model must learn; predicting zero (each patch's mean) costs about 1.
+    views = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(0)).repeat(1, 1, 4, 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss, _, mask = model.reconstruct(views, views, torch.Generator().manual_seed(0))  # one fixed mask
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    target = patchify(views, model.patch)
+    predict_zero = masked_patch_loss(torch.zeros_like(target), target, mask).item()
+    assert losses[-1] < 0.25 * losses[0] and losses[-1] < 0.25 * predict_zero, losses
+
+
+def test_validation_local_view_is_the_resized_center():
+    x = torch.arange(16.0).view(1, 1, 4, 4).repeat(1, 3, 1, 1)
+    crop = center_crop_resized(x, 0.5)  # the central 2x2 (5, 6, 9, 10) brought back to 4x4
+    assert crop.shape == x.shape
+    torch.testing.assert_close(crop[..., [0, 0, -1, -1], [0, -1, 0, -1]], x[..., [1, 1, 2, 2], [1, 2, 1, 2]])
+    torch.testing.assert_close(center_crop_resized(x, 1.0), x)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"mask_ratio": 0.0}, "mask_ratio must be in"),
+        ({"mask_ratio": 1.0}, "mask_ratio must be in"),
+        ({"mask_ratio": -0.5}, "mask_ratio must be in"),
+        ({"image_size": 18}, "not divisible by patch size"),
+        ({"decoder_dim": 30, "decoder_heads": 4}, "not divisible by 4 heads"),
+    ],
+)
+def test_bad_configuration_is_refused_at_construction(change, message):
+    with pytest.raises(ValueError, match=message):
+        CropMAE(**{**TINY, **change})
+
+
+def test_demo_config_trains_logs_pictures_and_exports_an_unmasked_encoder(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the demo config names the shards relative to the repository
+    if not glob.glob(os.path.join(ROOT, "data/demo/image/train-*.tar")):
+        pytest.fail("the demo image shards are missing: build them with `make data`")
+    cli = run(CropMAE, args=[
+        "fit", "--config", DEMO,
+        "--data.batch_size=8", "--data.val_batch_size=16", "--data.num_workers=0",
+        "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=2", "--trainer.num_sanity_val_steps=0",
+        "--model.pictures_every_n_steps=2",
+        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--checkpoint.dirpath={tmp_path}/checkpoints",
+    ])  # fmt: skip
+    model, log_dir = cli.model, cli.trainer.log_dir
+    with open(os.path.join(log_dir, "metrics.csv")) as f:
+        logged = {key for row in csv.DictReader(f) for key, value in row.items() if value}
+    assert {"train/loss", "val/loss", "probe/linear_acc", "probe/knn_acc"} <= logged
+    assert glob.glob(os.path.join(log_dir, "reconstructions", "train_step*.png"))
+    assert glob.glob(os.path.join(log_dir, "reconstructions", "val_step*.png"))
+
+    (folder,) = export_checkpoint(str(tmp_path / "checkpoints" / "last.ckpt"), str(tmp_path / "export"))
+    encoder = load_encoder(folder)
+    size = model.hparams.image_size
+    assert encoder.input["modality"] == "image" and encoder.input["size"] == [size, size]
+    x = torch.randn(2, 3, size, size)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), model.embed({"image": x}), rtol=0, atol=0)

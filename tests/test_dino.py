@@ -1,0 +1,163 @@
+"""DINO: the schedules (teacher temperature per epoch, weight decay and teacher momentum per optimizer step),
+the frozen prototypes of the first epoch, the centre, multi-crop through a ViT, the loss goes down on a
+fixed batch, bad input fails clearly."""
+
+import os
+
+import lightning as L
+import pytest
+import torch
+
+from core.augment import ImageEval, MultiCrop
+from core.data import ShardDataModule
+from core.momentum import cosine_momentum, update_momentum
+from core.resnet import ResNet
+from core.vit import ViT
+from recipes.dino.model import DINO, encode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster than two, and much faster on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_vit(size=16):
+    return ViT((size, size), (4, 4), dim=16, depth=1, heads=2)
+
+
+def tiny_dino(**kw):
+    torch.manual_seed(0)
+    args = dict(global_size=16, local_size=8, out_dim=32, hidden_dim=16, bottleneck_dim=8)
+    return DINO(tiny_vit(), **{**args, **kw})
+
+
+def crops(n=8, seed=0, n_local=2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 16, 16, generator=g)
+    return {
+        "global_views": [x, x + 0.3 * torch.randn(n, 3, 16, 16, generator=g)],
+        "local_views": [torch.randn(n, 3, 8, 8, generator=g) for _ in range(n_local)],
+    }
+
+
+def flat(module):
+    return torch.cat([p.detach().flatten() for p in module.parameters()]).clone()
+
+
+class Snapshots(L.Callback):
+    def __init__(self):
+        self.rows = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.rows.append(
+            dict(
+                epoch=trainer.current_epoch,
+                step=trainer.global_step,
+                temp=float(trainer.callback_metrics["train/teacher_temp"]),
+                weight_decay=trainer.optimizers[0].param_groups[0]["weight_decay"],
+                prototypes=pl_module.head.prototypes.detach().clone(),
+                student=torch.cat([flat(pl_module.backbone), flat(pl_module.head)]),
+                teacher=torch.cat([flat(pl_module.teacher_backbone), flat(pl_module.teacher_head)]),
+            )
+        )
+
+
+@pytest.mark.timeout(60)
+def test_schedules_frozen_prototypes_and_teacher_steps_in_a_real_run(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    model = tiny_dino(
+        warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=3, base_momentum=0.9,
+        weight_decay=0.04, weight_decay_end=0.4, freeze_last_layer_epochs=1, warmup_epochs=0,
+    )  # fmt: skip
+    data = ShardDataModule(
+        "data/demo/image/train-000000.tar", batch_size=8, num_workers=0, samples_per_epoch=16,
+        train_transform=MultiCrop(16, 8, n_local=2), val_transform=ImageEval(16),
+    )  # fmt: skip
+    snapshots = Snapshots()
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=3, accumulate_grad_batches=2, limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[snapshots],
+    )  # fmt: skip
+    teacher_before = torch.cat([flat(model.teacher_backbone), flat(model.teacher_head)])
+    prototypes_before = model.head.prototypes.detach().clone()
+    trainer.fit(model, datamodule=data)
+    rows, total = snapshots.rows, trainer.estimated_stepping_batches
+
+    # 2 batches per epoch, one optimizer step per 2 batches.
+    assert [(r["epoch"], r["step"]) for r in rows] == [(0, 0), (0, 1), (1, 1), (1, 2), (2, 2), (2, 3)]
+    # The teacher temperature warms up linearly, epoch by epoch, from 0.04 to 0.07.
+    assert [r["temp"] for r in rows] == pytest.approx([0.04, 0.04, 0.055, 0.055, 0.07, 0.07])
+    # The prototypes stay put during the first epoch, and learn afterwards.
+    assert torch.equal(rows[1]["prototypes"], prototypes_before)
+    assert not torch.equal(rows[3]["prototypes"], prototypes_before)
+    previous_step, previous_teacher = 0, teacher_before
+    for r in rows:
+        if r["step"] == previous_step:  # an accumulating batch: no EMA step
+            assert torch.equal(r["teacher"], previous_teacher)
+        else:
+            m = cosine_momentum(r["step"] - 1, total, 0.9)
+            torch.testing.assert_close(r["teacher"], m * previous_teacher + (1 - m) * r["student"])
+            # The weight decay of the step just taken follows a cosine from 0.04 to 0.4.
+            assert r["weight_decay"] == pytest.approx(cosine_momentum(r["step"] - 1, total, 0.04, 0.4))
+        previous_step, previous_teacher = r["step"], r["teacher"]
+
+
+def test_center_is_the_ema_of_the_teachers_mean_output():
+    model, batch = tiny_dino(center_momentum=0.9), crops()
+    with torch.no_grad():
+        teacher = model.teacher_head(model.teacher_backbone(torch.cat(batch["global_views"])))  # (2B, K)
+    model.training_step(batch, 0)
+    torch.testing.assert_close(model.center, 0.1 * teacher.mean(0, keepdim=True))
+
+
+def test_teacher_gets_no_gradient_and_local_crops_reach_the_student():
+    model, batch = tiny_dino(), crops()
+    model.training_step(batch, 0).backward()
+    assert all(p.grad is None for p in [*model.teacher_backbone.parameters(), *model.teacher_head.parameters()])
+    with_locals = [p.grad.clone() for p in model.backbone.parameters()]
+    model.zero_grad()
+    model.training_step({"global_views": batch["global_views"]}, 0).backward()
+    assert any(not torch.allclose(a, p.grad) for a, p in zip(with_locals, model.backbone.parameters()))
+
+
+def test_encode_runs_a_vit_on_smaller_crops_and_a_resnet_on_any():
+    vit = tiny_vit()
+    assert encode(vit, torch.randn(2, 3, 8, 8)).shape == (2, 16)
+    torch.testing.assert_close(encode(vit, torch.ones(2, 3, 16, 16)), vit(torch.ones(2, 3, 16, 16)))
+    resnet = ResNet(18, small_images=True, width=4)
+    assert encode(resnet, torch.randn(2, 3, 8, 8)).shape == (2, resnet.embed_dim)
+    with pytest.raises(ValueError, match=r"\(10, 10\).*patch size"):
+        encode(vit, torch.randn(2, 3, 10, 10))
+
+
+def test_loss_goes_down_on_a_fixed_batch():
+    model, batch = tiny_dino(freeze_last_layer_epochs=0), crops()
+    opt = torch.optim.AdamW([*model.backbone.parameters(), *model.head.parameters()], lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = model.training_step(batch, 0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        update_momentum(model.backbone, model.teacher_backbone, 0.9)
+        update_momentum(model.head, model.teacher_head, 0.9)
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_bad_input_fails_clearly():
+    with pytest.raises(ValueError, match="global crop size 32"):
+        DINO(tiny_vit(16), global_size=32)
+    with pytest.raises(ValueError, match="center_momentum"):
+        tiny_dino(center_momentum=2.0)
+    with pytest.raises(ValueError, match=r"batch\['global_views'\], 2 views"):
+        tiny_dino().training_step({"views": [torch.randn(2, 3, 16, 16)] * 2}, 0)
+    with pytest.raises(ValueError, match=r"batch\['local_views'\] holds \(16, 16\)"):
+        tiny_dino().training_step({"global_views": [torch.randn(2, 3, 16, 16)] * 2, "local_views": [torch.randn(2, 3, 16, 16)]}, 0)

@@ -1,0 +1,70 @@
+"""The five Siamese recipes through the real CLI on the demo shards: a few steps of each demo config, with
+the online probe and the collapse monitor logged, then core.export and load_encoder on the checkpoint."""
+
+import os
+
+import pytest
+import torch
+
+from core import load_encoder
+from core.cli import run
+from core.export import export_checkpoint
+from recipes.barlowtwins.model import BarlowTwins
+from recipes.byol.model import BYOL
+from recipes.dino.model import DINO
+from recipes.simsiam.model import SimSiam
+from recipes.vicreg.model import VICReg
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# recipe: (LightningModule, overrides that shrink its demo config to a few seconds)
+NARROW = "--model.backbone.init_args.width=4"
+RECIPES = {
+    "byol": (BYOL, [NARROW, "--model.projector_hidden=32", "--model.predictor_hidden=32"]),
+    "simsiam": (SimSiam, [NARROW, "--model.projection_dim=32", "--model.predictor_hidden=8"]),
+    "barlowtwins": (BarlowTwins, [NARROW, "--model.projector_dims=[32,32]"]),
+    "vicreg": (VICReg, [NARROW, "--model.projector_dims=[32,32]"]),
+    "dino": (DINO, ["--model.out_dim=64", "--model.hidden_dim=32", "--model.bottleneck_dim=16", "--model.backbone.init_args.depth=1"]),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster than two, and much faster on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_demo_config_trains_a_few_steps_and_exports(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    model_class, overrides = RECIPES[name]
+    out = str(tmp_path)
+    cli = run(
+        model_class,
+        args=[
+            "fit", "--config", f"recipes/{name}/configs/demo.yaml",
+            "--trainer.max_steps=3", "--trainer.limit_val_batches=2", "--trainer.val_check_interval=3",
+            f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
+            f"--checkpoint.dirpath={out}/ckpt", "--checkpoint.every_n_train_steps=3",
+            "--data.batch_size=8", "--data.num_workers=0", "--data.samples_per_epoch=24",
+            *overrides,
+        ],
+    )  # fmt: skip
+    assert cli.trainer.global_step == 3
+    metrics = cli.trainer.callback_metrics
+    assert {"train/loss", "train/embedding_std", "probe/linear_acc", "probe/knn_acc"} <= set(metrics)
+    assert torch.isfinite(metrics["train/loss"])
+
+    (folder,) = export_checkpoint(f"{out}/ckpt/last.ckpt", f"{out}/export")
+    enc = load_encoder(folder)
+    assert enc.input["modality"] == "image" and enc.input["size"] == [32, 32]
+    module = cli.model.eval()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(images), module.embed({"image": images}))
+        # The export holds the trained encoder, not a fresh one.
+        assert not torch.allclose(load_encoder(folder, pretrained=False)(images), enc(images))

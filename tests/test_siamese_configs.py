@@ -1,0 +1,78 @@
+"""The paper configs of the Siamese recipes parse against the recipes' signatures and hold the papers'
+hyper-parameters (global batch, epochs, optimizer settings, heads), as stated in each README."""
+
+import glob
+import os
+
+import pytest
+import yaml
+
+from core.cli import run
+from recipes.barlowtwins.model import BarlowTwins
+from recipes.byol.model import BYOL
+from recipes.dino.model import DINO
+from recipes.simsiam.model import SimSiam
+from recipes.vicreg.model import VICReg
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = {"byol": BYOL, "simsiam": SimSiam, "barlowtwins": BarlowTwins, "vicreg": VICReg, "dino": DINO}
+
+# config: (global batch, epochs, model settings) from each paper (the CIFAR one: solo-learn's BYOL setting)
+PAPER = {
+    "byol/configs/imagenet_resnet50.yaml": (4096, 300, dict(
+        base_lr=0.2, weight_decay=1.5e-6, warmup_epochs=10, base_momentum=0.996, projector_hidden=4096,
+        projection_dim=256, predictor_hidden=4096, image_size=224,
+    )),
+    "byol/configs/cifar10_resnet18.yaml": (256, 1000, dict(
+        base_lr=1.0, weight_decay=1e-5, warmup_epochs=10, base_momentum=0.99, projector_hidden=4096,
+        projection_dim=256, predictor_hidden=4096, image_size=32,
+    )),
+    "simsiam/configs/imagenet_resnet50.yaml": (512, 100, dict(
+        base_lr=0.05, weight_decay=1e-4, warmup_epochs=0, fix_predictor_lr=True, projection_dim=2048,
+        predictor_hidden=512, image_size=224,
+    )),
+    "barlowtwins/configs/imagenet_resnet50.yaml": (2048, 1000, dict(
+        lr_weights=0.2, lr_biases=0.0048, weight_decay=1.5e-6, warmup_epochs=10, lambd=5e-3,
+        projector_dims=[8192, 8192, 8192], image_size=224,
+    )),
+    "vicreg/configs/imagenet_resnet50.yaml": (2048, 1000, dict(
+        base_lr=0.2, weight_decay=1e-6, warmup_epochs=10, sim_weight=25.0, var_weight=25.0, cov_weight=1.0,
+        projector_dims=[8192, 8192, 8192], image_size=224,
+    )),
+    "dino/configs/imagenet_vit_small.yaml": (1024, 300, dict(
+        base_lr=5e-4, min_lr=1e-6, weight_decay=0.04, weight_decay_end=0.4, warmup_epochs=10, teacher_temp=0.07,
+        warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=30, student_temp=0.1, center_momentum=0.9,
+        base_momentum=0.996, out_dim=65536, hidden_dim=2048, bottleneck_dim=256, global_size=224, local_size=96,
+        freeze_last_layer_epochs=1,
+    )),
+}  # fmt: skip
+
+
+def parsed(path: str, capsys) -> dict:
+    """The full config the CLI resolves from `path`, validated against the recipe's signature."""
+    with pytest.raises(SystemExit) as exit_:
+        run(CLASSES[path.split("/")[0]], args=["fit", "--config", os.path.join(ROOT, "recipes", path), "--print_config"])
+    assert exit_.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_every_config_is_the_demo_or_a_checked_paper_config():
+    found = {os.path.relpath(p, os.path.join(ROOT, "recipes")) for name in CLASSES for p in glob.glob(f"{ROOT}/recipes/{name}/configs/*.yaml")}
+    assert found == set(PAPER) | {f"{name}/configs/demo.yaml" for name in CLASSES}
+
+
+@pytest.mark.parametrize("path", sorted(PAPER))
+def test_paper_config_holds_the_papers_settings(path, capsys):
+    batch, epochs, model = PAPER[path]
+    config = parsed(path, capsys)
+    trainer, data = config["trainer"], config["data"]
+    devices = trainer["devices"] if isinstance(trainer["devices"], int) else len(trainer["devices"])
+    assert data["batch_size"] * devices * trainer["num_nodes"] * (trainer["accumulate_grad_batches"] or 1) == batch
+    assert trainer["max_epochs"] == epochs
+    assert {k: config["model"][k] for k in model} == model
+    backbone = config["model"]["backbone"]
+    if backbone["class_path"] == "core.resnet.ResNet":
+        assert trainer["sync_batchnorm"] is (devices * trainer["num_nodes"] > 1)  # the papers synchronise BatchNorm
+        assert backbone["init_args"]["width"] == 64  # the paper's full width
+    else:
+        assert backbone["init_args"]["size"] == "small" and backbone["init_args"]["patch_size"] == [16, 16]

@@ -1,0 +1,179 @@
+"""VideoMAE recipe: tube masking, the loss on hidden tubelets only, per-tubelet targets, a one-batch overfit,
+bad configurations, and the demo config end to end through the CLI, export and load_encoder."""
+
+import csv
+import glob
+import json
+import os
+
+import pytest
+import torch
+
+from core import load_encoder
+from core.cli import run
+from core.export import export_checkpoint
+from core.losses import masked_patch_loss
+from core.masking import patchify, whole
+from recipes.videomae.model import VideoMAE, tubelet_targets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_INFO = os.path.join(ROOT, "data", "demo", "video", "info.json")
+# 4 frames of 16 px in 2x4x4 tubelets: a (2, 4, 4) grid of 32 tokens, 16 places in space.
+TINY = dict(
+    num_frames=4, stride=1, image_size=16, patch_size=4, tubelet_size=2, size="tiny", encoder_depth=1,
+    decoder_dim=32, decoder_depth=1, decoder_heads=2,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models on a shared 2-core machine: threads only fight each other.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def clips(batch=3, seed=0):
+    return torch.randn(batch, 3, 4, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("mask_ratio", [0.5, 0.75, 0.9])
+def test_tube_mask_hides_the_same_places_in_every_frame_in_exact_number(mask_ratio):
+    torch.manual_seed(0)
+    model = VideoMAE(**{**TINY, "mask_ratio": mask_ratio})
+    _, pred, mask, _ = model.reconstruct(clips(batch=4))
+    t, h, w = model.encoder.grid
+    per_time = mask.view(4, t, h * w)  # (B, T, places)
+    assert torch.equal(per_time, per_time[:, :1].expand_as(per_time))  # one spatial mask for all time steps
+    visible_places = (~per_time[:, 0]).sum(1)
+    assert visible_places.tolist() == [whole(h * w * (1 - mask_ratio))] * 4
+    assert pred.shape == (4, t * h * w, 2 * 4 * 4 * 3)
+    assert len({tuple(m.tolist()) for m in per_time[:, 0]}) > 1  # samples get different masks
+
+
+def test_loss_ignores_visible_tubelets():
+    torch.manual_seed(0)
+    model = VideoMAE(**{**TINY, "mask_ratio": 0.75})
+    loss, pred, mask, _ = model.reconstruct(clips())
+    pred.retain_grad()
+    loss.backward()
+    grad = pred.grad.abs().sum(-1)  # (B, N)
+    assert torch.all(grad[~mask] == 0)
+    assert torch.all(grad[mask] > 0)
+
+
+def test_targets_are_tubelets_normalised_per_channel_and_map_back_to_pixels():
+    video = clips() * 3 + 1
+    target, (mean, std) = tubelet_targets(video, (2, 4, 4), normalize=True)
+    per_channel = target.view(*target.shape[:2], -1, 3)  # (B, N, 32 pixels, 3 channels)
+    torch.testing.assert_close(per_channel.mean(2), torch.zeros(3, 32, 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(per_channel.std(2), torch.ones(3, 32, 3), atol=1e-4, rtol=0)
+    torch.testing.assert_close((per_channel * std + mean).flatten(2), patchify(video, (2, 4, 4)))
+    raw, stats = tubelet_targets(video, (2, 4, 4), normalize=False)
+    assert stats is None and torch.equal(raw, patchify(video, (2, 4, 4)))
+
+
+def test_embed_sees_every_tubelet_unmasked():
+    torch.manual_seed(0)
+    model = VideoMAE(**TINY).eval()
+    video = clips()
+    torch.testing.assert_close(model.embed({"video": video}), model.encoder.pool_tokens(model.encoder.tokens(video)))
+    changed = video.clone()
+    changed[:, :, :, :4, :4] += 3  # one place in every frame: seen whatever the mask would be
+    assert not torch.allclose(model.embed({"video": changed}), model.embed({"video": video}), atol=1e-4)
+
+
+def test_a_few_steps_on_one_batch_drive_the_loss_down():
+    torch.manual_seed(0)
+    model = VideoMAE(**TINY)
+    # Each clip repeats one random tubelet everywhere: a hidden tubelet can be copied from a visible one,
+    # which the model must learn; predicting zero (the per-tubelet mean) would cost about 1.
+    video = torch.randn(4, 3, 2, 4, 4, generator=torch.Generator().manual_seed(0)).repeat(1, 1, 2, 4, 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss, _, mask, _ = model.reconstruct(video, torch.Generator().manual_seed(0))  # one fixed mask
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    target, _ = tubelet_targets(video, model.patch, normalize=True)
+    predict_zero = masked_patch_loss(torch.zeros_like(target), target, mask, norm_pix=False).item()
+    assert losses[-1] < 0.25 * losses[0] and losses[-1] < 0.25 * predict_zero, losses
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"mask_ratio": 0.0}, "mask_ratio must be in"),
+        ({"mask_ratio": 1.0}, "mask_ratio must be in"),
+        ({"mask_ratio": 1.5}, "mask_ratio must be in"),
+        ({"image_size": 18}, "not divisible by patch size"),
+        ({"num_frames": 5}, "not divisible by patch size"),
+        ({"stride": 0}, "stride must be at least 1"),
+    ],
+)
+def test_bad_configuration_is_refused_at_construction(change, message):
+    with pytest.raises(ValueError, match=message):
+        VideoMAE(**{**TINY, **change})
+
+
+def test_clip_of_the_wrong_length_is_named():
+    model = VideoMAE(**TINY)
+    with pytest.raises(ValueError, match=r"num_frames.* = \(B, 3, 4, 16, 16\), got \(3, 3, 2, 16, 16\)"):
+        model.reconstruct(torch.randn(3, 3, 2, 16, 16))
+
+
+def demo_patterns() -> dict:
+    if not os.path.isfile(DEMO_INFO):
+        pytest.fail(f"{DEMO_INFO} is missing: build the demo shards with `make data`")
+    with open(DEMO_INFO) as f:
+        splits = json.load(f)["splits"]
+    return {split: os.path.relpath(splits[split]["pattern"], ROOT) for split in ("train", "val")}
+
+
+def cli_args(tmp_path, *extra: str) -> list[str]:
+    """The demo config with its data, a few tiny steps and the outputs in tmp_path."""
+    patterns = demo_patterns()
+    return [
+        "fit", "--config", os.path.join(ROOT, "recipes/videomae/configs/demo.yaml"),
+        f"--data.train={patterns['train']}", f"--data.val={patterns['val']}",
+        "--data.batch_size=4", "--data.val_batch_size=10", "--data.num_workers=0",
+        "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=2", "--trainer.num_sanity_val_steps=0",
+        "--model.pictures_every_n_steps=2",
+        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--checkpoint.dirpath={tmp_path}/checkpoints", *extra,
+    ]  # fmt: skip
+
+
+def test_demo_config_trains_logs_pictures_and_exports_an_unmasked_encoder(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the demo config names the shards relative to the repository
+    cli = run(VideoMAE, args=cli_args(tmp_path))
+    model = cli.model
+    log_dir = cli.trainer.log_dir
+    with open(os.path.join(log_dir, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    logged = {key for row in rows for key, value in row.items() if value}
+    assert {"train/loss", "val/loss", "probe/linear_acc", "probe/knn_acc"} <= logged
+    assert glob.glob(os.path.join(log_dir, "reconstructions", "train_step*.png"))
+    assert glob.glob(os.path.join(log_dir, "reconstructions", "val_step*.png"))
+
+    (folder,) = export_checkpoint(str(tmp_path / "checkpoints" / "last.ckpt"), str(tmp_path / "export"))
+    encoder = load_encoder(folder)
+    assert encoder.input == {
+        "modality": "video", "frames": 8, "stride": 2, "size": [32, 32],
+        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+    }  # fmt: skip
+    video = torch.randn(2, 3, 8, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(video), model.embed({"video": video}), rtol=0, atol=0)
+
+
+def test_clip_shorter_than_the_configured_frames_fails_before_the_first_step(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    too_long = [f"--data.{split}_transform.init_args.num_frames=20" for split in ("train", "val")]
+    with pytest.raises(RuntimeError, match="has 16 frames, but num_frames=20 with stride=2 needs at least 39"):
+        run(VideoMAE, args=cli_args(tmp_path, "--model.num_frames=20", *too_long))
+    assert not os.path.exists(tmp_path / "checkpoints" / "last.ckpt")
