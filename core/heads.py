@@ -8,6 +8,15 @@ from torch import nn
 from core.vit import Block, init_weights, sincos_pos_embed
 
 
+def feature_dim(backbone: nn.Module) -> int:
+    """The width of a backbone's pooled features, which the heads on top of it take; a clear error for a
+    backbone without an integer ``embed_dim`` (core.resnet.ResNet, core.vit.ViT and core.text encoders have one)."""
+    dim = getattr(backbone, "embed_dim", None)
+    if not isinstance(dim, int):
+        raise ValueError(f"backbone {type(backbone).__name__} must have an integer embed_dim (core.resnet.ResNet, core.vit.ViT)")
+    return dim
+
+
 def mlp_head(
     dims: list[int], batch_norm: bool = True, last_batch_norm: bool = False, last_affine: bool = True
 ) -> nn.Sequential:

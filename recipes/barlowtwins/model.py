@@ -15,7 +15,7 @@ from torch import nn
 
 from core.augment import IMAGENET_MEAN, IMAGENET_STD, batch_views
 from core.export import describe_encoder
-from core.heads import mlp_head
+from core.heads import feature_dim, mlp_head
 from core.losses import barlow_twins_loss
 from core.optim import LARS, param_groups, scaled_lr
 from core.probe import log_embedding_std
@@ -51,9 +51,7 @@ class BarlowTwins(L.LightningModule):
         # The backbone's class_path and init_args are in the CLI's config.yaml and in the checkpoint's
         # "encoders" entry; a module object in hparams would make the checkpoint need unpickling.
         self.save_hyperparameters(ignore=["backbone"])
-        embed_dim = getattr(backbone, "embed_dim", None)
-        if not isinstance(embed_dim, int):
-            raise ValueError(f"backbone {type(backbone).__name__} must have an integer embed_dim (core.resnet.ResNet, core.vit.ViT)")
+        embed_dim = feature_dim(backbone)
         if not projector_dims:
             raise ValueError("projector_dims must name at least the output width")
         self.backbone = backbone

@@ -15,7 +15,7 @@ from torch import nn
 
 from core.augment import IMAGENET_MEAN, IMAGENET_STD, batch_views
 from core.export import describe_encoder
-from core.heads import mlp_head
+from core.heads import feature_dim, mlp_head
 from core.losses import negative_cosine
 from core.momentum import cosine_momentum, momentum_copy, update_momentum
 from core.optim import LARS, param_groups, scaled_lr
@@ -54,9 +54,7 @@ class BYOL(L.LightningModule):
         self.save_hyperparameters(ignore=["backbone"])
         if not 0 <= base_momentum <= 1:
             raise ValueError(f"base_momentum must be in [0, 1], got {base_momentum}")
-        embed_dim = getattr(backbone, "embed_dim", None)
-        if not isinstance(embed_dim, int):
-            raise ValueError(f"backbone {type(backbone).__name__} must have an integer embed_dim (core.resnet.ResNet, core.vit.ViT)")
+        embed_dim = feature_dim(backbone)
         self.backbone = backbone
         self.projector = mlp_head([embed_dim, projector_hidden, projection_dim])
         self.predictor = mlp_head([projection_dim, predictor_hidden, projection_dim])

@@ -19,6 +19,7 @@ from torch import nn
 
 from core.augment import IMAGENET_MEAN, IMAGENET_STD, batch_views
 from core.export import describe_encoder
+from core.heads import feature_dim
 from core.losses import dino_center, dino_loss
 from core.momentum import cosine_momentum, momentum_copy, update_momentum
 from core.optim import param_groups, scaled_lr
@@ -116,9 +117,7 @@ class DINO(L.LightningModule):
         # The backbone's class_path and init_args are in the CLI's config.yaml and in the checkpoint's
         # "encoders" entry; a module object in hparams would make the checkpoint need unpickling.
         self.save_hyperparameters(ignore=["backbone"])
-        embed_dim = getattr(backbone, "embed_dim", None)
-        if not isinstance(embed_dim, int):
-            raise ValueError(f"backbone {type(backbone).__name__} must have an integer embed_dim (core.resnet.ResNet, core.vit.ViT)")
+        embed_dim = feature_dim(backbone)
         if isinstance(backbone, ViT) and backbone.patch_embed.input_size != (global_size, global_size):
             raise ValueError(f"the ViT's input_size {backbone.patch_embed.input_size} must be the global crop size {global_size}")
         for name, value in {"base_momentum": base_momentum, "center_momentum": center_momentum}.items():

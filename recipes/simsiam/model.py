@@ -15,7 +15,7 @@ from torch import nn
 
 from core.augment import IMAGENET_MEAN, IMAGENET_STD, batch_views
 from core.export import describe_encoder
-from core.heads import mlp_head
+from core.heads import feature_dim, mlp_head
 from core.losses import negative_cosine
 from core.optim import scaled_lr
 from core.probe import log_embedding_std
@@ -55,9 +55,7 @@ class SimSiam(L.LightningModule):
         # The backbone's class_path and init_args are in the CLI's config.yaml and in the checkpoint's
         # "encoders" entry; a module object in hparams would make the checkpoint need unpickling.
         self.save_hyperparameters(ignore=["backbone"])
-        embed_dim = getattr(backbone, "embed_dim", None)
-        if not isinstance(embed_dim, int):
-            raise ValueError(f"backbone {type(backbone).__name__} must have an integer embed_dim (core.resnet.ResNet, core.vit.ViT)")
+        embed_dim = feature_dim(backbone)
         self.backbone = backbone
         self.projector = mlp_head([embed_dim, projection_dim, projection_dim, projection_dim], last_batch_norm=True, last_affine=False)
         self.predictor = mlp_head([projection_dim, predictor_hidden, projection_dim])
