@@ -13,18 +13,10 @@ from core.losses import barlow_twins_loss
 from core.optim import LARS
 from core.resnet import ResNet
 from recipes.barlowtwins.model import BarlowTwins
+from conftest import noisy_views
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster than two, and much faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")]
 
 
 def tiny_barlow(**kw):
@@ -33,9 +25,7 @@ def tiny_barlow(**kw):
 
 
 def views(n=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, 16, 16, generator=g)
-    return {"views": [x, x + 0.3 * torch.randn(n, 3, 16, 16, generator=g)]}
+    return noisy_views(n, seed=seed)
 
 
 def embeddings(model, batch):

@@ -16,6 +16,8 @@ from core.losses import masked_patch_loss
 from core.masking import patchify
 from recipes.cropmae.model import CropMAE, center_crop_resized, visible_count
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "recipes/cropmae/configs/demo.yaml")
 # 16 px in 4-px patches: a 4x4 grid of 16 patches.
@@ -23,15 +25,6 @@ TINY = dict(
     image_size=16, patch_size=4, size="tiny", encoder_depth=1, decoder_dim=32, decoder_depth=1, decoder_heads=2,
     decoder_mlp_dim=64, decoder_dropout=0.0,
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: threads only fight each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def images(batch=3, seed=0):

@@ -15,6 +15,8 @@ from recipes.dino.model import DINO
 from recipes.simsiam.model import SimSiam
 from recipes.vicreg.model import VICReg
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # recipe: (LightningModule, overrides that shrink its demo config to a few seconds)
@@ -26,15 +28,6 @@ RECIPES = {
     "vicreg": (VICReg, [NARROW, "--model.projector_dims=[32,32]"]),
     "dino": (DINO, ["--model.out_dim=64", "--model.hidden_dim=32", "--model.bottleneck_dim=16", "--model.backbone.init_args.depth=1"]),
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster than two, and much faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.timeout(120)

@@ -7,17 +7,9 @@ import torch
 from core.losses import vicreg_loss
 from core.resnet import ResNet
 from recipes.vicreg.model import VICReg
+from conftest import noisy_views
 
-pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster than two, and much faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")]
 
 
 def tiny_vicreg(**kw):
@@ -26,9 +18,7 @@ def tiny_vicreg(**kw):
 
 
 def views(n=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, 16, 16, generator=g)
-    return {"views": [x, x + 0.3 * torch.randn(n, 3, 16, 16, generator=g)]}
+    return noisy_views(n, seed=seed)
 
 
 def test_loss_is_vicreg_on_the_projections_with_the_configured_coefficients():

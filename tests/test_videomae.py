@@ -16,6 +16,8 @@ from core.losses import masked_patch_loss
 from core.masking import patchify, whole
 from recipes.videomae.model import VideoMAE, tubelet_targets
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_INFO = os.path.join(ROOT, "data", "demo", "video", "info.json")
 # 4 frames of 16 px in 2x4x4 tubelets: a (2, 4, 4) grid of 32 tokens, 16 places in space.
@@ -23,15 +25,6 @@ TINY = dict(
     num_frames=4, stride=1, image_size=16, patch_size=4, tubelet_size=2, size="tiny", encoder_depth=1,
     decoder_dim=32, decoder_depth=1, decoder_heads=2,
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: threads only fight each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def clips(batch=3, seed=0):
