@@ -18,3 +18,8 @@ def noisy_views(n: int, size: int = 16, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, size, size, generator=g)
     return {"views": [x, x + 0.3 * torch.randn(n, 3, size, size, generator=g)]}
+
+
+def flat(module: torch.nn.Module) -> torch.Tensor:
+    """A detached copy of every parameter of ``module``, flattened into one vector (to compare before and after a step)."""
+    return torch.cat([p.detach().flatten() for p in module.parameters()]).clone()

@@ -12,7 +12,7 @@ from core.data import ShardDataModule
 from core.momentum import cosine_momentum, update_momentum
 from core.resnet import ResNet
 from recipes.byol.model import BYOL
-from conftest import noisy_views
+from conftest import flat, noisy_views
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")]
@@ -26,10 +26,6 @@ def tiny_byol(**kw):
 
 def views(n=8, seed=0):
     return noisy_views(n, seed=seed)
-
-
-def flat(module):
-    return torch.cat([p.detach().flatten() for p in module.parameters()]).clone()
 
 
 class Snapshots(L.Callback):

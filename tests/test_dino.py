@@ -14,6 +14,7 @@ from core.momentum import cosine_momentum, update_momentum
 from core.resnet import ResNet
 from core.vit import ViT
 from recipes.dino.model import DINO, encode
+from conftest import flat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")]
@@ -36,10 +37,6 @@ def crops(n=8, seed=0, n_local=2):
         "global_views": [x, x + 0.3 * torch.randn(n, 3, 16, 16, generator=g)],
         "local_views": [torch.randn(n, 3, 8, 8, generator=g) for _ in range(n_local)],
     }
-
-
-def flat(module):
-    return torch.cat([p.detach().flatten() for p in module.parameters()]).clone()
 
 
 class Snapshots(L.Callback):
