@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 import torchaudio.compliance.kaldi as kaldi
 import torchaudio.functional as AF
 from torchvision import tv_tensors
@@ -71,69 +72,166 @@ def blur_kernel_size(size: int) -> int:
     return int(0.1 * size) | 1
 
 
-class GaussianBlur:
-    """Gaussian blur with ``sigma`` drawn uniformly per call (SimCLR/BYOL), of a (..., C, H, W) image.
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma of (B, 3, H, W) RGB -> (B, 1, H, W), the weights of torchvision's rgb_to_grayscale."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
 
-    Same result as torchvision's ``GaussianBlur`` (reflect padding) up to rounding, but as two 1-D passes
-    instead of one 2-D convolution: about five times cheaper in CPU workers for a 23 px kernel.
+
+def _per_sample(values: torch.Tensor) -> torch.Tensor:
+    return values.view(-1, 1, 1, 1)  # (B,) -> (B, 1, 1, 1), to broadcast over (B, C, H, W)
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """torchvision's adjust_brightness with one factor per image: x (B, 3, H, W) in [0, 1], factor (B,)."""
+    return (x * _per_sample(factor)).clamp(0, 1)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """torchvision's adjust_contrast per image: blend with the image's mean gray level."""
+    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+    return (_per_sample(factor) * x + (1 - _per_sample(factor)) * mean).clamp(0, 1)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """torchvision's adjust_saturation per image: blend with the image's grayscale."""
+    return (_per_sample(factor) * x + (1 - _per_sample(factor)) * _gray(x)).clamp(0, 1)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """torchvision's adjust_hue per image: rotate the HSV hue by ``shift`` (B,) turns, in [-0.5, 0.5]."""
+    value, _ = x.max(dim=1)  # (B, H, W)
+    low, _ = x.min(dim=1)
+    chroma = value - low
+    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    r, g, b = x.unbind(1)
+    hue = torch.where(value == r, (g - b) / safe, torch.where(value == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
+    hue = torch.where(chroma > 0, hue / 6, torch.zeros_like(hue))
+    hue = (hue + shift.view(-1, 1, 1)) % 1.0
+    saturation = chroma / torch.where(value > 0, value, torch.ones_like(value))
+    # HSV -> RGB as f(n) = V - V S max(0, min(k, 4 - k, 1)), k = (n + 6 H) mod 6, for n = 5, 3, 1.
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = (n + 6 * hue.unsqueeze(1)) % 6  # (B, 3, H, W)
+    return value.unsqueeze(1) * (1 - saturation.unsqueeze(1) * (torch.minimum(k, 4 - k).clamp(0, 1)))
+
+
+def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> torch.Tensor:
+    """Gaussian blur with one ``sigma`` (B,) per image of x (B, C, H, W), reflect padding, as torchvision's
+    gaussian_blur, computed as two 1-D passes (five times cheaper than one 2-D convolution at 23 px)."""
+    if kernel_size % 2 == 0:
+        raise ValueError(f"gaussian_blur kernel_size must be odd, got {kernel_size}")
+    b, c, h, w = x.shape
+    half = kernel_size // 2
+    taps = torch.arange(-half, half + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.softmax(-0.5 * (taps / sigma.view(-1, 1)) ** 2, dim=1)  # normalized Gaussians, (B, K)
+    kernel = kernel.repeat_interleave(c, dim=0)  # one per (image, channel): (B * C, K)
+    # Every (image, channel) plane is its own group, so each image gets its own kernel.
+    y = F.pad(x.reshape(1, b * c, h, w), [half] * 4, mode="reflect")
+    y = F.conv2d(y, kernel.view(b * c, 1, 1, -1), groups=b * c)  # along W
+    y = F.conv2d(y, kernel.view(b * c, 1, -1, 1), groups=b * c)  # along H
+    return y.view(b, c, h, w)
+
+
+class ColorAugment:
+    """The photometric half of a SimCLR/BYOL view, with its own random draw per image, on a whole batch.
+
+    Color jitter (``jitter`` = brightness, contrast, saturation, hue strengths, as torchvision's
+    ColorJitter) with probability ``jitter_prob``, grayscale, Gaussian blur (kernel ``blur_kernel``, sigma
+    uniform in ``blur_sigma``; none when ``blur_kernel`` is under ``MIN_BLUR_KERNEL``), solarize (pixels at
+    or above 128 of 255 inverted), then normalize. The four jitter steps run in a random order drawn once
+    per call, so a batch shares it (torchvision draws it per image); everything else is drawn per image.
+
+    ``(3, H, W)`` or ``(B, 3, H, W)`` uint8 or [0, 1] float -> the same shape, normalized float32. Running
+    on a batch is what lets the work move from the data workers to the training device (see
+    ``device_color`` of :class:`TwoViews`): on a CPU worker, the per-pixel jitter of two small views costs
+    more than decoding the image.
     """
 
-    def __init__(self, kernel_size: int, sigma: tuple[float, float]):
-        if kernel_size % 2 == 0:
-            raise ValueError(f"GaussianBlur kernel_size must be odd, got {kernel_size}")
-        self.kernel_size, self.sigma = kernel_size, sigma
+    def __init__(
+        self,
+        jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+        jitter_prob: float = 0.0,
+        grayscale_prob: float = 0.0,
+        blur_prob: float = 0.0,
+        blur_kernel: int = 23,
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        solarize_prob: float = 0.0,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+    ):
+        brightness, contrast, saturation, hue = jitter
+        if min(jitter) < 0 or hue > 0.5:
+            raise ValueError(f"jitter={jitter}: strengths must be >= 0 and the hue strength at most 0.5")
+        self.jitter, self.jitter_prob, self.grayscale_prob = jitter, jitter_prob, grayscale_prob
+        self.blur_prob = blur_prob if blur_kernel >= MIN_BLUR_KERNEL else 0.0
+        self.blur_kernel, self.blur_sigma, self.solarize_prob = blur_kernel | 1, blur_sigma, solarize_prob
+        self.mean, self.std = mean, std
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        sigma = torch.empty(1).uniform_(*self.sigma).item()
-        half = self.kernel_size // 2
-        taps = torch.arange(-half, half + 1, dtype=torch.float32, device=image.device)
-        kernel = torch.softmax(-0.5 * (taps / sigma) ** 2, dim=0)  # normalized Gaussian, (K,)
-        *_, c, h, w = image.shape
-        x = torch.nn.functional.pad(image.reshape(-1, c, h, w).float(), [half] * 4, mode="reflect")
-        x = torch.nn.functional.conv2d(x, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)  # along W
-        x = torch.nn.functional.conv2d(x, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)  # along H
-        x = x.reshape(image.shape)
-        return x.to(image.dtype) if image.is_floating_point() else x.round().to(image.dtype)
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images if images.ndim == 4 else images.unsqueeze(0)  # (B, 3, H, W)
+        x = x.float() / 255 if not x.is_floating_point() else x.float()
+        b, device = x.shape[0], x.device
+
+        def draw(p: float) -> torch.Tensor:  # which images get a step: (B,) bool
+            return torch.rand(b, device=device) < p
+
+        def factors(strength: float, on: torch.Tensor, center: float = 1.0) -> torch.Tensor:
+            value = torch.empty(b, device=device).uniform_(center - strength, center + strength)
+            return torch.where(on, value.clamp(min=0), torch.full_like(value, center))
+
+        if self.jitter_prob > 0:
+            on = draw(self.jitter_prob)
+            brightness, contrast, saturation, hue = self.jitter
+            steps = [
+                (adjust_brightness, factors(brightness, on)),
+                (adjust_contrast, factors(contrast, on)),
+                (adjust_saturation, factors(saturation, on)),
+                (adjust_hue, factors(hue, on, center=0.0)),
+            ]
+            for i in torch.randperm(4).tolist():
+                x = steps[i][0](x, steps[i][1])
+        if self.grayscale_prob > 0:
+            x = torch.where(_per_sample(draw(self.grayscale_prob)), _gray(x).expand_as(x), x)
+        if self.blur_prob > 0:
+            sigma = torch.empty(b, device=device).uniform_(*self.blur_sigma)
+            x = torch.where(_per_sample(draw(self.blur_prob)), gaussian_blur(x, self.blur_kernel, sigma), x)
+        if self.solarize_prob > 0:
+            x = torch.where(_per_sample(draw(self.solarize_prob)) & (x >= 128 / 255), 1 - x, x)
+        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+        x = (x - mean) / std
+        return x if images.ndim == 4 else x[0]
 
 
-def view_transform(
+def crop_transform(
     size: int,
     scale: tuple[float, float],
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     interpolation: Interpolation = "bicubic",
     flip_prob: float = 0.5,
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
-    jitter_prob: float = 0.0,
-    grayscale_prob: float = 0.0,
-    blur_prob: float = 0.0,
-    blur_sigma: tuple[float, float] = (0.1, 2.0),
-    solarize_prob: float = 0.0,
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
 ) -> v2.Compose:
-    """One random view of a (3, H, W) uint8 image -> (3, size, size) normalized float32.
-
-    The SimCLR/BYOL chain, in their order: random resized crop, horizontal flip, color jitter
-    (``jitter`` = brightness, contrast, saturation, hue, applied in random order) with ``jitter_prob``,
-    grayscale, Gaussian blur (kernel :func:`blur_kernel_size`, sigma uniform in ``blur_sigma``; skipped when
-    that kernel is under ``MIN_BLUR_KERNEL``), solarize (threshold 128 of 255), normalize.
-    Steps whose probability is 0 are left out.
-    """
-    steps = [
-        v2.RandomResizedCrop(size, scale=scale, ratio=ratio, interpolation=v2.InterpolationMode(interpolation)),
-    ]
+    """The geometric half of a view: random resized crop and horizontal flip of a (3, H, W) uint8 image ->
+    (3, size, size) uint8."""
+    steps = [v2.RandomResizedCrop(size, scale=scale, ratio=ratio, interpolation=v2.InterpolationMode(interpolation))]
     if flip_prob > 0:
         steps.append(v2.RandomHorizontalFlip(flip_prob))
-    if jitter_prob > 0:
-        steps.append(v2.RandomApply([v2.ColorJitter(*jitter)], p=jitter_prob))
-    if grayscale_prob > 0:
-        steps.append(v2.RandomGrayscale(grayscale_prob))
-    kernel = blur_kernel_size(size)
-    if blur_prob > 0 and kernel >= MIN_BLUR_KERNEL:
-        steps.append(v2.RandomApply([GaussianBlur(kernel, sigma=blur_sigma)], p=blur_prob))
-    if solarize_prob > 0:
-        steps.append(v2.RandomSolarize(threshold=128, p=solarize_prob))
-    return v2.Compose(steps + _normalize(mean, std))
+    return v2.Compose(steps)
+
+
+class View:
+    """One random view of an image in the SimCLR/BYOL order: ``crop`` (:func:`crop_transform`, on the data
+    worker), then ``color`` (:class:`ColorAugment`, on the worker or, with ``device_color``, left for the
+    training device to run on the whole batch)."""
+
+    def __init__(self, crop: v2.Compose, color: ColorAugment, device_color: bool = False):
+        self.crop, self.color, self.device_color = crop, color, device_color
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        view = self.crop(image)  # (3, size, size) uint8
+        return view if self.device_color else self.color(view)
+
+    def on_device(self, views: torch.Tensor) -> torch.Tensor:
+        """The collated (B, 3, size, size) views on the training device -> their colored, normalized form."""
+        return self.color(views) if self.device_color else views
 
 
 class ImageCrop:
@@ -152,9 +250,7 @@ class ImageCrop:
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
     ):
-        self.view = view_transform(
-            size, scale, ratio, interpolation, flip_prob=0.5 if flip else 0.0, mean=mean, std=std
-        )
+        self.view = v2.Compose([crop_transform(size, scale, ratio, interpolation, 0.5 if flip else 0.0), *_normalize(mean, std)])
 
     def __call__(self, sample: dict) -> dict:
         return _labelled(sample, {"image": self.view(_image(sample))})
@@ -198,6 +294,11 @@ class TwoViews:
 
     ``{"image": PIL} -> {"views": [(3, size, size), (3, size, size)], "label"}``; collated, ``views`` is a
     list of two (B, 3, size, size) tensors.
+
+    device_color: the data workers only crop and flip and hand over uint8 views; the color steps run on
+    the collated batch on the training device (``ShardDataModule`` calls :meth:`on_device` after moving
+    the batch). Same augmentation, but the per-pixel work runs batched, on the accelerator when there is
+    one: use it when the workers cannot keep up (small images, few CPU cores per GPU).
     """
 
     def __init__(
@@ -215,12 +316,13 @@ class TwoViews:
         solarize_prob: tuple[float, float] = (0.0, 0.2),
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
+        device_color: bool = False,
     ):
         self.views = [
-            view_transform(
-                size, scale, ratio=ratio, interpolation=interpolation, flip_prob=flip_prob, jitter=jitter,
-                jitter_prob=jitter_prob, grayscale_prob=grayscale_prob, blur_prob=blur, blur_sigma=blur_sigma,
-                solarize_prob=solarize, mean=mean, std=std,
+            View(
+                crop_transform(size, scale, ratio, interpolation, flip_prob),
+                ColorAugment(jitter, jitter_prob, grayscale_prob, blur, blur_kernel_size(size), blur_sigma, solarize, mean, std),
+                device_color,
             )
             for blur, solarize in zip(blur_prob, solarize_prob, strict=True)
         ]
@@ -228,6 +330,11 @@ class TwoViews:
     def __call__(self, sample: dict) -> dict:
         image = _image(sample)
         return _labelled(sample, {"views": [view(image) for view in self.views]})
+
+    def on_device(self, batch: dict) -> dict:
+        """The collated batch on the training device -> the same batch with finished views."""
+        batch["views"] = [view.on_device(v) for view, v in zip(self.views, batch["views"], strict=True)]
+        return batch
 
 
 class MultiCrop:
@@ -238,7 +345,8 @@ class MultiCrop:
     DINO blurs with PIL (radius = sigma); here the kernel is 10% of the view size (:func:`blur_kernel_size`).
 
     ``{"image": PIL} -> {"global_views": [2 x (3, global_size, global_size)],
-    "local_views": [n_local x (3, local_size, local_size)], "label"}``.
+    "local_views": [n_local x (3, local_size, local_size)], "label"}``. ``device_color``: as in
+    :class:`TwoViews`.
     """
 
     def __init__(
@@ -260,16 +368,17 @@ class MultiCrop:
         global_solarize_prob: tuple[float, float] = (0.0, 0.2),
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
+        device_color: bool = False,
     ):
-        shared = dict(
-            ratio=ratio, interpolation=interpolation, flip_prob=flip_prob, jitter=jitter, jitter_prob=jitter_prob,
-            grayscale_prob=grayscale_prob, blur_sigma=blur_sigma, mean=mean, std=std,
-        )
+        def view(size, scale, blur, solarize):
+            color = ColorAugment(jitter, jitter_prob, grayscale_prob, blur, blur_kernel_size(size), blur_sigma, solarize, mean, std)
+            return View(crop_transform(size, scale, ratio, interpolation, flip_prob), color, device_color)
+
         self.global_views = [
-            view_transform(global_size, global_scale, blur_prob=blur, solarize_prob=solarize, **shared)
+            view(global_size, global_scale, blur, solarize)
             for blur, solarize in zip(global_blur_prob, global_solarize_prob, strict=True)
         ]
-        self.local_view = view_transform(local_size, local_scale, blur_prob=local_blur_prob, **shared)
+        self.local_view = view(local_size, local_scale, local_blur_prob, 0.0)
         self.n_local = n_local
 
     def __call__(self, sample: dict) -> dict:
@@ -281,6 +390,12 @@ class MultiCrop:
                 "local_views": [self.local_view(image) for _ in range(self.n_local)],
             },
         )
+
+    def on_device(self, batch: dict) -> dict:
+        """The collated batch on the training device -> the same batch with finished views."""
+        batch["global_views"] = [view.on_device(v) for view, v in zip(self.global_views, batch["global_views"], strict=True)]
+        batch["local_views"] = [self.local_view.on_device(v) for v in batch["local_views"]]
+        return batch
 
 
 def batch_views(batch: dict, key: str, size: int, count: int | None = None) -> list[torch.Tensor]:
@@ -296,6 +411,12 @@ def batch_views(batch: dict, key: str, size: int, count: int | None = None) -> l
             + (f" with {len(views)} views" if isinstance(views, (list, tuple)) else "")
         )
     for view in views:
+        if not view.is_floating_point():
+            raise ValueError(
+                f"batch[{key!r}] holds {view.dtype} views: a transform with device_color leaves its color steps to "
+                "ShardDataModule, which runs them once the batch is on the device; with another data module, call "
+                "the transform's on_device(batch)"
+            )
         if tuple(view.shape[-2:]) != (size, size):
             raise ValueError(f"batch[{key!r}] holds {tuple(view.shape[-2:])}-pixel views, but the model is set up for {size}x{size}")
     return list(views)

@@ -17,7 +17,6 @@ from torchvision.transforms import v2
 from core import augment
 from core.augment import (
     AudioClip,
-    GaussianBlur,
     GlobalLocalCrop,
     ImageCrop,
     ImageEval,
@@ -25,6 +24,7 @@ from core.augment import (
     TwoViews,
     VideoClip,
     blur_kernel_size,
+    gaussian_blur,
     global_local_boxes,
     log_mel,
 )
@@ -108,36 +108,54 @@ def test_two_views_shapes_differ_and_collate():
 def test_two_views_blur_kernel_scales_with_size_and_is_off_for_tiny_views():
     assert blur_kernel_size(224) == 23  # BYOL's kernel at 224 px
     for size, blurred in ((32, False), (64, True)):
-        steps = [t for step in TwoViews(size).views[0].transforms for t in getattr(step, "transforms", [step])]
-        blurs = [t for t in steps if isinstance(t, GaussianBlur)]
-        assert bool(blurs) == blurred
-        assert all(b.kernel_size == blur_kernel_size(size) for b in blurs)
+        color = TwoViews(size).views[0].color
+        assert (color.blur_prob > 0) == blurred and color.blur_kernel == blur_kernel_size(size)
 
 
 def test_two_views_probabilities_reach_the_views():
     views = TwoViews(64, blur_prob=(0.3, 0.7), solarize_prob=(0.0, 0.4)).views
-    blur_p = [
-        [s.p for s in v.transforms if isinstance(s, v2.RandomApply) and isinstance(s.transforms[0], GaussianBlur)]
-        for v in views
-    ]
-    solarize_p = [[s.p for s in v.transforms if isinstance(s, v2.RandomSolarize)] for v in views]
-    assert blur_p == [[0.3], [0.7]] and solarize_p == [[], [0.4]]
+    assert [v.color.blur_prob for v in views] == [0.3, 0.7]
+    assert [v.color.solarize_prob for v in views] == [0.0, 0.4]
 
 
-@pytest.mark.parametrize("sigma", [0.1, 0.8, 2.0])
-@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
-def test_separable_gaussian_blur_matches_torchvision(sigma, dtype):
-    image = v2.functional.to_dtype(
-        torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, 30, 40), dtype=np.uint8)), dtype, scale=True
-    )
-    kernel = blur_kernel_size(224)
-    ours = GaussianBlur(kernel, (sigma, sigma))(image)
-    theirs = v2.functional.gaussian_blur(image, [kernel, kernel], [sigma, sigma])
-    assert ours.dtype == dtype and ours.shape == image.shape
-    if dtype == torch.uint8:  # may differ by one level where the two float results round to either side of .5
-        torch.testing.assert_close(ours.float(), theirs.float(), atol=1, rtol=0)
-    else:
-        torch.testing.assert_close(ours, theirs)
+PER_IMAGE_ADJUSTMENTS = {
+    "brightness": (augment.adjust_brightness, v2.functional.adjust_brightness, [0.0, 0.6, 1.0, 1.4]),
+    "contrast": (augment.adjust_contrast, v2.functional.adjust_contrast, [0.0, 0.6, 1.0, 1.4]),
+    "saturation": (augment.adjust_saturation, v2.functional.adjust_saturation, [0.0, 0.6, 1.0, 1.8]),
+    "hue": (augment.adjust_hue, v2.functional.adjust_hue, [-0.5, -0.2, 0.0, 0.45]),
+}
+
+
+@pytest.mark.parametrize("name", PER_IMAGE_ADJUSTMENTS)
+def test_batched_color_adjustments_match_torchvision_image_by_image(name):
+    ours, theirs, factors = PER_IMAGE_ADJUSTMENTS[name]
+    images = torch.rand(4, 3, 9, 11, generator=torch.Generator().manual_seed(0))
+    expected = torch.stack([theirs(image, factor) for image, factor in zip(images, factors)])
+    torch.testing.assert_close(ours(images, torch.tensor(factors)), expected, atol=1e-5, rtol=0)
+
+
+def test_batched_gaussian_blur_matches_torchvision_image_by_image():
+    images = torch.rand(3, 3, 30, 40, generator=torch.Generator().manual_seed(0))
+    sigmas, kernel = [0.1, 0.8, 2.0], blur_kernel_size(224)
+    expected = torch.stack([v2.functional.gaussian_blur(x, [kernel, kernel], [s, s]) for x, s in zip(images, sigmas)])
+    torch.testing.assert_close(gaussian_blur(images, kernel, torch.tensor(sigmas)), expected)
+
+
+def test_device_color_leaves_uint8_crops_and_finishes_them_on_the_batch():
+    sample, plain = image_sample(), dict(jitter_prob=0.0, grayscale_prob=0.0, solarize_prob=(0.0, 0.0))
+    on_worker = run_seeded(TwoViews(SIZE, **plain), sample, 3)["views"]
+    deferred = TwoViews(SIZE, device_color=True, **plain)
+    crops = run_seeded(deferred, sample, 3)["views"]
+    assert [(v.dtype, v.shape) for v in crops] == [(torch.uint8, (3, SIZE, SIZE))] * 2
+    # Without random color steps, finishing on the batch gives exactly what the worker would have given.
+    finished = deferred.on_device(default_collate([{"views": crops}]))["views"]
+    for worker_view, batch_view in zip(on_worker, finished, strict=True):
+        torch.testing.assert_close(batch_view[0], worker_view)
+    # With them, every image of the batch gets its own draw.
+    jittered = TwoViews(SIZE, jitter_prob=1.0, device_color=True)
+    batch = default_collate([{"views": crops}] * 8)
+    first = jittered.on_device(batch)["views"][0]
+    assert first.dtype == torch.float32 and len({tuple(x.flatten()[:5].tolist()) for x in first}) == 8
 
 
 def test_multi_crop_counts_shapes_and_collate():

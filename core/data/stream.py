@@ -336,7 +336,9 @@ class ShardDataModule(L.LightningDataModule):
         val_batch_size: validation batch size per rank (default ``batch_size``).
         num_workers: DataLoader worker processes per rank.
         train_transform / val_transform: ``dict -> dict`` applied to each decoded sample (see
-            ``core.data.decoders``) before batching; typically from ``core.augment``.
+            ``core.data.decoders``) before batching; typically from ``core.augment``. A transform with an
+            ``on_device(batch) -> batch`` method finishes its work there, on whole batches after they reach
+            the training device (``core.augment.TwoViews(device_color=True)``).
         shuffle_buffer: samples held per worker and source to shuffle raw (undecoded) samples.
         samples_per_epoch: samples per epoch over all ranks; an epoch is
             ``ceil(samples_per_epoch / (batch_size * world_size))`` batches on every rank.
@@ -406,6 +408,11 @@ class ShardDataModule(L.LightningDataModule):
             rank=rank, world_size=world_size, num_workers=self.num_workers,
         )  # fmt: skip
         return ShardLoader(self.val_stream, self.num_workers)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        transform = self.train_transform if self.trainer is not None and self.trainer.training else self.val_transform
+        on_device = getattr(transform, "on_device", None)
+        return on_device(batch) if on_device is not None else batch
 
     @property
     def train_stats(self) -> dict[str, int]:

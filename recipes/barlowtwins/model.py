@@ -43,6 +43,7 @@ class BarlowTwins(L.LightningModule):
         lr_weights: float = 0.2,
         lr_biases: float = 0.0048,
         weight_decay: float = 1.5e-6,
+        lars_trust: float = 1e-3,
         warmup_epochs: float = 10,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
@@ -78,7 +79,7 @@ class BarlowTwins(L.LightningModule):
         weights, biases = param_groups(self, self.hparams.weight_decay)  # biases and norms: no decay, no LARS
         weights["lr"] = scaled_lr(self.hparams.lr_weights, self.trainer)
         biases["lr"] = scaled_lr(self.hparams.lr_biases, self.trainer)
-        optimizer = LARS([weights, biases], lr=weights["lr"], momentum=0.9)
+        optimizer = LARS([weights, biases], lr=weights["lr"], momentum=0.9, trust_coefficient=self.hparams.lars_trust)
         warmup, total = warmup_and_total_steps(self.trainer, self.hparams.warmup_epochs)
         return {"optimizer": optimizer, "lr_scheduler": step_scheduler(optimizer, WarmupCosine(warmup, total, min_ratio=1e-3))}
 

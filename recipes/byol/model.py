@@ -44,6 +44,7 @@ class BYOL(L.LightningModule):
         base_momentum: float = 0.996,
         base_lr: float = 0.2,
         weight_decay: float = 1.5e-6,
+        lars_trust: float = 1e-3,
         warmup_epochs: float = 10,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
@@ -94,7 +95,7 @@ class BYOL(L.LightningModule):
     def configure_optimizers(self):
         lr = scaled_lr(self.hparams.base_lr, self.trainer)
         online = nn.ModuleList([self.backbone, self.projector, self.predictor])
-        optimizer = LARS(param_groups(online, self.hparams.weight_decay), lr=lr, momentum=0.9)
+        optimizer = LARS(param_groups(online, self.hparams.weight_decay), lr=lr, momentum=0.9, trust_coefficient=self.hparams.lars_trust)
         warmup, total = warmup_and_total_steps(self.trainer, self.hparams.warmup_epochs)
         return {"optimizer": optimizer, "lr_scheduler": step_scheduler(optimizer, WarmupCosine(warmup, total))}
 

@@ -45,6 +45,7 @@ class VICReg(L.LightningModule):
         cov_weight: float = 1.0,
         base_lr: float = 0.2,
         weight_decay: float = 1e-6,
+        lars_trust: float = 1e-3,
         warmup_epochs: float = 10,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
@@ -80,7 +81,7 @@ class VICReg(L.LightningModule):
 
     def configure_optimizers(self):
         lr = scaled_lr(self.hparams.base_lr, self.trainer)
-        optimizer = LARS(param_groups(self, self.hparams.weight_decay), lr=lr, momentum=0.9)
+        optimizer = LARS(param_groups(self, self.hparams.weight_decay), lr=lr, momentum=0.9, trust_coefficient=self.hparams.lars_trust)
         warmup, total = warmup_and_total_steps(self.trainer, self.hparams.warmup_epochs)
         return {"optimizer": optimizer, "lr_scheduler": step_scheduler(optimizer, WarmupCosine(warmup, total, min_ratio=1e-3))}
 
