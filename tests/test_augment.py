@@ -1,5 +1,6 @@
 """Sample transforms in core/augment.py, on synthetic images, videos and sine waves."""
 
+import io
 import math
 import pickle
 from typing import Callable
@@ -335,3 +336,28 @@ def test_missing_or_bad_fields_name_the_sample():
         TwoViews(SIZE)(gray)
     with pytest.raises(ValueError, match=r"'audio' .* got shape \(1, 2, 3\)"):
         AudioClip(8000, 1.0)({"audio": torch.zeros(1, 2, 3), "sample_rate": 8000})
+
+
+def test_batch_views_refuses_views_whose_color_steps_never_ran():
+    crops = default_collate([TwoViews(SIZE, device_color=True)(image_sample())])
+    with pytest.raises(ValueError, match="device_color.*on_device"):
+        augment.batch_views(crops, "views", SIZE, count=2)
+    augment.batch_views(TwoViews(SIZE, device_color=True).on_device(crops), "views", SIZE, count=2)
+
+
+def test_data_path_benchmark_reports_every_way_against_the_reference(tmp_path, capsys):
+    from core.data import bench
+    from core.data.write import write_shards
+
+    def samples():
+        for i in range(12):
+            pixels = np.random.default_rng(i).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(pixels).save(buf, format="PNG")
+            yield {"__key__": f"s{i}", "png": buf.getvalue(), "cls": i % 3}
+
+    write_shards(samples(), str(tmp_path / "b-%06d.tar"))
+    bench.main(["--train", str(tmp_path / "b-000000.tar"), "--size", "16", "--batch-size", "4", "--batches", "2", "--workers", "0", "--threads", "1"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "samples/s" not in line]
+    assert [r[0].strip() for r in rows] == ["torchvision (reference)", "worker", "device"]
+    assert rows[0][2].strip() == "1.00x" and all(float(r[1]) > 0 for r in rows)

@@ -408,3 +408,34 @@ def test_resumed_run_does_not_replay_samples(tmp_path):
     fresh = VectorModel()
     trainer(tmp_path, max_epochs=1).fit(fresh, make_dm())
     assert fresh.seen == first.seen
+
+
+class DeviceFinished(VectorTransform):
+    """Leaves a step for the training device and records which split's batches it finished there."""
+
+    def __init__(self, split: str):
+        super().__init__()
+        self.split, self.finished = split, 0
+
+    def on_device(self, batch):
+        self.finished += 1
+        batch["split"] = self.split
+        return batch
+
+
+class SplitModel(VectorModel):
+    def training_step(self, batch, batch_idx):
+        assert batch["split"] == "train"
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        assert batch["split"] == "val"
+
+
+def test_transforms_finish_their_own_split_on_the_device(tmp_path):
+    pattern = write_vectors(tmp_path, "d", 16, per_shard=8)
+    train, val = DeviceFinished("train"), DeviceFinished("val")
+    dm = ShardDataModule(pattern, val=pattern, batch_size=4, num_workers=0, samples_per_epoch=16,
+                         train_transform=train, val_transform=val)  # fmt: skip
+    trainer(tmp_path, max_epochs=1).fit(SplitModel(), dm)
+    assert train.finished == 4 and val.finished == 4

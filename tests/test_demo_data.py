@@ -167,3 +167,12 @@ def test_unknown_modality_is_an_error(tmp_path):
         [sys.executable, SCRIPT, "--out", str(tmp_path), "--only", "image,smell"], capture_output=True, text=True
     )
     assert result.returncode != 0 and "smell" in result.stderr
+
+
+def test_supervised_reference_trains_and_reports(builds, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "data"))
+    import supervised_reference
+
+    supervised_reference.main(["--demo", builds["seed0"], "--steps", "2", "--batch-size", "8", "--width", "4"])
+    row = capsys.readouterr().out.strip().splitlines()[-1].split("|")
+    assert row[1].strip() == "with labels" and 0 <= float(row[2]) <= 100 and 0 <= float(row[3]) <= 100

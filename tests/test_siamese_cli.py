@@ -26,7 +26,7 @@ RECIPES = {
     "simsiam": (SimSiam, [NARROW, "--model.projection_dim=32", "--model.predictor_hidden=8"]),
     "barlowtwins": (BarlowTwins, [NARROW, "--model.projector_dims=[32,32]"]),
     "vicreg": (VICReg, [NARROW, "--model.projector_dims=[32,32]"]),
-    "dino": (DINO, ["--model.out_dim=64", "--model.hidden_dim=32", "--model.bottleneck_dim=16", "--model.backbone.init_args.depth=1"]),
+    "dino": (DINO, [NARROW, "--model.out_dim=64", "--model.hidden_dim=32", "--model.bottleneck_dim=16"]),
 }
 
 

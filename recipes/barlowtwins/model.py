@@ -32,6 +32,8 @@ class BarlowTwins(L.LightningModule):
     biases and norm parameters (paper: 0.2 and 0.0048); LARS with momentum 0.9, weight decay 1.5e-6 and
     both decay and adaptation off for biases and norms; linear warmup for `warmup_epochs` (paper: 10), then
     cosine to 1/1000 of the peak. mean/std: the input normalisation of the data transform (for export).
+    lars_trust: LARS's trust coefficient (paper: 1e-3; solo-learn's CIFAR runs use 0.02, which moves
+    weights faster in a short run).
     """
 
     def __init__(
