@@ -6,6 +6,9 @@ shards, next to the same architecture at random init and the raw inputs.
 
 The probes are fitted on (up to --train-limit) training samples and scored on the validation samples,
 all seen through the deterministic evaluation view of the encoder's input (no augmentation).
+
+``--target json.<field>`` probes another property of the samples than their class, read from their JSON
+metadata (``--target json.background`` on the demo images): what an encoder encodes besides what it should.
 """
 
 from __future__ import annotations
@@ -34,32 +37,58 @@ def eval_transform(spec: dict):
     raise ValueError(f"core.evaluate probes image, video and audio encoders, not {modality!r}")
 
 
+class WithTarget:
+    """The evaluation view of a sample plus its probe target: ``label``, or ``json.<field>`` of its metadata."""
+
+    def __init__(self, view, target: str):
+        if target != "label" and not target.startswith("json."):
+            raise ValueError(f"target {target!r} must be 'label' or 'json.<field>'")
+        self.view, self.target = view, target
+
+    def __call__(self, sample: dict) -> dict:
+        out = self.view(sample)
+        if self.target != "label":
+            field = self.target.removeprefix("json.")
+            meta = sample.get("json")
+            if not isinstance(meta, dict) or field not in meta:
+                raise KeyError(f"sample {sample.get('__key__')!r} of {sample.get('__url__')!r} has no JSON field {field!r}")
+            out["target"] = str(meta[field])
+        return out
+
+
 @torch.no_grad()
-def features(encoders: dict[str, Encoder], urls: str, limit: int, batch_size: int, num_workers: int):
-    """{name: (N, D) features} for each encoder plus "raw input" (the encoder's input, flattened), and labels."""
+def features(encoders: dict[str, Encoder], urls: str, limit: int, batch_size: int, num_workers: int, target: str = "label"):
+    """{name: (N, D) features} for each encoder plus "raw input" (the encoder's input, flattened), and the
+    targets: class labels, or the JSON field's values (strings) with ``target="json.<field>"``."""
     from core.data import read_batches
 
     first = next(iter(encoders.values()))
     key = first.input["modality"]
     out = {name: [] for name in [*encoders, "raw input"]}
-    labels, seen = [], 0
-    for batch in read_batches(urls, eval_transform(first.input), batch_size, num_workers=num_workers):
+    targets, seen = [], 0
+    transform = WithTarget(eval_transform(first.input), target)
+    for batch in read_batches(urls, transform, batch_size, num_workers=num_workers):
         x = batch[key]
         for name, enc in encoders.items():
             out[name].append(enc(x).float())
         out["raw input"].append(first.preprocess(x).flatten(1).float())
-        labels.append(batch["label"])
+        targets += batch["label"].tolist() if target == "label" else batch["target"]
         seen += len(x)
         if seen >= limit:
             break
-    return {k: torch.cat(v)[:limit] for k, v in out.items()}, torch.cat(labels)[:limit]
+    return {k: torch.cat(v)[:limit] for k, v in out.items()}, targets[:limit]
 
 
-def evaluate(path: str, train: str, val: str, train_limit: int = 10_000, val_limit: int = 10_000, batch_size: int = 256, num_workers: int = 2) -> dict:
+def evaluate(
+    path: str, train: str, val: str, train_limit: int = 10_000, val_limit: int = 10_000, batch_size: int = 256,
+    num_workers: int = 2, target: str = "label",
+) -> dict:
     torch.manual_seed(0)
     encoders = {"pretrained": load_encoder(path), "random init": load_encoder(path, pretrained=False)}
-    train_x, train_y = features(encoders, train, train_limit, batch_size, num_workers)
-    val_x, val_y = features(encoders, val, val_limit, batch_size, num_workers)
+    train_x, train_t = features(encoders, train, train_limit, batch_size, num_workers, target)
+    val_x, val_t = features(encoders, val, val_limit, batch_size, num_workers, target)
+    classes = {value: i for i, value in enumerate(sorted(set(train_t) | set(val_t)))}  # labels map to themselves in order
+    train_y, val_y = (torch.tensor([classes[t] for t in ts]) for ts in (train_t, val_t))
     return {name: probe_scores(train_x[name], train_y, val_x[name], val_y) for name in train_x}
 
 
@@ -71,10 +100,12 @@ def main(argv=None) -> None:
     parser.add_argument("--train-limit", type=int, default=10_000)
     parser.add_argument("--val-limit", type=int, default=10_000)
     parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--target", default="label", help="what the probes predict: label, or json.<field> of the metadata")
     parser.add_argument("--json", help="also write the scores to this file")
     args = parser.parse_args(argv)
-    scores = evaluate(args.encoder, args.train, args.val, args.train_limit, args.val_limit, num_workers=args.num_workers)
-    print(f"\n| features ({args.encoder}) | linear probe acc | kNN acc |\n|---|---|---|")
+    scores = evaluate(args.encoder, args.train, args.val, args.train_limit, args.val_limit, num_workers=args.num_workers, target=args.target)
+    target = "" if args.target == "label" else f", predicting {args.target}"
+    print(f"\n| features ({args.encoder}{target}) | linear probe acc | kNN acc |\n|---|---|---|")
     for name, s in scores.items():
         print(f"| {name} | {100 * s['linear_acc']:.1f} | {100 * s['knn_acc']:.1f} |")
     if args.json:

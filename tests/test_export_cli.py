@@ -109,3 +109,42 @@ def test_text_encoder_round_trip_ships_its_tokenizer(tmp_path):
     with torch.no_grad():
         batch = tok(sentences)
         torch.testing.assert_close(enc(sentences), backbone(batch["input_ids"], batch["attention_mask"]), rtol=0, atol=0)
+
+
+def test_evaluate_probes_the_label_or_any_json_field(tmp_path, capsys):
+    """Samples whose label is noise but whose JSON 'tone' (dark or light) is plain in the pixels: the raw-input
+    probes must find the tone and not the label."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from core.data.write import write_shards
+    from core.evaluate import main as evaluate_main
+
+    backbone = ResNet(18, small_images=True, width=4)
+    spec = {"modality": "image", "size": [8, 8], "mean": [0.5] * 3, "std": [0.25] * 3}
+    fake_checkpoint(tmp_path / "last.ckpt", backbone, spec)
+    (folder,) = export_checkpoint(str(tmp_path / "last.ckpt"), str(tmp_path / "out"))
+    rng = np.random.default_rng(0)
+
+    def samples(n, prefix):
+        for i in range(n):
+            tone = ["dark", "light"][i % 2]
+            pixels = rng.integers(0, 100, (8, 8, 3)) + (0 if tone == "dark" else 150)
+            buf = io.BytesIO()
+            Image.fromarray(pixels.astype(np.uint8)).save(buf, format="PNG")
+            yield {"__key__": f"{prefix}{i}", "png": buf.getvalue(), "cls": int(rng.integers(0, 2)), "json": {"tone": tone}}
+
+    write_shards(samples(60, "t"), str(tmp_path / "train-%06d.tar"))
+    write_shards(samples(40, "v"), str(tmp_path / "val-%06d.tar"))
+    common = [folder, "--train", str(tmp_path / "train-000000.tar"), "--val", str(tmp_path / "val-000000.tar"), "--num-workers", "0"]
+    rows = {}
+    for target in ("label", "json.tone"):
+        evaluate_main([*common, "--target", target])
+        out = capsys.readouterr().out
+        rows[target] = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in out.splitlines() if line.startswith("| raw input")}
+    assert rows["json.tone"]["raw input"] == 100.0
+    assert rows["label"]["raw input"] < 80.0
+    with pytest.raises(RuntimeError, match="no JSON field 'colour'"):  # the data layer names the sample's transform
+        evaluate_main([*common, "--target", "json.colour"])

@@ -20,25 +20,29 @@ import time
 import torch
 from torchvision.transforms import v2
 
-from core.augment import IMAGENET_MEAN, IMAGENET_STD, TwoViews, _image, _labelled
+from core.augment import IMAGENET_MEAN, IMAGENET_STD, MIN_BLUR_KERNEL, TwoViews, _image, _labelled, blur_kernel_size
 from core.data import read_batches
 
 
 class TorchvisionTwoViews:
-    """BYOL's two views with torchvision's per-image transforms (no blur: the views are under 40 px)."""
+    """BYOL's two views with torchvision's per-image transforms (blur p=1.0 / 0.1 when the views are large
+    enough for it, as in ``TwoViews``)."""
 
     def __init__(self, size: int, scale: tuple[float, float]):
-        def view(solarize: float):
+        kernel = blur_kernel_size(size)
+
+        def view(blur: float, solarize: float):
             steps = [
                 v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC),
                 v2.RandomHorizontalFlip(),
                 v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
                 v2.RandomGrayscale(0.2),
             ]
+            steps += [v2.RandomApply([v2.GaussianBlur(kernel, (0.1, 2.0))], p=blur)] if kernel >= MIN_BLUR_KERNEL else []
             steps += [v2.RandomSolarize(128, p=solarize)] if solarize else []
             return v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
-        self.views = [view(0.0), view(0.2)]
+        self.views = [view(1.0, 0.0), view(0.1, 0.2)]
 
     def __call__(self, sample: dict) -> dict:
         image = _image(sample)
