@@ -158,8 +158,7 @@ class ColorAugment:
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
     ):
-        brightness, contrast, saturation, hue = jitter
-        if min(jitter) < 0 or hue > 0.5:
+        if min(jitter) < 0 or jitter[3] > 0.5:  # torchvision's limits: hue shifts beyond half a turn wrap around
             raise ValueError(f"jitter={jitter}: strengths must be >= 0 and the hue strength at most 0.5")
         self.jitter, self.jitter_prob, self.grayscale_prob = jitter, jitter_prob, grayscale_prob
         self.blur_prob = blur_prob if blur_kernel >= MIN_BLUR_KERNEL else 0.0
