@@ -160,9 +160,11 @@ class ColorAugment:
     ):
         if min(jitter) < 0 or jitter[3] > 0.5:  # torchvision's limits: hue shifts beyond half a turn wrap around
             raise ValueError(f"jitter={jitter}: strengths must be >= 0 and the hue strength at most 0.5")
+        if blur_kernel % 2 == 0:
+            raise ValueError(f"blur_kernel={blur_kernel} must be odd (see blur_kernel_size)")
         self.jitter, self.jitter_prob, self.grayscale_prob = jitter, jitter_prob, grayscale_prob
         self.blur_prob = blur_prob if blur_kernel >= MIN_BLUR_KERNEL else 0.0
-        self.blur_kernel, self.blur_sigma, self.solarize_prob = blur_kernel | 1, blur_sigma, solarize_prob
+        self.blur_kernel, self.blur_sigma, self.solarize_prob = blur_kernel, blur_sigma, solarize_prob
         self.mean, self.std = mean, std
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

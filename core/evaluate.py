@@ -87,7 +87,7 @@ def evaluate(
     encoders = {"pretrained": load_encoder(path), "random init": load_encoder(path, pretrained=False)}
     train_x, train_t = features(encoders, train, train_limit, batch_size, num_workers, target)
     val_x, val_t = features(encoders, val, val_limit, batch_size, num_workers, target)
-    classes = {value: i for i, value in enumerate(sorted(set(train_t) | set(val_t)))}  # labels map to themselves in order
+    classes = {value: i for i, value in enumerate(sorted(set(train_t) | set(val_t)))}  # the same indices on both splits
     train_y, val_y = (torch.tensor([classes[t] for t in ts]) for ts in (train_t, val_t))
     return {name: probe_scores(train_x[name], train_y, val_x[name], val_y) for name in train_x}
 
