@@ -1,7 +1,15 @@
-"""Fixtures more than one test module uses."""
+"""Fixtures and helpers more than one test module uses."""
 
+import csv
+import glob
+import os
+
+import braceexpand
 import pytest
 import torch
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -23,3 +31,35 @@ def noisy_views(n: int, size: int = 16, seed: int = 0) -> dict:
 def flat(module: torch.nn.Module) -> torch.Tensor:
     """A detached copy of every parameter of ``module``, flattened into one vector (to compare before and after a step)."""
     return torch.cat([p.detach().flatten() for p in module.parameters()]).clone()
+
+
+def mae_demo_run(model_class, recipe: str, tmp_path, *extra_args: str):
+    """Run ``recipes/<recipe>/configs/demo.yaml`` for 3 tiny steps with its outputs in ``tmp_path``, check that
+    it logged the losses and probe accuracies and saved train and val reconstruction pictures; return the CLI."""
+    from core.cli import run  # imports lightning, which most test modules never need: only when a demo runs
+
+    config = os.path.join(ROOT, "recipes", recipe, "configs", "demo.yaml")
+    with open(config) as f:
+        data = yaml.safe_load(f)["data"]
+    shards = [os.path.join(ROOT, url) for split in ("train", "val") for url in braceexpand.braceexpand(data[split])]
+    missing = [url for url in shards if not os.path.isfile(url)]
+    if missing:
+        pytest.fail(f"{len(missing)} demo shards are missing, e.g. {missing[0]}: build them with `make data`")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(ROOT)  # the demo configs name the shards relative to the repository
+        cli = run(model_class, args=[
+            "fit", "--config", config,
+            "--data.batch_size=4", "--data.val_batch_size=10", "--data.num_workers=0",
+            "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=2", "--trainer.num_sanity_val_steps=0",
+            "--model.pictures_every_n_steps=2",
+            f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+            f"--checkpoint.dirpath={tmp_path}/checkpoints", *extra_args,
+        ])  # fmt: skip
+    assert cli.trainer.global_step == 3
+    log_dir = cli.trainer.log_dir
+    with open(os.path.join(log_dir, "metrics.csv")) as f:
+        logged = {key for row in csv.DictReader(f) for key, value in row.items() if value}
+    assert {"train/loss", "val/loss", "probe/linear_acc", "probe/knn_acc"} <= logged
+    assert os.path.isfile(os.path.join(log_dir, "reconstructions", "train_step0000000.png"))
+    assert glob.glob(os.path.join(log_dir, "reconstructions", "val_step*.png"))
+    return cli

@@ -2,23 +2,16 @@
 time/frequency masking, the loss on hidden patches only, a one-batch overfit, bad configurations, and the
 demo config end to end through the CLI, export and load_encoder."""
 
-import csv
-import glob
-import json
-import os
-
 import pytest
 import torch
 
 from core import load_encoder
 from core.augment import log_mel
-from core.cli import run
 from core.export import export_checkpoint
 from core.masking import whole
 from recipes.audiomae.model import AudioMAE, roll_and_scale
+from conftest import mae_demo_run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_INFO = os.path.join(ROOT, "data", "demo", "audio", "info.json")
 # 0.25 s at 8 kHz: 23 Kaldi frames, cropped to 16; 32 mel bins; 8x8 patches: a (4, 2) grid.
 TINY = dict(
     sample_rate=8000, seconds=0.25, n_mels=32, n_frames=16, patch_size=8, size="tiny", encoder_depth=1,
@@ -115,32 +108,8 @@ def test_waveforms_of_the_wrong_length_are_named():
         AudioMAE(**TINY).spectrogram(waves(seconds=0.125))
 
 
-def demo_patterns() -> dict:
-    if not os.path.isfile(DEMO_INFO):
-        pytest.fail(f"{DEMO_INFO} is missing: build the demo shards with `make data`")
-    with open(DEMO_INFO) as f:
-        splits = json.load(f)["splits"]
-    return {split: os.path.relpath(splits[split]["pattern"], ROOT) for split in ("train", "val")}
-
-
-def test_demo_config_trains_logs_pictures_and_exports_an_encoder_that_takes_waveforms(tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)  # the demo config names the shards relative to the repository
-    patterns = demo_patterns()
-    cli = run(AudioMAE, args=[
-        "fit", "--config", os.path.join(ROOT, "recipes/audiomae/configs/demo.yaml"),
-        f"--data.train={patterns['train']}", f"--data.val={patterns['val']}",
-        "--data.batch_size=4", "--data.val_batch_size=10", "--data.num_workers=0",
-        "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=2", "--trainer.num_sanity_val_steps=0",
-        "--model.pictures_every_n_steps=2",
-        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
-        f"--checkpoint.dirpath={tmp_path}/checkpoints",
-    ])  # fmt: skip
-    model, log_dir = cli.model, cli.trainer.log_dir
-    with open(os.path.join(log_dir, "metrics.csv")) as f:
-        logged = {key for row in csv.DictReader(f) for key, value in row.items() if value}
-    assert {"train/loss", "val/loss", "probe/linear_acc", "probe/knn_acc"} <= logged
-    assert glob.glob(os.path.join(log_dir, "reconstructions", "train_step*.png"))
-    assert glob.glob(os.path.join(log_dir, "reconstructions", "val_step*.png"))
+def test_demo_config_trains_logs_pictures_and_exports_an_encoder_that_takes_waveforms(tmp_path):
+    model = mae_demo_run(AudioMAE, "audiomae", tmp_path).model
 
     (folder,) = export_checkpoint(str(tmp_path / "checkpoints" / "last.ckpt"), str(tmp_path / "export"))
     encoder = load_encoder(folder)

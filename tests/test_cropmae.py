@@ -2,24 +2,18 @@
 view through cross-attention, the loss on hidden local patches only, a one-batch overfit, bad
 configurations, and the demo config end to end through the CLI, export and load_encoder."""
 
-import csv
-import glob
-import os
-
 import pytest
 import torch
 
 from core import load_encoder
-from core.cli import run
 from core.export import export_checkpoint
 from core.losses import masked_patch_loss
 from core.masking import patchify
 from recipes.cropmae.model import CropMAE, center_crop_resized, visible_count
+from conftest import mae_demo_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "recipes/cropmae/configs/demo.yaml")
 # 16 px in 4-px patches: a 4x4 grid of 16 patches.
 TINY = dict(
     image_size=16, patch_size=4, size="tiny", encoder_depth=1, decoder_dim=32, decoder_depth=1, decoder_heads=2,
@@ -122,24 +116,8 @@ def test_bad_configuration_is_refused_at_construction(change, message):
         CropMAE(**{**TINY, **change})
 
 
-def test_demo_config_trains_logs_pictures_and_exports_an_unmasked_encoder(tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)  # the demo config names the shards relative to the repository
-    if not glob.glob(os.path.join(ROOT, "data/demo/image/train-*.tar")):
-        pytest.fail("the demo image shards are missing: build them with `make data`")
-    cli = run(CropMAE, args=[
-        "fit", "--config", DEMO,
-        "--data.batch_size=8", "--data.val_batch_size=16", "--data.num_workers=0",
-        "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=2", "--trainer.num_sanity_val_steps=0",
-        "--model.pictures_every_n_steps=2",
-        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
-        f"--checkpoint.dirpath={tmp_path}/checkpoints",
-    ])  # fmt: skip
-    model, log_dir = cli.model, cli.trainer.log_dir
-    with open(os.path.join(log_dir, "metrics.csv")) as f:
-        logged = {key for row in csv.DictReader(f) for key, value in row.items() if value}
-    assert {"train/loss", "val/loss", "probe/linear_acc", "probe/knn_acc"} <= logged
-    assert glob.glob(os.path.join(log_dir, "reconstructions", "train_step*.png"))
-    assert glob.glob(os.path.join(log_dir, "reconstructions", "val_step*.png"))
+def test_demo_config_trains_logs_pictures_and_exports_an_unmasked_encoder(tmp_path):
+    model = mae_demo_run(CropMAE, "cropmae", tmp_path).model
 
     (folder,) = export_checkpoint(str(tmp_path / "checkpoints" / "last.ckpt"), str(tmp_path / "export"))
     encoder = load_encoder(folder)

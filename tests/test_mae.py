@@ -1,18 +1,12 @@
 """The image MAE recipe: its demo config through the real CLI, export, overfitting, bad input."""
 
-import glob
-import os
-
 import pytest
 import torch
 
 from core import load_encoder
-from core.cli import run
 from core.export import export_checkpoint
 from recipes.mae.model import MAE
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "recipes/mae/configs/demo.yaml")
+from conftest import mae_demo_run
 
 
 def small_mae(**kw):
@@ -20,27 +14,10 @@ def small_mae(**kw):
     return MAE(**{**args, **kw})
 
 
-def test_demo_config_trains_a_few_steps_and_exports(tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)
-    out = str(tmp_path)
-    cli = run(
-        MAE,
-        args=[
-            "fit", "--config", DEMO,
-            "--trainer.max_steps=3", "--trainer.limit_val_batches=2", "--trainer.val_check_interval=3",
-            f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
-            f"--checkpoint.dirpath={out}/ckpt", "--checkpoint.every_n_train_steps=3",
-            "--data.batch_size=16", "--data.num_workers=0", "--data.samples_per_epoch=48",
-            "--model.encoder_depth=2", "--model.pictures_every_n_steps=2",
-        ],
-    )  # fmt: skip
-    assert cli.trainer.global_step == 3
-    metrics = cli.trainer.callback_metrics
-    assert {"train/loss", "val/loss", "probe/linear_acc", "probe/knn_acc"} <= set(metrics)
-    assert glob.glob(f"{out}/logs/*/reconstructions/train_step0000000.png")
-    assert glob.glob(f"{out}/logs/*/reconstructions/val_step*.png")
+def test_demo_config_trains_a_few_steps_and_exports(tmp_path):
+    cli = mae_demo_run(MAE, "mae", tmp_path, "--model.encoder_depth=2")
 
-    (folder,) = export_checkpoint(f"{out}/ckpt/last.ckpt", f"{out}/export")
+    (folder,) = export_checkpoint(str(tmp_path / "checkpoints" / "last.ckpt"), str(tmp_path / "export"))
     enc = load_encoder(folder)
     assert enc.input["modality"] == "image" and enc.input["size"] == [32, 32]
     module = cli.model.eval()

@@ -1,25 +1,20 @@
 """VideoMAE recipe: tube masking, the loss on hidden tubelets only, per-tubelet targets, a one-batch overfit,
 bad configurations, and the demo config end to end through the CLI, export and load_encoder."""
 
-import csv
-import glob
-import json
 import os
 
 import pytest
 import torch
 
 from core import load_encoder
-from core.cli import run
 from core.export import export_checkpoint
 from core.losses import masked_patch_loss
 from core.masking import patchify, whole
 from recipes.videomae.model import VideoMAE, tubelet_targets
+from conftest import mae_demo_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_INFO = os.path.join(ROOT, "data", "demo", "video", "info.json")
 # 4 frames of 16 px in 2x4x4 tubelets: a (2, 4, 4) grid of 32 tokens, 16 places in space.
 TINY = dict(
     num_frames=4, stride=1, image_size=16, patch_size=4, tubelet_size=2, size="tiny", encoder_depth=1,
@@ -118,39 +113,8 @@ def test_clip_of_the_wrong_length_is_named():
         model.reconstruct(torch.randn(3, 3, 2, 16, 16))
 
 
-def demo_patterns() -> dict:
-    if not os.path.isfile(DEMO_INFO):
-        pytest.fail(f"{DEMO_INFO} is missing: build the demo shards with `make data`")
-    with open(DEMO_INFO) as f:
-        splits = json.load(f)["splits"]
-    return {split: os.path.relpath(splits[split]["pattern"], ROOT) for split in ("train", "val")}
-
-
-def cli_args(tmp_path, *extra: str) -> list[str]:
-    """The demo config with its data, a few tiny steps and the outputs in tmp_path."""
-    patterns = demo_patterns()
-    return [
-        "fit", "--config", os.path.join(ROOT, "recipes/videomae/configs/demo.yaml"),
-        f"--data.train={patterns['train']}", f"--data.val={patterns['val']}",
-        "--data.batch_size=4", "--data.val_batch_size=10", "--data.num_workers=0",
-        "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=2", "--trainer.num_sanity_val_steps=0",
-        "--model.pictures_every_n_steps=2",
-        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
-        f"--checkpoint.dirpath={tmp_path}/checkpoints", *extra,
-    ]  # fmt: skip
-
-
-def test_demo_config_trains_logs_pictures_and_exports_an_unmasked_encoder(tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)  # the demo config names the shards relative to the repository
-    cli = run(VideoMAE, args=cli_args(tmp_path))
-    model = cli.model
-    log_dir = cli.trainer.log_dir
-    with open(os.path.join(log_dir, "metrics.csv")) as f:
-        rows = list(csv.DictReader(f))
-    logged = {key for row in rows for key, value in row.items() if value}
-    assert {"train/loss", "val/loss", "probe/linear_acc", "probe/knn_acc"} <= logged
-    assert glob.glob(os.path.join(log_dir, "reconstructions", "train_step*.png"))
-    assert glob.glob(os.path.join(log_dir, "reconstructions", "val_step*.png"))
+def test_demo_config_trains_logs_pictures_and_exports_an_unmasked_encoder(tmp_path):
+    model = mae_demo_run(VideoMAE, "videomae", tmp_path).model
 
     (folder,) = export_checkpoint(str(tmp_path / "checkpoints" / "last.ckpt"), str(tmp_path / "export"))
     encoder = load_encoder(folder)
@@ -164,9 +128,8 @@ def test_demo_config_trains_logs_pictures_and_exports_an_unmasked_encoder(tmp_pa
         torch.testing.assert_close(encoder(video), model.embed({"video": video}), rtol=0, atol=0)
 
 
-def test_clip_shorter_than_the_configured_frames_fails_before_the_first_step(tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)
+def test_clip_shorter_than_the_configured_frames_fails_before_the_first_step(tmp_path):
     too_long = [f"--data.{split}_transform.init_args.num_frames=20" for split in ("train", "val")]
     with pytest.raises(RuntimeError, match="has 16 frames, but num_frames=20 with stride=2 needs at least 39"):
-        run(VideoMAE, args=cli_args(tmp_path, "--model.num_frames=20", *too_long))
+        mae_demo_run(VideoMAE, "videomae", tmp_path, "--model.num_frames=20", *too_long)
     assert not os.path.exists(tmp_path / "checkpoints" / "last.ckpt")
