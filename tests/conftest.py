@@ -4,10 +4,11 @@ import csv
 import glob
 import os
 
-import braceexpand
 import pytest
 import torch
 import yaml
+
+from core.data.shards import local_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,10 +42,11 @@ def mae_demo_run(model_class, recipe: str, tmp_path, *extra_args: str):
     config = os.path.join(ROOT, "recipes", recipe, "configs", "demo.yaml")
     with open(config) as f:
         data = yaml.safe_load(f)["data"]
-    shards = [os.path.join(ROOT, url) for split in ("train", "val") for url in braceexpand.braceexpand(data[split])]
-    missing = [url for url in shards if not os.path.isfile(url)]
-    if missing:
-        pytest.fail(f"{len(missing)} demo shards are missing, e.g. {missing[0]}: build them with `make data`")
+    try:
+        for split in ("train", "val"):
+            local_files(os.path.join(ROOT, data[split]))
+    except FileNotFoundError as error:
+        pytest.fail(f"{error}: build the demo shards with `make data`")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(ROOT)  # the demo configs name the shards relative to the repository
         cli = run(model_class, args=[
