@@ -176,3 +176,14 @@ def test_supervised_reference_trains_and_reports(builds, capsys, monkeypatch):
     supervised_reference.main(["--demo", builds["seed0"], "--steps", "2", "--batch-size", "8", "--width", "4"])
     row = capsys.readouterr().out.strip().splitlines()[-1].split("|")
     assert row[1].strip() == "with labels" and 0 <= float(row[2]) <= 100 and 0 <= float(row[3]) <= 100
+
+
+def test_audio_loss_floor_is_below_predicting_zero_and_above_zero(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "data"))
+    import audio_loss_floor
+
+    oracle, zero = audio_loss_floor.loss_floor(clips=3, draws=8)
+    # A normalised target with the unbiased variance scores (n - 1) / n against zero, n = 256 values per patch.
+    assert zero == pytest.approx(255 / 256, abs=1e-3)  # the 1e-6 added to the variance moves it a little
+    # Knowing the event and the noise spectrum explains part of each patch, never the noise draw itself.
+    assert 0.3 < oracle < 0.9 * zero
