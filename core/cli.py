@@ -14,15 +14,30 @@ and is driven by YAML: `python recipes/mae/train.py fit --config recipes/mae/con
 from __future__ import annotations
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+import torch
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from core.probe import OnlineProbe
 
 
+class RankSeed(Callback):
+    """Gives every rank its own stream of torch random numbers for what the training process draws (masks,
+    colour steps with `device_color`), as the official MAE code seeds each process with seed + rank.
+
+    `seed_everything` seeds every rank alike, so without this the i-th sample of each rank's batch would get
+    the same mask. It runs after the model is built (ranks start from the same weights, as DDP needs) and
+    leaves rank 0's stream alone, so a one-process run draws what it drew before. Data workers are seeded
+    by the data module from (seed, rank, worker, step)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.global_rank > 0:
+            torch.manual_seed(torch.initial_seed() + trainer.global_rank)
+
+
 class RecipeCLI(LightningCLI):
-    """Adds, to every recipe, an online probe (`probe.*`) and checkpointing that keeps `last.ckpt`
-    (`checkpoint.*`), so `fit --ckpt_path last` resumes a broken run."""
+    """Adds, to every recipe, an online probe (`probe.*`), checkpointing that keeps `last.ckpt`
+    (`checkpoint.*`), so `fit --ckpt_path last` resumes a broken run, and `RankSeed`."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(OnlineProbe, "probe")
@@ -41,6 +56,7 @@ def run(model_class: type[L.LightningModule], datamodule_class: type[L.Lightning
         model_class,
         datamodule_class,
         seed_everything_default=0,
+        trainer_defaults={"callbacks": [RankSeed()]},
         save_config_kwargs={"overwrite": True},
         args=args,
     )

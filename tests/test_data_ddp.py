@@ -1,6 +1,7 @@
 """ShardDataModule in a real 2-process DDP run (Lightning Trainer, strategy="ddp", gloo on CPU, 2 DataLoader
 workers per rank): every rank trains on the same number of batches from its own train shards, and the
-validation shards are split over ranks and workers so that every sample is read exactly once.
+validation shards are split over ranks and workers so that every sample is read exactly once. With
+core.cli.RankSeed, the ranks start from the same weights and draw different random numbers in training.
 
 The run is started once for the module, as users start it: this file runs as a script and Lightning's
 launcher starts the second rank the same way. Each rank writes what it saw to a JSON file that the tests read.
@@ -12,11 +13,13 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 
+from core.cli import RankSeed
 from core.data import ShardDataModule
 from test_data_stream import VectorTransform, write_vectors
 
@@ -34,13 +37,19 @@ class RecordingModel(L.LightningModule):
         self.train_batches: list[list[str]] = []  # per epoch: the url of every training sample
         self.val_keys: list[list[str]] = []  # per epoch: the key of every validation sample
         self.val_urls: list[list[str]] = []
+        self.draws: list[float] = []  # torch.rand in the first training step, as a mask or a colour step draws
 
     def on_train_epoch_start(self):
         self.train_batches.append([])
 
     def training_step(self, batch, batch_idx):
+        if not self.draws:
+            self.draws = torch.rand(4).tolist()
         self.train_batches[-1].append(batch["__url__"])
         return torch.nn.functional.mse_loss(self.layer(batch["x"]).squeeze(1), batch["label"].float())
+
+    def on_fit_start(self):
+        self.initial_weight = self.layer.weight.tolist()
 
     def on_validation_epoch_start(self):
         self.val_keys.append([])
@@ -60,6 +69,8 @@ class RecordingModel(L.LightningModule):
             "val_urls": self.val_urls,
             "batches_per_epoch": self.trainer.datamodule.batches_per_epoch(),
             "num_training_batches": self.trainer.num_training_batches,
+            "draws": self.draws,
+            "initial_weight": self.initial_weight,
         }
         with open(f"{self.out_dir}/rank{self.global_rank}.json", "w") as f:
             json.dump(record, f)
@@ -70,11 +81,12 @@ class RecordingModel(L.LightningModule):
 
 def run(train: str, val: str, out_dir: str) -> None:
     """One rank of the DDP run (Lightning starts the other by running this script again)."""
+    L.seed_everything(0)  # as the recipes' CLI does, on every rank
     dm = ShardDataModule(train, val=val, batch_size=BATCH, num_workers=WORKERS, samples_per_epoch=SAMPLES_PER_EPOCH,
                          train_transform=VectorTransform(), val_transform=VectorTransform())  # fmt: skip
     trainer = L.Trainer(accelerator="cpu", devices=WORLD, strategy="ddp", max_epochs=EPOCHS, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, default_root_dir=out_dir)  # fmt: skip
+                        num_sanity_val_steps=0, default_root_dir=out_dir, callbacks=[RankSeed()])  # fmt: skip
     trainer.fit(RecordingModel(out_dir), dm)
 
 
@@ -119,6 +131,22 @@ def test_val_shards_are_read_once_over_ranks_and_workers(ranks):
         assert urls[0].isdisjoint(urls[1]) and len(urls[0]) == 2 and len(urls[1]) == 1
 
 
+@pytest.mark.timeout(120)
+def test_ranks_start_alike_and_draw_their_own_random_numbers(ranks):
+    assert ranks[0]["initial_weight"] == ranks[1]["initial_weight"]
+    assert ranks[0]["draws"] != ranks[1]["draws"]
+
+
+def test_rank_seed_leaves_rank_zero_alone_and_reseeds_the_others():
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    for rank, changed in ((0, False), (1, True)):
+        torch.manual_seed(0)
+        RankSeed().setup(SimpleNamespace(global_rank=rank), None, "fit")
+        assert torch.equal(torch.rand(4), expected) != changed
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     run(*sys.argv[1:])
+
