@@ -62,6 +62,23 @@ def test_targets_are_tubelets_normalised_per_channel_and_map_back_to_pixels():
     assert stats is None and torch.equal(raw, patchify(video, (2, 4, 4)))
 
 
+def test_per_tubelet_targets_keep_the_colour_contrast_that_per_channel_targets_remove():
+    # A flat tubelet of one colour plus faint noise: per channel, each channel's target is the noise
+    # blown up to unit std; per tubelet (MAE-ST), the target is the colour contrast, and the noise stays faint.
+    noise = 0.01 * torch.randn(1, 3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    video = torch.tensor([1.0, -1.0, 0.0]).view(1, 3, 1, 1, 1) + noise
+    per_channel, _ = tubelet_targets(video, (2, 4, 4), normalize=True)
+    per_tubelet, (mean, std) = tubelet_targets(video, (2, 4, 4), normalize=True, per_channel=False)
+    assert mean.shape == std.shape == (1, 1, 1, 1)
+    torch.testing.assert_close(per_tubelet.mean(), torch.tensor(0.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(per_tubelet.std(), torch.tensor(1.0), atol=1e-5, rtol=0)
+    channel_means = per_tubelet.view(32, 3).mean(0)  # the colour, in units of the tubelet's std
+    torch.testing.assert_close(channel_means, torch.tensor([1.22, -1.22, 0.0]), atol=0.02, rtol=0)
+    assert per_tubelet.view(32, 3).std(0).max() < 0.05  # noise stays small
+    torch.testing.assert_close(per_channel.view(32, 3).std(0), torch.ones(3), atol=1e-4, rtol=0)  # noise at unit std
+    torch.testing.assert_close((per_tubelet.view(1, 1, 32, 3) * std + mean).flatten(2), patchify(video, (2, 4, 4)))
+
+
 def test_embed_sees_every_tubelet_unmasked():
     torch.manual_seed(0)
     model = VideoMAE(**TINY).eval()

@@ -30,11 +30,15 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
-def tubelet_targets(video: torch.Tensor, patch_size: tuple[int, int, int], normalize: bool):
+def tubelet_targets(video: torch.Tensor, patch_size: tuple[int, int, int], normalize: bool, per_channel: bool = True):
     """VideoMAE's reconstruction targets: (B, 3, T, H, W) -> (B, N, pt*ph*pw*3), and the per-tubelet
-    (mean, std), each (B, N, 1, 3), that map normalised predictions back to pixels (None without `normalize`).
+    (mean, std), each (B, N, 1, 3) per channel or (B, N, 1, 1) per tubelet, that map normalised predictions
+    back to pixels (None without `normalize`).
 
-    Each tubelet is normalised per channel (unbiased std, + 1e-6), as VideoMAE's `normlize_target`.
+    per_channel: each tubelet normalised per channel (unbiased std, + 1e-6), as VideoMAE's `normlize_target`;
+    otherwise over all its values at once, as MAE and MAE-ST (Feichtenhofer et al., "Masked Autoencoders As
+    Spatiotemporal Learners", 2022). On small tubelets of a flat background, one channel's std is sensor
+    noise, so a per-channel target is mostly noise; a per-tubelet target keeps the colour contrast.
     VideoMAE first undoes the ImageNet normalisation; a per-channel affine map leaves the per-channel
     normalised tubelet unchanged, so that step is skipped here.
     """
@@ -43,8 +47,9 @@ def tubelet_targets(video: torch.Tensor, patch_size: tuple[int, int, int], norma
         return patches, None
     B, N, _ = patches.shape
     patches = patches.view(B, N, -1, video.shape[1])  # (B, N, P, C)
-    mean = patches.mean(dim=2, keepdim=True)
-    std = patches.var(dim=2, unbiased=True, keepdim=True).sqrt() + 1e-6
+    dims = 2 if per_channel else (2, 3)
+    mean = patches.mean(dim=dims, keepdim=True)
+    std = patches.var(dim=dims, unbiased=True, keepdim=True).sqrt() + 1e-6
     return ((patches - mean) / std).flatten(2), (mean, std)
 
 
@@ -52,6 +57,8 @@ class VideoMAE(L.LightningModule):
     """num_frames/stride/image_size: the clip the data transform gives (paper: 16 frames, stride 4 on
     Kinetics, 2 on Something-Something v2, 224 px); `stride` is recorded for export (core.evaluate samples
     clips with it). patch_size/tubelet_size: tubelets of tubelet_size x patch_size x patch_size (paper: 2x16x16).
+    norm_pix_loss/norm_per_channel: normalised targets, per channel (VideoMAE) or per tubelet (MAE-ST);
+    see `tubelet_targets`.
     size/encoder_depth/pool: the ViT encoder (paper: base, mean pooling of the patch tokens).
     decoder_*: the decoder (paper, ViT-B: 4 blocks, 384 wide, 6 heads).
     base_lr: learning rate per 256 clips of effective batch (paper: 1.5e-4); AdamW, betas (0.9, 0.95),
@@ -75,6 +82,7 @@ class VideoMAE(L.LightningModule):
         decoder_heads: int = 6,
         mask_ratio: float = 0.9,
         norm_pix_loss: bool = True,
+        norm_per_channel: bool = True,
         base_lr: float = 1.5e-4,
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -109,7 +117,7 @@ class VideoMAE(L.LightningModule):
         keep_idx, mask = tube_mask(video.shape[0], self.encoder.grid, self.hparams.mask_ratio, video.device, generator)
         tokens = self.encoder.tokens(video, keep_idx)  # (B, 1 + K, D): visible tubelets only
         pred = self.decoder(tokens, keep_idx)  # (B, N, P)
-        target, stats = tubelet_targets(video, self.patch, self.hparams.norm_pix_loss)
+        target, stats = tubelet_targets(video, self.patch, self.hparams.norm_pix_loss, self.hparams.norm_per_channel)
         loss = masked_patch_loss(pred, target, mask, norm_pix=False)  # targets are normalised above
         return loss, pred, mask, stats
 
