@@ -34,6 +34,7 @@ class RecordingModel(L.LightningModule):
         super().__init__()
         self.out_dir = out_dir
         self.layer = torch.nn.Linear(4, 1)
+        self.initial_weight = self.layer.weight.tolist()  # as built, before DDP broadcasts rank 0's weights
         self.train_batches: list[list[str]] = []  # per epoch: the url of every training sample
         self.val_keys: list[list[str]] = []  # per epoch: the key of every validation sample
         self.val_urls: list[list[str]] = []
@@ -47,9 +48,6 @@ class RecordingModel(L.LightningModule):
             self.draws = torch.rand(4).tolist()
         self.train_batches[-1].append(batch["__url__"])
         return torch.nn.functional.mse_loss(self.layer(batch["x"]).squeeze(1), batch["label"].float())
-
-    def on_fit_start(self):
-        self.initial_weight = self.layer.weight.tolist()
 
     def on_validation_epoch_start(self):
         self.val_keys.append([])
