@@ -23,10 +23,17 @@ class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise adaptive rate scaling (You et al., "Large Batch Training of
     Convolutional Networks", 2017), as BYOL, Barlow Twins and VICReg use it: each parameter's update is
     scaled by trust * ||w|| / ||grad + wd * w||; groups with `lars_exclude` (biases, norms) skip both the
-    scaling and weight decay."""
+    scaling and weight decay.
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, trust_coefficient: float = 0.001):
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, lars_exclude=False)
+    clip: LARC's clip mode (NVIDIA apex; solo-learn's ``clip_lr``, on in its CIFAR configs): the scaled
+    rate is capped at the global one, lr * min(trust * ||w|| / ||u|| / lr, 1), so a layer takes plain
+    SGD steps (lr * u) until they would exceed trust * ||w||. Without it every adapted layer moves by
+    lr * trust * ||w|| per step whatever its gradient's size."""
+
+    def __init__(
+        self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, trust_coefficient: float = 0.001, clip: bool = False
+    ):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, clip=clip, lars_exclude=False)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -43,9 +50,10 @@ class LARS(torch.optim.Optimizer):
                 if not group["lars_exclude"]:
                     update = update.add(p, alpha=group["weight_decay"])
                     w_norm, u_norm = torch.norm(p), torch.norm(update)
-                    trust = torch.where(
-                        (w_norm > 0) & (u_norm > 0), group["trust_coefficient"] * w_norm / u_norm, torch.ones_like(w_norm)
-                    )
+                    trust = group["trust_coefficient"] * w_norm / u_norm
+                    if group["clip"]:
+                        trust = (trust / group["lr"]).clamp(max=1.0)
+                    trust = torch.where((w_norm > 0) & (u_norm > 0), trust, torch.ones_like(w_norm))
                     update = update * trust
                 state = self.state[p]
                 if "momentum_buffer" not in state:

@@ -232,13 +232,16 @@ def test_param_groups_split_one_dim_params_out():
     assert no_decay["lars_exclude"] and not decay.get("lars_exclude", False)
 
 
-def lars_by_hand(w, b, grads, lr, momentum, wd, eta):
-    """Two LARS steps on a weight (adapted, decayed) and a bias (excluded), elementwise in numpy."""
+def lars_by_hand(w, b, grads, lr, momentum, wd, eta, clip=False):
+    """Two LARS steps on a weight (adapted, decayed) and a bias (excluded), elementwise in numpy; with
+    ``clip``, apex LARC's clip mode: adaptive_lr = min(adaptive_lr / lr, 1)."""
     w, b = w.copy(), b.copy()
     buf_w, buf_b = None, None
     for g_w, g_b in grads:
         update = g_w + wd * w
         trust = eta * math.sqrt((w**2).sum()) / math.sqrt((update**2).sum())
+        if clip:
+            trust = min(trust / lr, 1.0)
         update = update * trust
         buf_w = update if buf_w is None else momentum * buf_w + update
         buf_b = g_b if buf_b is None else momentum * buf_b + g_b
@@ -247,19 +250,26 @@ def lars_by_hand(w, b, grads, lr, momentum, wd, eta):
     return w, b
 
 
-def test_lars_two_steps_against_hand_computation():
+@pytest.mark.parametrize(
+    "clip, grad_scale, lr",
+    [(False, 1.0, 0.5), (True, 1.0, 0.5), (True, 1e-3, 0.05)],
+    ids=["no clip", "clip, large grad (scaled rate)", "clip, small grad (capped at lr)"],
+)
+def test_lars_two_steps_against_hand_computation(clip, grad_scale, lr):
     torch.manual_seed(0)
     layer = nn.Linear(3, 2).double()
     w0, b0 = layer.weight.detach().numpy().copy(), layer.bias.detach().numpy().copy()
-    opt = LARS(param_groups(layer, weight_decay=0.1), lr=0.5, momentum=0.9, trust_coefficient=0.02)
+    opt = LARS(param_groups(layer, weight_decay=0.1), lr=lr, momentum=0.9, trust_coefficient=0.02, clip=clip)
     grads = []
     for seed in (1, 2):
         g = torch.Generator().manual_seed(seed)
-        layer.weight.grad = torch.randn(2, 3, generator=g, dtype=torch.float64)
+        layer.weight.grad = grad_scale * torch.randn(2, 3, generator=g, dtype=torch.float64)
         layer.bias.grad = torch.randn(2, generator=g, dtype=torch.float64)
         grads.append((layer.weight.grad.numpy().copy(), layer.bias.grad.numpy().copy()))
         opt.step()
-    w, b = lars_by_hand(w0, b0, grads, lr=0.5, momentum=0.9, wd=0.1, eta=0.02)
+    first_trust = 0.02 * np.linalg.norm(w0) / np.linalg.norm(grads[0][0] + 0.1 * w0)
+    assert (first_trust > lr) == (grad_scale < 1)  # each case is in the regime its id names
+    w, b = lars_by_hand(w0, b0, grads, lr=lr, momentum=0.9, wd=0.1, eta=0.02, clip=clip)
     np.testing.assert_allclose(layer.weight.detach().numpy(), w, rtol=1e-12)
     np.testing.assert_allclose(layer.bias.detach().numpy(), b, rtol=1e-12)
 

@@ -33,7 +33,8 @@ class BarlowTwins(L.LightningModule):
     both decay and adaptation off for biases and norms; linear warmup for `warmup_epochs` (paper: 10), then
     cosine to 1/1000 of the peak. mean/std: the input normalisation of the data transform (for export).
     lars_trust: LARS's trust coefficient (paper: 1e-3; solo-learn's CIFAR runs use 0.02, which moves
-    weights faster in a short run).
+    weights faster in a short run). lars_clip: cap each layer's scaled rate at the global one (LARC's clip
+    mode, on in solo-learn's CIFAR runs; see core.optim.LARS).
     """
 
     def __init__(
@@ -46,6 +47,7 @@ class BarlowTwins(L.LightningModule):
         lr_biases: float = 0.0048,
         weight_decay: float = 1.5e-6,
         lars_trust: float = 1e-3,
+        lars_clip: bool = False,
         warmup_epochs: float = 10,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
@@ -81,7 +83,7 @@ class BarlowTwins(L.LightningModule):
         weights, biases = param_groups(self, self.hparams.weight_decay)  # biases and norms: no decay, no LARS
         weights["lr"] = scaled_lr(self.hparams.lr_weights, self.trainer)
         biases["lr"] = scaled_lr(self.hparams.lr_biases, self.trainer)
-        optimizer = LARS([weights, biases], lr=weights["lr"], momentum=0.9, trust_coefficient=self.hparams.lars_trust)
+        optimizer = LARS([weights, biases], lr=weights["lr"], momentum=0.9, trust_coefficient=self.hparams.lars_trust, clip=self.hparams.lars_clip)
         warmup, total = warmup_and_total_steps(self.trainer, self.hparams.warmup_epochs)
         return {"optimizer": optimizer, "lr_scheduler": step_scheduler(optimizer, WarmupCosine(warmup, total, min_ratio=1e-3))}
 

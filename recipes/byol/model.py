@@ -33,7 +33,8 @@ class BYOL(L.LightningModule):
     weight decay 1.5e-6, biases and norms excluded from both; linear warmup for `warmup_epochs` (paper: 10),
     then cosine to zero. mean/std: the input normalisation the data transform applies (recorded for export).
     lars_trust: LARS's trust coefficient (paper: 1e-3; solo-learn's CIFAR runs use 0.02, which moves
-    weights faster in a short run).
+    weights faster in a short run). lars_clip: cap each layer's scaled rate at the global one (LARC's clip
+    mode, on in solo-learn's CIFAR runs; see core.optim.LARS).
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class BYOL(L.LightningModule):
         base_lr: float = 0.2,
         weight_decay: float = 1.5e-6,
         lars_trust: float = 1e-3,
+        lars_clip: bool = False,
         warmup_epochs: float = 10,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
@@ -97,7 +99,7 @@ class BYOL(L.LightningModule):
     def configure_optimizers(self):
         lr = scaled_lr(self.hparams.base_lr, self.trainer)
         online = nn.ModuleList([self.backbone, self.projector, self.predictor])
-        optimizer = LARS(param_groups(online, self.hparams.weight_decay), lr=lr, momentum=0.9, trust_coefficient=self.hparams.lars_trust)
+        optimizer = LARS(param_groups(online, self.hparams.weight_decay), lr=lr, momentum=0.9, trust_coefficient=self.hparams.lars_trust, clip=self.hparams.lars_clip)
         warmup, total = warmup_and_total_steps(self.trainer, self.hparams.warmup_epochs)
         return {"optimizer": optimizer, "lr_scheduler": step_scheduler(optimizer, WarmupCosine(warmup, total))}
 

@@ -34,7 +34,8 @@ class VICReg(L.LightningModule):
     weight decay 1e-6, biases and norms excluded from both; linear warmup for `warmup_epochs` (paper: 10),
     then cosine to 1/1000 of the peak. mean/std: the input normalisation of the data transform (for export).
     lars_trust: LARS's trust coefficient (paper: 1e-3; solo-learn's CIFAR runs use 0.02, which moves
-    weights faster in a short run).
+    weights faster in a short run). lars_clip: cap each layer's scaled rate at the global one (LARC's clip
+    mode, on in solo-learn's CIFAR runs; see core.optim.LARS).
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class VICReg(L.LightningModule):
         base_lr: float = 0.2,
         weight_decay: float = 1e-6,
         lars_trust: float = 1e-3,
+        lars_clip: bool = False,
         warmup_epochs: float = 10,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
@@ -83,7 +85,7 @@ class VICReg(L.LightningModule):
 
     def configure_optimizers(self):
         lr = scaled_lr(self.hparams.base_lr, self.trainer)
-        optimizer = LARS(param_groups(self, self.hparams.weight_decay), lr=lr, momentum=0.9, trust_coefficient=self.hparams.lars_trust)
+        optimizer = LARS(param_groups(self, self.hparams.weight_decay), lr=lr, momentum=0.9, trust_coefficient=self.hparams.lars_trust, clip=self.hparams.lars_clip)
         warmup, total = warmup_and_total_steps(self.trainer, self.hparams.warmup_epochs)
         return {"optimizer": optimizer, "lr_scheduler": step_scheduler(optimizer, WarmupCosine(warmup, total, min_ratio=1e-3))}
 
