@@ -9,6 +9,10 @@ all seen through the deterministic evaluation view of the encoder's input (no au
 
 ``--target json.<field>`` probes another property of the samples than their class, read from their JSON
 metadata (``--target json.background`` on the demo images): what an encoder encodes besides what it should.
+
+``--attentive`` (ViT encoders) also fits an attentive probe on every patch token, as V-JEPA and AIM evaluate
+frozen encoders (core.probe.AttentivePooler), with the input's patches as the raw-input tokens: mean
+pooling can average away what only a few tokens hold, such as where in a clip a shape moves.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import json
 import torch
 
 from core.export import Encoder, load_encoder
-from core.probe import probe_scores
+from core.probe import attentive_probe_accuracy, probe_scores
 
 
 def eval_transform(spec: dict):
@@ -57,39 +61,54 @@ class WithTarget:
 
 
 @torch.no_grad()
-def features(encoders: dict[str, Encoder], urls: str, limit: int, batch_size: int, num_workers: int, target: str = "label"):
-    """{name: (N, D) features} for each encoder plus "raw input" (the encoder's input, flattened), and the
-    targets: class labels, or the JSON field's values (strings) with ``target="json.<field>"``."""
+def features(
+    encoders: dict[str, Encoder], urls: str, limit: int, batch_size: int, num_workers: int, target: str = "label", tokens: bool = False
+):
+    """{name: (N, D) features} for each encoder plus "raw input" (the encoder's input, flattened), the
+    targets (class labels, or the JSON field's values as strings with ``target="json.<field>"``), and with
+    ``tokens`` {name: (N, L, D') patch tokens} (fp16, to hold a whole split in memory), else None."""
     from core.data import read_batches
 
     first = next(iter(encoders.values()))
     key = first.input["modality"]
-    out = {name: [] for name in [*encoders, "raw input"]}
+    names = [*encoders, "raw input"]
+    out, out_tokens = {name: [] for name in names}, {name: [] for name in names}
     targets, seen = [], 0
     transform = WithTarget(eval_transform(first.input), target)
     for batch in read_batches(urls, transform, batch_size, num_workers=num_workers):
         x = batch[key]
         for name, enc in encoders.items():
             out[name].append(enc(x).float())
+            if tokens:
+                out_tokens[name].append(enc.tokens(x).half())
         out["raw input"].append(first.preprocess(x).flatten(1).float())
+        if tokens:
+            out_tokens["raw input"].append(first.raw_tokens(x).half())
         targets += batch["label"].tolist() if target == "label" else batch["target"]
         seen += len(x)
         if seen >= limit:
             break
-    return {k: torch.cat(v)[:limit] for k, v in out.items()}, targets[:limit]
+    pooled = {k: torch.cat(v)[:limit] for k, v in out.items()}
+    return pooled, targets[:limit], {k: torch.cat(v)[:limit] for k, v in out_tokens.items()} if tokens else None
 
 
 def evaluate(
     path: str, train: str, val: str, train_limit: int = 10_000, val_limit: int = 10_000, batch_size: int = 256,
-    num_workers: int = 2, target: str = "label",
+    num_workers: int = 2, target: str = "label", attentive: bool = False,
 ) -> dict:
     torch.manual_seed(0)
     encoders = {"pretrained": load_encoder(path), "random init": load_encoder(path, pretrained=False)}
-    train_x, train_t = features(encoders, train, train_limit, batch_size, num_workers, target)
-    val_x, val_t = features(encoders, val, val_limit, batch_size, num_workers, target)
+    if attentive:
+        encoders["pretrained"].vit_backbone()  # a clear error now, not after a pass over the data
+    train_x, train_t, train_tok = features(encoders, train, train_limit, batch_size, num_workers, target, attentive)
+    val_x, val_t, val_tok = features(encoders, val, val_limit, batch_size, num_workers, target, attentive)
     classes = {value: i for i, value in enumerate(sorted(set(train_t) | set(val_t)))}  # the same indices on both splits
     train_y, val_y = (torch.tensor([classes[t] for t in ts]) for ts in (train_t, val_t))
-    return {name: probe_scores(train_x[name], train_y, val_x[name], val_y) for name in train_x}
+    scores = {name: probe_scores(train_x[name], train_y, val_x[name], val_y) for name in train_x}
+    if attentive:
+        for name in scores:
+            scores[name]["attentive_acc"] = attentive_probe_accuracy(train_tok[name], train_y, val_tok[name], val_y)
+    return scores
 
 
 def main(argv=None) -> None:
@@ -101,13 +120,20 @@ def main(argv=None) -> None:
     parser.add_argument("--val-limit", type=int, default=10_000)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--target", default="label", help="what the probes predict: label, or json.<field> of the metadata")
+    parser.add_argument("--attentive", action="store_true", help="also fit an attentive probe on the patch tokens (ViT encoders)")
     parser.add_argument("--json", help="also write the scores to this file")
     args = parser.parse_args(argv)
-    scores = evaluate(args.encoder, args.train, args.val, args.train_limit, args.val_limit, num_workers=args.num_workers, target=args.target)
+    scores = evaluate(
+        args.encoder, args.train, args.val, args.train_limit, args.val_limit, num_workers=args.num_workers, target=args.target,
+        attentive=args.attentive,
+    )
     target = "" if args.target == "label" else f", predicting {args.target}"
-    print(f"\n| features ({args.encoder}{target}) | linear probe acc | kNN acc |\n|---|---|---|")
+    columns = ["linear_acc", "knn_acc"] + ["attentive_acc"] * args.attentive
+    header = {"linear_acc": "linear probe acc", "knn_acc": "kNN acc", "attentive_acc": "attentive probe acc"}
+    print(f"\n| features ({args.encoder}{target}) | " + " | ".join(header[c] for c in columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
     for name, s in scores.items():
-        print(f"| {name} | {100 * s['linear_acc']:.1f} | {100 * s['knn_acc']:.1f} |")
+        print(f"| {name} | " + " | ".join(f"{100 * s[c]:.1f}" for c in columns) + " |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(scores, f, indent=2)

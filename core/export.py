@@ -88,6 +88,24 @@ class Encoder(nn.Module):
             return self.tokenizer(list(x))
         return x
 
+    def tokens(self, x) -> torch.Tensor:
+        """(N, L, D): every patch token of a ViT backbone, for probes that read all of them
+        (core.probe.attentive_probe_accuracy); `forward` pools them into one vector."""
+        return self.vit_backbone().tokens(self.preprocess(x))[:, 1:]
+
+    def raw_tokens(self, x) -> torch.Tensor:
+        """(N, L, prod(patch) * C): the backbone's input cut into the patches it embeds, the raw-input
+        baseline for `tokens`."""
+        from core.masking import patchify
+
+        return patchify(self.preprocess(x), self.vit_backbone().patch_embed.patch_size)
+
+    def vit_backbone(self) -> nn.Module:
+        """The backbone, when it is a ViT (one with patch tokens); a clear error otherwise."""
+        if not hasattr(self.backbone, "patch_embed"):
+            raise ValueError(f"a {type(self.backbone).__name__} encoder has no patch tokens: token probes need a ViT")
+        return self.backbone
+
     def forward(self, x) -> torch.Tensor:
         x = self.preprocess(x)
         if isinstance(x, dict):

@@ -62,6 +62,74 @@ def linear_probe_accuracy(
         return (head(test_x).argmax(1) == test_y).float().mean().item()
 
 
+class AttentivePooler(torch.nn.Module):
+    """A learned query attends over a frozen encoder's tokens (B, N, D), then a linear classifier: the
+    attentive probe with which V-JEPA (Bardes et al. 2024) and AIM (El-Nouby et al. 2024) evaluate frozen
+    encoders. Mean pooling averages away what only a few tokens hold, such as where in a clip a shape
+    moves; the query can weigh those tokens. Takes standardised tokens (see `attentive_probe_accuracy`)."""
+
+    def __init__(self, dim: int, num_classes: int, heads: int = 4):
+        super().__init__()
+        from core.vit import CrossAttention
+
+        self.query = torch.nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.attn = CrossAttention(dim, heads if dim % heads == 0 else 1)
+        self.head = torch.nn.Linear(dim, num_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        pooled = self.attn(self.query.expand(tokens.shape[0], -1, -1), tokens)  # (B, 1, D)
+        return self.head(pooled[:, 0])  # (B, num_classes)
+
+
+def attentive_probe_accuracy(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    epochs: int = 30,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    weight_decay: float = 0.05,
+) -> float:
+    """Accuracy of an `AttentivePooler` fitted on frozen tokens train_x (N, L, D) with AdamW and a
+    one-epoch warmup then cosine, scored on test_x (M, L, D). Seeded, so the same tokens give the same
+    score.
+
+    Each dimension is standardised with the training tokens' statistics, as the linear probe does; not a
+    LayerNorm per token, which would erase what sets raw patches apart (a patch's mean brightness)."""
+    from core.schedules import WarmupCosine
+
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    flat = train_x.reshape(-1, train_x.shape[-1]).float()
+    mean, std = flat.mean(0), flat.std(0).clamp(min=1e-6)
+    del flat
+
+    def standardised(x):
+        return (x.float() - mean) / std
+
+    steps_per_epoch = max(train_x.shape[0] // batch_size, 1)
+    with torch.enable_grad(), torch.random.fork_rng():
+        torch.manual_seed(0)
+        probe = AttentivePooler(train_x.shape[-1], num_classes).to(train_x.device)
+        opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(steps_per_epoch, epochs * steps_per_epoch))
+        for _ in range(epochs):
+            order = torch.randperm(train_x.shape[0])
+            for i in range(steps_per_epoch):
+                idx = order[i * batch_size : (i + 1) * batch_size]
+                loss = F.cross_entropy(probe(standardised(train_x[idx])), train_y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, test_x.shape[0], 1024):
+            predicted = probe(standardised(test_x[start : start + 1024])).argmax(1)
+            correct += (predicted == test_y[start : start + 1024]).sum().item()
+    return correct / test_x.shape[0]
+
+
 def embedding_std(z: torch.Tensor) -> float:
     """Mean per-dimension std of L2-normalised embeddings (B, D). Healthy embeddings spread over the sphere
     and give about 1/sqrt(D); a collapsed encoder (every input mapped to one point) gives 0."""

@@ -111,21 +111,16 @@ def test_text_encoder_round_trip_ships_its_tokenizer(tmp_path):
         torch.testing.assert_close(enc(sentences), backbone(batch["input_ids"], batch["attention_mask"]), rtol=0, atol=0)
 
 
-def test_evaluate_probes_the_label_or_any_json_field(tmp_path, capsys):
-    """Samples whose label is noise but whose JSON 'tone' (dark or light) is plain in the pixels: the raw-input
-    probes must find the tone and not the label."""
+def tone_shards(tmp_path):
+    """8x8 images whose label is noise but whose JSON 'tone' (dark or light) is plain in the pixels:
+    60 training and 40 validation samples, one shard each."""
     import io
 
     import numpy as np
     from PIL import Image
 
     from core.data.write import write_shards
-    from core.evaluate import main as evaluate_main
 
-    backbone = ResNet(18, small_images=True, width=4)
-    spec = {"modality": "image", "size": [8, 8], "mean": [0.5] * 3, "std": [0.25] * 3}
-    fake_checkpoint(tmp_path / "last.ckpt", backbone, spec)
-    (folder,) = export_checkpoint(str(tmp_path / "last.ckpt"), str(tmp_path / "out"))
     rng = np.random.default_rng(0)
 
     def samples(n, prefix):
@@ -138,7 +133,19 @@ def test_evaluate_probes_the_label_or_any_json_field(tmp_path, capsys):
 
     write_shards(samples(60, "t"), str(tmp_path / "train-%06d.tar"))
     write_shards(samples(40, "v"), str(tmp_path / "val-%06d.tar"))
-    common = [folder, "--train", str(tmp_path / "train-000000.tar"), "--val", str(tmp_path / "val-000000.tar"), "--num-workers", "0"]
+    return ["--train", str(tmp_path / "train-000000.tar"), "--val", str(tmp_path / "val-000000.tar"), "--num-workers", "0"]
+
+
+IMAGE_8PX = {"modality": "image", "size": [8, 8], "mean": [0.5] * 3, "std": [0.25] * 3}
+
+
+def test_evaluate_probes_the_label_or_any_json_field(tmp_path, capsys):
+    """The raw-input probes must find the tone and not the label."""
+    from core.evaluate import main as evaluate_main
+
+    fake_checkpoint(tmp_path / "last.ckpt", ResNet(18, small_images=True, width=4), IMAGE_8PX)
+    (folder,) = export_checkpoint(str(tmp_path / "last.ckpt"), str(tmp_path / "out"))
+    common = [folder, *tone_shards(tmp_path)]
     rows = {}
     for target in ("label", "json.tone"):
         evaluate_main([*common, "--target", target])
@@ -148,3 +155,32 @@ def test_evaluate_probes_the_label_or_any_json_field(tmp_path, capsys):
     assert rows["label"]["raw input"] < 80.0
     with pytest.raises(RuntimeError, match="no JSON field 'colour'"):  # the data layer names the sample's transform
         evaluate_main([*common, "--target", "json.colour"])
+
+
+def test_evaluate_attentive_probe_on_vit_tokens(tmp_path, capsys):
+    """--attentive adds a column scored on every patch token; the raw-input tokens are the 4x4 patches the
+    ViT embeds, in which the tone is plain; encoders without patch tokens are refused before any data is read."""
+    from core.evaluate import main as evaluate_main
+    from core.masking import patchify
+
+    backbone = ViT((8, 8), (4, 4), size="tiny", dim=16, depth=1, heads=2, pool="mean").eval()
+    fake_checkpoint(tmp_path / "vit.ckpt", backbone, IMAGE_8PX)
+    (folder,) = export_checkpoint(str(tmp_path / "vit.ckpt"), str(tmp_path / "vit"))
+    enc, x = load_encoder(folder), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.tokens(x), backbone.tokens(x)[:, 1:])  # (2, 4, 16): no class token
+    torch.testing.assert_close(enc.raw_tokens(x), patchify(x, (4, 4)))  # (2, 4, 48)
+
+    shards = tone_shards(tmp_path)
+    evaluate_main([folder, *shards, "--target", "json.tone", "--attentive"])
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("| features"))
+    assert header.endswith("| linear probe acc | kNN acc | attentive probe acc |")
+    rows = {line.split("|")[1].strip(): [float(v) for v in line.split("|")[2:5]] for line in lines if line.startswith("| ") and line != header}
+    assert set(rows) == {"pretrained", "random init", "raw input"}
+    assert rows["raw input"][2] == 100.0  # standardised, not layer-normed: each raw patch keeps its brightness
+
+    fake_checkpoint(tmp_path / "resnet.ckpt", ResNet(18, small_images=True, width=4), IMAGE_8PX)
+    (resnet,) = export_checkpoint(str(tmp_path / "resnet.ckpt"), str(tmp_path / "resnet"))
+    with pytest.raises(ValueError, match="ResNet encoder has no patch tokens: token probes need a ViT"):
+        evaluate_main([resnet, *shards, "--attentive"])

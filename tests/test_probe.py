@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from core.probe import embedding_std, is_collapsed, knn_accuracy, linear_probe_accuracy, probe_scores, split_halves
+from core.probe import (
+    attentive_probe_accuracy,
+    embedding_std,
+    is_collapsed,
+    knn_accuracy,
+    linear_probe_accuracy,
+    probe_scores,
+    split_halves,
+)
 
 CLASSES, DIM = 4, 8
 
@@ -80,3 +88,26 @@ def test_collapse_detection():
     assert collapsed_std < 1e-3
     assert not is_collapsed(spread_std, d)
     assert is_collapsed(collapsed_std, d)
+
+
+def marked_tokens(n: int, seed: int, length: int = 6):
+    """Token sets in which every sample holds all four class vectors, at shuffled positions, and a marker
+    on the token of its own class: the mean over tokens is the same for every class; only a probe that
+    can find the marked token reads the class."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, CLASSES, (n,), generator=g)
+    tokens = 0.1 * torch.randn(n, length, DIM, generator=g)
+    for i in range(n):
+        positions = torch.randperm(length, generator=g)[:CLASSES]
+        tokens[i, positions, :CLASSES] += torch.eye(CLASSES) * 3  # class vector c at positions[c]
+        tokens[i, positions[y[i]], -1] += 3  # the marker
+    return tokens, y
+
+
+def test_attentive_probe_reads_the_token_that_mean_pooling_averages_away():
+    train_x, train_y = marked_tokens(1000, seed=1)
+    test_x, test_y = marked_tokens(400, seed=2)
+    assert linear_probe_accuracy(train_x.mean(1), train_y, test_x.mean(1), test_y) <= 0.4  # chance: 0.25
+    accuracy = attentive_probe_accuracy(train_x, train_y, test_x, test_y, epochs=20, lr=1e-2)
+    assert accuracy >= 0.9
+    assert attentive_probe_accuracy(train_x, train_y, test_x, test_y, epochs=20, lr=1e-2) == accuracy  # seeded
