@@ -58,11 +58,12 @@ class Snapshots(L.Callback):
 
 
 @pytest.mark.timeout(60)
-def test_schedules_frozen_prototypes_and_teacher_steps_in_a_real_run(monkeypatch):
+@pytest.mark.parametrize("optimizer, optimizer_class", [("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)])
+def test_schedules_frozen_prototypes_and_teacher_steps_in_a_real_run(monkeypatch, optimizer, optimizer_class):
     monkeypatch.chdir(ROOT)
     model = tiny_dino(
         warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=3, base_momentum=0.9,
-        weight_decay=0.04, weight_decay_end=0.4, freeze_last_layer_epochs=1, warmup_epochs=0,
+        weight_decay=0.04, weight_decay_end=0.4, freeze_last_layer_epochs=1, warmup_epochs=0, optimizer=optimizer,
     )  # fmt: skip
     data = ShardDataModule(
         "data/demo/image/train-000000.tar", batch_size=8, num_workers=0, samples_per_epoch=16,
@@ -77,6 +78,8 @@ def test_schedules_frozen_prototypes_and_teacher_steps_in_a_real_run(monkeypatch
     prototypes_before = model.head.prototypes.detach().clone()
     trainer.fit(model, datamodule=data)
     rows, total = snapshots.rows, trainer.estimated_stepping_batches
+    assert type(trainer.optimizers[0]) is optimizer_class
+    assert optimizer == "adamw" or trainer.optimizers[0].defaults["momentum"] == 0.9
 
     # 2 batches per epoch, one optimizer step per 2 batches.
     assert [(r["epoch"], r["step"]) for r in rows] == [(0, 0), (0, 1), (1, 1), (1, 2), (2, 2), (2, 3)]
@@ -145,6 +148,8 @@ def test_bad_input_fails_clearly():
         DINO(tiny_vit(16), global_size=32)
     with pytest.raises(ValueError, match="center_momentum"):
         tiny_dino(center_momentum=2.0)
+    with pytest.raises(ValueError, match="optimizer='lars' must be 'adamw' or 'sgd'"):
+        tiny_dino(optimizer="lars")
     with pytest.raises(ValueError, match=r"batch\['global_views'\], 2 views"):
         tiny_dino().training_step({"views": [torch.randn(2, 3, 16, 16)] * 2}, 0)
     with pytest.raises(ValueError, match=r"batch\['local_views'\] holds \(16, 16\)"):

@@ -83,8 +83,9 @@ class DINO(L.LightningModule):
     warmup_teacher_temp over warmup_teacher_temp_epochs (paper: 0.04 -> 0.04, or 0.04 -> 0.07 over 30).
     center_momentum: EMA of the teacher's mean logits (paper: 0.9). base_momentum: the teacher's EMA
     momentum at step 0, raised to 1 along a cosine (paper: 0.996).
-    base_lr: learning rate per 256 samples of effective batch (paper: 5e-4); AdamW, linear warmup for
-    `warmup_epochs` (paper: 10), then cosine to `min_lr` (paper: 1e-6). weight_decay -> weight_decay_end:
+    base_lr: learning rate per 256 samples of effective batch (paper: 5e-4); linear warmup for
+    `warmup_epochs` (paper: 10), then cosine to `min_lr` (paper: 1e-6). optimizer: "adamw" (the paper's,
+    for ViTs) or "sgd" with momentum 0.9 (the official code's ResNet-50 setting: lr 0.03, decay 1e-4). weight_decay -> weight_decay_end:
     cosine schedule of the decay on weights (paper: 0.04 -> 0.4); biases and norms are not decayed.
     freeze_last_layer_epochs: the prototypes get no update during the first epochs (paper: 1).
     mean/std: the input normalisation of the data transform (recorded for export).
@@ -109,6 +110,7 @@ class DINO(L.LightningModule):
         weight_decay: float = 0.04,
         weight_decay_end: float = 0.4,
         warmup_epochs: float = 10,
+        optimizer: str = "adamw",
         freeze_last_layer_epochs: int = 1,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
@@ -120,6 +122,8 @@ class DINO(L.LightningModule):
         embed_dim = feature_dim(backbone)
         if isinstance(backbone, ViT) and backbone.patch_embed.input_size != (global_size, global_size):
             raise ValueError(f"the ViT's input_size {backbone.patch_embed.input_size} must be the global crop size {global_size}")
+        if optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer={optimizer!r} must be 'adamw' or 'sgd'")
         for name, value in {"base_momentum": base_momentum, "center_momentum": center_momentum}.items():
             if not 0 <= value <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
@@ -189,7 +193,10 @@ class DINO(L.LightningModule):
         h = self.hparams
         lr = scaled_lr(h.base_lr, self.trainer)
         groups = param_groups(nn.ModuleList([self.backbone, self.head]), h.weight_decay)  # decayed group first
-        optimizer = torch.optim.AdamW(groups, lr=lr)
+        if h.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=lr)
+        else:
+            optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9)
         warmup, total = warmup_and_total_steps(self.trainer, h.warmup_epochs)
         return {"optimizer": optimizer, "lr_scheduler": step_scheduler(optimizer, WarmupCosine(warmup, total, min_ratio=h.min_lr / lr))}
 
