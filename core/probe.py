@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 
+from core.schedules import WarmupCosine
+from core.vit import CrossAttention
+
 
 @torch.no_grad()
 def knn_accuracy(
@@ -70,8 +73,6 @@ class AttentivePooler(torch.nn.Module):
 
     def __init__(self, dim: int, num_classes: int, heads: int = 4):
         super().__init__()
-        from core.vit import CrossAttention
-
         self.query = torch.nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.attn = CrossAttention(dim, heads if dim % heads == 0 else 1)
         self.head = torch.nn.Linear(dim, num_classes)
@@ -97,8 +98,6 @@ def attentive_probe_accuracy(
 
     Each dimension is standardised with the training tokens' statistics, as the linear probe does; not a
     LayerNorm per token, which would erase what sets raw patches apart (a patch's mean brightness)."""
-    from core.schedules import WarmupCosine
-
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     flat = train_x.reshape(-1, train_x.shape[-1]).float()
     mean, std = flat.mean(0), flat.std(0).clamp(min=1e-6)
