@@ -1,5 +1,5 @@
-"""Measuring representations: a linear probe and a kNN classifier on frozen features, and the callback
-that runs both on the validation split during pretraining.
+"""Measuring representations: a linear probe and a kNN classifier on frozen features, an attentive probe
+on frozen tokens, and the callback that runs the first two on the validation split during pretraining.
 
 The features are detached and the probes are fitted after the fact, so monitoring never changes the
 encoder's gradients.
