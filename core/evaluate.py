@@ -13,6 +13,10 @@ metadata (``--target json.background`` on the demo images): what an encoder enco
 ``--attentive`` (ViT encoders) also fits an attentive probe on every patch token, as V-JEPA and AIM evaluate
 frozen encoders (core.probe.AttentivePooler), with the input's patches as the raw-input tokens: mean
 pooling can average away what only a few tokens hold, such as where in a clip a shape moves.
+
+``--rank`` also reports RankMe (core.probe.rankme), the effective rank of the val features: a rank far
+below the feature width is the dimensional collapse that joint-embedding methods can fall into while every
+dimension still varies.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import json
 import torch
 
 from core.export import Encoder, load_encoder
-from core.probe import attentive_probe_accuracy, probe_scores
+from core.probe import attentive_probe_accuracy, probe_scores, rankme
 
 
 def eval_transform(spec: dict):
@@ -94,7 +98,7 @@ def features(
 
 def evaluate(
     path: str, train: str, val: str, train_limit: int = 10_000, val_limit: int = 10_000, batch_size: int = 256,
-    num_workers: int = 2, target: str = "label", attentive: bool = False,
+    num_workers: int = 2, target: str = "label", attentive: bool = False, rank: bool = False,
 ) -> dict:
     torch.manual_seed(0)
     encoders = {"pretrained": load_encoder(path), "random init": load_encoder(path, pretrained=False)}
@@ -108,6 +112,9 @@ def evaluate(
     if attentive:
         for name in scores:
             scores[name]["attentive_acc"] = attentive_probe_accuracy(train_tok[name], train_y, val_tok[name], val_y)
+    if rank:
+        for name in scores:
+            scores[name]["rankme"] = rankme(val_x[name])
     return scores
 
 
@@ -121,19 +128,20 @@ def main(argv=None) -> None:
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--target", default="label", help="what the probes predict: label, or json.<field> of the metadata")
     parser.add_argument("--attentive", action="store_true", help="also fit an attentive probe on the patch tokens (ViT encoders)")
+    parser.add_argument("--rank", action="store_true", help="also report RankMe, the effective rank of the val features")
     parser.add_argument("--json", help="also write the scores to this file")
     args = parser.parse_args(argv)
     scores = evaluate(
         args.encoder, args.train, args.val, args.train_limit, args.val_limit, num_workers=args.num_workers, target=args.target,
-        attentive=args.attentive,
+        attentive=args.attentive, rank=args.rank,
     )
     target = "" if args.target == "label" else f", predicting {args.target}"
-    columns = ["linear_acc", "knn_acc"] + ["attentive_acc"] * args.attentive
-    header = {"linear_acc": "linear probe acc", "knn_acc": "kNN acc", "attentive_acc": "attentive probe acc"}
+    columns = ["linear_acc", "knn_acc"] + ["attentive_acc"] * args.attentive + ["rankme"] * args.rank
+    header = {"linear_acc": "linear probe acc", "knn_acc": "kNN acc", "attentive_acc": "attentive probe acc", "rankme": "RankMe"}
     print(f"\n| features ({args.encoder}{target}) | " + " | ".join(header[c] for c in columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
-    for name, s in scores.items():
-        print(f"| {name} | " + " | ".join(f"{100 * s[c]:.1f}" for c in columns) + " |")
+    for name, s in scores.items():  # accuracies in %, RankMe as it is
+        print(f"| {name} | " + " | ".join(f"{s[c]:.1f}" if c == "rankme" else f"{100 * s[c]:.1f}" for c in columns) + " |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(scores, f, indent=2)

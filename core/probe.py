@@ -1,5 +1,6 @@
 """Measuring representations: a linear probe and a kNN classifier on frozen features, an attentive probe
-on frozen tokens, and the callback that runs the first two on the validation split during pretraining.
+on frozen tokens, collapse measures, and the callback that runs the first two on the validation split
+during pretraining.
 
 The features are detached and the probes are fitted after the fact, so monitoring never changes the
 encoder's gradients.
@@ -133,6 +134,17 @@ def embedding_std(z: torch.Tensor) -> float:
     """Mean per-dimension std of L2-normalised embeddings (B, D). Healthy embeddings spread over the sphere
     and give about 1/sqrt(D); a collapsed encoder (every input mapped to one point) gives 0."""
     return F.normalize(z.detach().float(), dim=1).std(0).mean().item()
+
+
+@torch.no_grad()
+def rankme(features: torch.Tensor, eps: float = 1e-7) -> float:
+    """RankMe (Garrido et al., "RankMe: Assessing the Downstream Performance of Pretrained Self-Supervised
+    Representations by Their Rank", ICML 2023): the effective rank exp(entropy) of the singular values of
+    (N, D) features, normalised to sum to 1. Between 1 (every input on one line) and min(N, D) (all
+    directions used alike); it catches dimensional collapse, which a per-dimension std does not."""
+    s = torch.linalg.svdvals(features.float())  # (min(N, D),)
+    p = s / s.sum() + eps
+    return torch.exp(-(p * p.log()).sum()).item()
 
 
 def is_collapsed(std: float, dim: int, fraction: float = 0.1) -> bool:

@@ -181,6 +181,14 @@ def test_evaluate_attentive_probe_on_vit_tokens(tmp_path, capsys):
     assert set(rows) == {"pretrained", "random init", "raw input"}
     assert rows["raw input"][2] == 100.0  # standardised, not layer-normed: each raw patch keeps its brightness
 
+    evaluate_main([folder, *shards, "--target", "json.tone", "--rank"])  # RankMe of the val features, as is
+    lines = capsys.readouterr().out.splitlines()
+    assert next(line for line in lines if line.startswith("| features")).endswith("| linear probe acc | kNN acc | RankMe |")
+    ranks = {line.split("|")[1].strip(): float(line.split("|")[4]) for line in lines if line.startswith("| ") and "features" not in line}
+    assert set(ranks) == {"pretrained", "random init", "raw input"}
+    assert all(r >= 1.0 for r in ranks.values()), ranks
+    assert ranks["pretrained"] <= 16 and ranks["random init"] <= 16, ranks  # at most the ViT's 16 dims
+
     fake_checkpoint(tmp_path / "resnet.ckpt", ResNet(18, small_images=True, width=4), IMAGE_8PX)
     (resnet,) = export_checkpoint(str(tmp_path / "resnet.ckpt"), str(tmp_path / "resnet"))
     with pytest.raises(ValueError, match="ResNet encoder has no patch tokens: token probes need a ViT"):

@@ -13,6 +13,7 @@ from core.probe import (
     knn_accuracy,
     linear_probe_accuracy,
     probe_scores,
+    rankme,
     split_halves,
 )
 
@@ -76,6 +77,20 @@ def test_embedding_std_by_hand():
     zn = z.numpy() / np.linalg.norm(z.numpy(), axis=1, keepdims=True)
     expected = np.mean([np.std(zn[:, d], ddof=1) for d in range(3)])
     assert embedding_std(z) == pytest.approx(expected, rel=1e-5)
+
+
+def test_rankme_counts_the_directions_in_use():
+    """RankMe is D for features spread alike over D orthogonal directions, 1 for features on one line,
+    and the paper's formula (singular values normalised to sum to 1, exp of their entropy) in between."""
+    eye = torch.eye(8).repeat(4, 1)  # (32, 8): every direction alike
+    assert rankme(eye) == pytest.approx(8.0, rel=1e-4)
+    line = torch.randn(32, 1, generator=torch.Generator().manual_seed(0)) @ torch.randn(1, 8, generator=torch.Generator().manual_seed(1))
+    assert rankme(line) == pytest.approx(1.0, abs=1e-3)
+    z = torch.randn(50, 6, generator=torch.Generator().manual_seed(2)) * torch.tensor([5.0, 3, 1, 1, 0.1, 0.1])
+    s = np.linalg.svd(z.numpy(), compute_uv=False)
+    p = s / s.sum() + 1e-7
+    assert rankme(z) == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-4)
+    assert 1.0 < rankme(z) < 6.0
 
 
 def test_collapse_detection():
