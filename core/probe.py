@@ -184,6 +184,9 @@ def split_halves(x: torch.Tensor, y: torch.Tensor, seed: int = 0):
 class OnlineProbe(L.Callback):
     """After every validation epoch, fit a linear probe and a kNN classifier on the features of half of the
     validation split and log their accuracy on the other half as `probe/linear_acc` and `probe/knn_acc`.
+    Also log the spread of those features: `probe/embedding_std` (0 when every input maps to one point)
+    and `probe/rankme` (`rankme`, low when the features fold onto a few directions: dimensional collapse,
+    which the std does not show).
 
     The LightningModule provides `embed(batch) -> (B, D)`: the encoder's embedding of the clean inputs, and
     batches carry `"label"`. Features of all ranks are gathered, so every rank logs the same number.
@@ -214,6 +217,7 @@ class OnlineProbe(L.Callback):
         scores = probe_scores(*split_halves(x, y))
         pl_module.log_dict({f"probe/{k}": v for k, v in scores.items()}, rank_zero_only=True)
         pl_module.log("probe/embedding_std", embedding_std(x), rank_zero_only=True)
+        pl_module.log("probe/rankme", rankme(x), rank_zero_only=True)
 
 
 def gather_ragged(pl_module: L.LightningModule, x: torch.Tensor) -> torch.Tensor:

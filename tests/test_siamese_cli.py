@@ -9,6 +9,7 @@ import torch
 from core import load_encoder
 from core.cli import run
 from core.export import export_checkpoint
+from core.heads import feature_dim
 from recipes.barlowtwins.model import BarlowTwins
 from recipes.byol.model import BYOL
 from recipes.dino.model import DINO
@@ -49,8 +50,10 @@ def test_demo_config_trains_a_few_steps_and_exports(name, tmp_path, monkeypatch)
     )  # fmt: skip
     assert cli.trainer.global_step == 3
     metrics = cli.trainer.callback_metrics
-    assert {"train/loss", "train/embedding_std", "probe/linear_acc", "probe/knn_acc"} <= set(metrics)
+    assert {"train/loss", "train/embedding_std", "probe/linear_acc", "probe/knn_acc", "probe/rankme"} <= set(metrics)
     assert torch.isfinite(metrics["train/loss"])
+    # The effective rank of the val features lies between 1 and their width.
+    assert 1 <= metrics["probe/rankme"] <= feature_dim(cli.model.backbone)
 
     (folder,) = export_checkpoint(f"{out}/ckpt/last.ckpt", f"{out}/export")
     enc = load_encoder(folder)
