@@ -43,9 +43,10 @@ def mlp_head(
 
 def scatter_visible(visible: torch.Tensor, keep_idx: torch.Tensor, mask_token: torch.Tensor, num_patches: int) -> torch.Tensor:
     """The full token sequence of a masked autoencoder's decoder: (B, K, D) visible tokens back at their
-    places `keep_idx` (B, K), the shared `mask_token` (1, 1, D) at every hidden place. Returns (B, N, D)."""
+    places `keep_idx` (B, K), the shared `mask_token` (1, 1, D) at every hidden place. Returns (B, N, D).
+    Under autocast the visible tokens come out of a linear layer in bf16 while the token stays float32."""
     B, _, D = visible.shape
-    full = mask_token.expand(B, num_patches, D).clone()  # (B, N, D)
+    full = mask_token.to(visible.dtype).expand(B, num_patches, D).clone()  # (B, N, D)
     return full.scatter(1, keep_idx.unsqueeze(-1).expand(-1, -1, D), visible)
 
 
