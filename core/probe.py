@@ -212,6 +212,14 @@ class OnlineProbe(L.Callback):
             return
         x, y = gather_ragged(pl_module, torch.cat(self.features)), gather_ragged(pl_module, torch.cat(self.labels))
         self.features, self.labels = [], []
+        if not x.isfinite().all():
+            # Stop here rather than deep inside the probe's L-BFGS: nothing later in this run can recover.
+            bad = (~x.isfinite().all(dim=1)).sum().item()
+            raise FloatingPointError(
+                f"OnlineProbe: {bad} of {len(x)} validation embeddings hold NaN or inf at step {trainer.global_step}: "
+                "the encoder has diverged. Resume from an earlier checkpoint with a lower learning rate or "
+                "--trainer.precision 32-true."
+            )
         if y.unique().numel() < 2:
             return
         scores = probe_scores(*split_halves(x, y))

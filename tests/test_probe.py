@@ -1,12 +1,15 @@
-"""kNN and linear probes on separable vs unlearnable data, and the collapse measure."""
+"""kNN and linear probes on separable vs unlearnable data, the collapse measure, and the online probe's
+clear stop when the encoder has diverged."""
 
 import math
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 
 from core.probe import (
+    OnlineProbe,
     attentive_probe_accuracy,
     embedding_std,
     is_collapsed,
@@ -126,3 +129,35 @@ def test_attentive_probe_reads_the_token_that_mean_pooling_averages_away():
     accuracy = attentive_probe_accuracy(train_x, train_y, test_x, test_y, epochs=20, lr=1e-2)
     assert accuracy >= 0.9
     assert attentive_probe_accuracy(train_x, train_y, test_x, test_y, epochs=20, lr=1e-2) == accuracy  # seeded
+
+
+class DivergedEncoder(L.LightningModule):
+    """Its embedding has turned NaN, as a diverged run's does."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(DIM, DIM)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch["x"]).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def embed(self, batch):
+        return self.layer(batch["x"]) * float("nan")  # (B, DIM)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_online_probe_stops_a_diverged_run_with_a_clear_error(tmp_path):
+    x, y = clusters(8, seed=0)
+    loader = torch.utils.data.DataLoader([{"x": a, "label": b} for a, b in zip(x, y)], batch_size=8)
+    trainer = L.Trainer(
+        max_steps=2, val_check_interval=2, num_sanity_val_steps=0, callbacks=[OnlineProbe()], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        default_root_dir=tmp_path,
+    )  # fmt: skip
+    with pytest.raises(FloatingPointError, match="32 of 32 validation embeddings hold NaN or inf at step 2"):
+        trainer.fit(DivergedEncoder(), train_dataloaders=loader, val_dataloaders=loader)

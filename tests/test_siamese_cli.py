@@ -31,13 +31,10 @@ RECIPES = {
 }
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("name", sorted(RECIPES))
-def test_demo_config_trains_a_few_steps_and_exports(name, tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)
+def demo_run(name: str, out: str, *extra: str):
+    """Three steps of the recipe's demo config, shrunk by NARROW's overrides, with its outputs in `out`."""
     model_class, overrides = RECIPES[name]
-    out = str(tmp_path)
-    cli = run(
+    return run(
         model_class,
         args=[
             "fit", "--config", f"recipes/{name}/configs/demo.yaml",
@@ -45,9 +42,17 @@ def test_demo_config_trains_a_few_steps_and_exports(name, tmp_path, monkeypatch)
             f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
             f"--checkpoint.dirpath={out}/ckpt", "--checkpoint.every_n_train_steps=3",
             "--data.batch_size=8", "--data.num_workers=0", "--data.samples_per_epoch=24",
-            *overrides,
+            *overrides, *extra,
         ],
     )  # fmt: skip
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_demo_config_trains_a_few_steps_and_exports(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out = str(tmp_path)
+    cli = demo_run(name, out)
     assert cli.trainer.global_step == 3
     metrics = cli.trainer.callback_metrics
     assert {"train/loss", "train/embedding_std", "probe/linear_acc", "probe/knn_acc", "probe/rankme"} <= set(metrics)
@@ -64,3 +69,18 @@ def test_demo_config_trains_a_few_steps_and_exports(name, tmp_path, monkeypatch)
         torch.testing.assert_close(enc(images), module.embed({"image": images}))
         # The export holds the trained encoder, not a fresh one.
         assert not torch.allclose(load_encoder(folder, pretrained=False)(images), enc(images))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_demo_config_trains_in_bf16_mixed_precision(name, tmp_path, monkeypatch):
+    """The GPU runs' precision; on the CPU Lightning autocasts to bf16 too."""
+    monkeypatch.chdir(ROOT)
+    # DINO's 16-px local crops reach the ResNet's last stage as 1x1 maps, where the CPU's bf16 convolution
+    # (oneDNN, torch 2.11) at times returns a non-finite weight gradient for a stride-2 3x3 kernel: an
+    # upstream fault, not this recipe's (the same demo trained in bf16 on an H200). 24-px crops avoid it.
+    local = ["--model.local_size=24", "--data.train_transform.init_args.local_size=24"] if name == "dino" else []
+    cli = demo_run(name, str(tmp_path), "--trainer.precision=bf16-mixed", *local)
+    assert cli.trainer.global_step == 3
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    assert {"probe/linear_acc", "probe/knn_acc"} <= set(cli.trainer.callback_metrics)
