@@ -124,7 +124,7 @@ def dino_loss(
 
     student: logits (B, K) for all crops (globals first); teacher: logits (B, K) for the global crops;
     center: (1, K) running mean of teacher logits (see `dino_center`)."""
-    targets = [F.softmax((t.detach() - center) / teacher_temp, dim=-1) for t in teacher]
+    targets = dino_targets(teacher, center, teacher_temp)
     log_probs = [F.log_softmax(s / student_temp, dim=-1) for s in student]
     total, pairs = 0.0, 0
     for ti, target in enumerate(targets):
@@ -134,6 +134,28 @@ def dino_loss(
             total = total + (-target * log_p).sum(dim=-1).mean()
             pairs += 1
     return total / pairs
+
+
+@torch.no_grad()
+def dino_targets(teacher: list[torch.Tensor], center: torch.Tensor, teacher_temp: float = 0.04) -> list[torch.Tensor]:
+    """The teacher's centred, sharpened distributions (B, K), one per global crop: what `dino_loss` trains
+    the student towards."""
+    return [F.softmax((t - center) / teacher_temp, dim=-1) for t in teacher]
+
+
+@torch.no_grad()
+def dino_collapse_diagnostics(
+    teacher: list[torch.Tensor], center: torch.Tensor, teacher_temp: float, loss: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two numbers Caron et al. (2021, Sec. 5.3 and Fig. 7) watch to tell DINO's two collapses apart:
+    the mean entropy of the teacher's distributions and the KL divergence from teacher to student. A
+    collapsed student copies its teacher, so the KL goes to 0; the entropy then goes to 0 when one
+    prototype dominates (sharpening alone) and to ln K when the outputs are uniform (centring alone).
+    teacher, center, teacher_temp: as given to `dino_loss`, before the centre moves; loss: its value.
+    Every teacher crop meets the same number of student crops there, so the loss is entropy + KL."""
+    probs = torch.cat(dino_targets(teacher, center, teacher_temp))  # (n_global * B, K)
+    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(dim=-1).mean()
+    return entropy, loss.detach() - entropy
 
 
 @torch.no_grad()

@@ -181,7 +181,8 @@ def test_evaluate_attentive_probe_on_vit_tokens(tmp_path, capsys):
     assert set(rows) == {"pretrained", "random init", "raw input"}
     assert rows["raw input"][2] == 100.0  # standardised, not layer-normed: each raw patch keeps its brightness
 
-    evaluate_main([folder, *shards, "--target", "json.tone", "--rank"])  # RankMe of the val features, as is
+    # RankMe of the val features, as is; --device names where the encoders run (cuda by default, when there is one)
+    evaluate_main([folder, *shards, "--target", "json.tone", "--rank", "--device", "cpu"])
     lines = capsys.readouterr().out.splitlines()
     assert next(line for line in lines if line.startswith("| features")).endswith("| linear probe acc | kNN acc | RankMe |")
     ranks = {line.split("|")[1].strip(): float(line.split("|")[4]) for line in lines if line.startswith("| ") and "features" not in line}

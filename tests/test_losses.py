@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.losses import barlow_twins_loss, clip_loss, dino_center, dino_loss, masked_patch_loss, negative_cosine, siglip_loss, vicreg_loss
+from core.losses import barlow_twins_loss, clip_loss, dino_center, dino_collapse_diagnostics, dino_loss, masked_patch_loss, negative_cosine, siglip_loss, vicreg_loss
 
 
 def rand(*shape, seed=0):
@@ -219,6 +219,37 @@ def test_dino_loss_teacher_gets_no_gradient():
     dino_loss(student, teacher, torch.zeros(1, 4, dtype=torch.float64)).backward()
     assert all(t.grad is None for t in teacher)
     assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in student)
+
+
+def test_dino_collapse_diagnostics_split_the_loss_into_teacher_entropy_and_kl():
+    k, batch = 6, 4
+    student = [rand(batch, k, seed=60 + i) for i in range(5)]  # 2 global + 3 local crops
+    teacher = [rand(batch, k, seed=70 + i) for i in range(2)]
+    center, s_temp, t_temp = rand(1, k, seed=80), 0.1, 0.04
+    loss = dino_loss(student, teacher, center, student_temp=s_temp, teacher_temp=t_temp)
+    entropy, kl = dino_collapse_diagnostics(teacher, center, t_temp, loss)
+    targets = [softmax((teacher[v][b].numpy() - center[0].numpy()) / t_temp) for v in range(2) for b in range(batch)]
+    expected_entropy = np.mean([-(t * np.log(t)).sum() for t in targets])
+    assert entropy.item() == pytest.approx(expected_entropy, rel=1e-10)
+    kls = []  # KL(teacher crop || student crop) over every pair dino_loss scores
+    for ti in range(2):
+        for si in range(5):
+            if si != ti:
+                for b in range(batch):
+                    t = softmax((teacher[ti][b].numpy() - center[0].numpy()) / t_temp)
+                    kls.append((t * (np.log(t) - np.log(softmax(student[si][b].numpy() / s_temp)))).sum())
+    assert kl.item() == pytest.approx(np.mean(kls), rel=1e-8)
+
+
+def test_dino_collapse_diagnostics_tell_uniform_from_one_hot_collapse():
+    k = 64
+    same = torch.zeros(8, k, dtype=torch.float64)  # every image gives the same logits, as the centre
+    uniform, _ = dino_collapse_diagnostics([same, same], same[:1], 0.04, torch.tensor(math.log(k)))
+    assert uniform.item() == pytest.approx(math.log(k))
+    one_hot = torch.zeros(8, k, dtype=torch.float64)
+    one_hot[:, 3] = 1.0  # one prototype wins for every image, and no centre has caught up yet
+    peaked, _ = dino_collapse_diagnostics([one_hot, one_hot], torch.zeros(1, k, dtype=torch.float64), 0.04, torch.tensor(0.0))
+    assert peaked.item() < 0.01
 
 
 def test_dino_center_is_ema_of_teacher_mean():

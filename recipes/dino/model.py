@@ -20,7 +20,7 @@ from torch import nn
 from core.augment import IMAGENET_MEAN, IMAGENET_STD, batch_views
 from core.export import describe_encoder
 from core.heads import feature_dim
-from core.losses import dino_center, dino_loss
+from core.losses import dino_center, dino_collapse_diagnostics, dino_loss
 from core.momentum import cosine_momentum, momentum_copy, update_momentum
 from core.optim import param_groups, scaled_lr
 from core.probe import log_embedding_std
@@ -154,9 +154,13 @@ class DINO(L.LightningModule):
         student = list(student.split(n))  # 2 + N views, globals first
         temp = self.teacher_temperature()
         loss = dino_loss(student, list(teacher), self.center, h.student_temp, temp)
+        # The paper's collapse watch (Fig. 7): entropy near ln K means uniform outputs, near 0 one prototype.
+        entropy, kl = dino_collapse_diagnostics(list(teacher), self.center, temp, loss)
         self.center.copy_(dino_center(self.center, list(teacher), h.center_momentum))  # over every rank's batch
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/teacher_temp", temp)
+        self.log("train/teacher_entropy", entropy)
+        self.log("train/kl", kl)
         log_embedding_std(self, student[0])
         return loss
 
