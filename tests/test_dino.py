@@ -2,6 +2,7 @@
 the frozen prototypes of the first epoch, the centre, multi-crop through a ViT, the loss goes down on a
 fixed batch, bad input fails clearly."""
 
+import math
 import os
 
 import lightning as L
@@ -49,6 +50,7 @@ class Snapshots(L.Callback):
                 epoch=trainer.current_epoch,
                 step=trainer.global_step,
                 temp=float(trainer.callback_metrics["train/teacher_temp"]),
+                **{k: float(trainer.callback_metrics[f"train/{k}"]) for k in ("loss", "teacher_entropy", "kl")},
                 weight_decay=trainer.optimizers[0].param_groups[0]["weight_decay"],
                 prototypes=pl_module.head.prototypes.detach().clone(),
                 student=torch.cat([flat(pl_module.backbone), flat(pl_module.head)]),
@@ -85,6 +87,10 @@ def test_schedules_frozen_prototypes_and_teacher_steps_in_a_real_run(monkeypatch
     assert [(r["epoch"], r["step"]) for r in rows] == [(0, 0), (0, 1), (1, 1), (1, 2), (2, 2), (2, 3)]
     # The teacher temperature warms up linearly, epoch by epoch, from 0.04 to 0.07.
     assert [r["temp"] for r in rows] == pytest.approx([0.04, 0.04, 0.055, 0.055, 0.07, 0.07])
+    # The logged collapse watch splits each step's loss into the teacher's entropy (at most ln K) and the KL.
+    for r in rows:
+        assert 0 < r["teacher_entropy"] <= math.log(32) + 1e-6 and r["kl"] >= -1e-6
+        assert r["loss"] == pytest.approx(r["teacher_entropy"] + r["kl"], rel=1e-5)
     # The prototypes stay put during the first epoch, and learn afterwards.
     assert torch.equal(rows[1]["prototypes"], prototypes_before)
     assert not torch.equal(rows[3]["prototypes"], prototypes_before)
