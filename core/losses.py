@@ -111,20 +111,20 @@ def siglip_loss(
     return -F.logsigmoid(labels * logits).sum() / a.shape[0]
 
 
-def dino_loss(
-    student: list[torch.Tensor],
-    teacher: list[torch.Tensor],
-    center: torch.Tensor,
-    student_temp: float = 0.1,
-    teacher_temp: float = 0.04,
-) -> torch.Tensor:
-    """Self-distillation with no labels (Caron et al., "Emerging Properties in Self-Supervised Vision
-    Transformers", 2021): cross-entropy between the centred, sharpened teacher distribution of each global
-    view and the student distribution of every other view.
+@torch.no_grad()
+def dino_targets(teacher: list[torch.Tensor], center: torch.Tensor, teacher_temp: float = 0.04) -> list[torch.Tensor]:
+    """DINO's teacher side (Caron et al. 2021, Sec. 3.1): the teacher's logits (B, K) of each global crop,
+    centred by the running mean `center` (1, K) (see `dino_center`) and sharpened by a low temperature,
+    as distributions over the K prototypes. No gradient flows into the teacher."""
+    return [F.softmax((t - center) / teacher_temp, dim=-1) for t in teacher]
 
-    student: logits (B, K) for all crops (globals first); teacher: logits (B, K) for the global crops;
-    center: (1, K) running mean of teacher logits (see `dino_center`)."""
-    targets = dino_targets(teacher, center, teacher_temp)
+
+def dino_loss(student: list[torch.Tensor], targets: list[torch.Tensor], student_temp: float = 0.1) -> torch.Tensor:
+    """Self-distillation with no labels (Caron et al., "Emerging Properties in Self-Supervised Vision
+    Transformers", 2021): cross-entropy between the teacher distribution of each global crop and the
+    student distribution of every other crop, averaged over the pairs.
+
+    student: logits (B, K) for all crops (globals first); targets: `dino_targets` of the global crops."""
     log_probs = [F.log_softmax(s / student_temp, dim=-1) for s in student]
     total, pairs = 0.0, 0
     for ti, target in enumerate(targets):
@@ -137,23 +137,14 @@ def dino_loss(
 
 
 @torch.no_grad()
-def dino_targets(teacher: list[torch.Tensor], center: torch.Tensor, teacher_temp: float = 0.04) -> list[torch.Tensor]:
-    """The teacher's centred, sharpened distributions (B, K), one per global crop: what `dino_loss` trains
-    the student towards."""
-    return [F.softmax((t - center) / teacher_temp, dim=-1) for t in teacher]
-
-
-@torch.no_grad()
-def dino_collapse_diagnostics(
-    teacher: list[torch.Tensor], center: torch.Tensor, teacher_temp: float, loss: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def dino_collapse_diagnostics(targets: list[torch.Tensor], loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The two numbers Caron et al. (2021, Sec. 5.3 and Fig. 7) watch to tell DINO's two collapses apart:
     the mean entropy of the teacher's distributions and the KL divergence from teacher to student. A
     collapsed student copies its teacher, so the KL goes to 0; the entropy then goes to 0 when one
     prototype dominates (sharpening alone) and to ln K when the outputs are uniform (centring alone).
-    teacher, center, teacher_temp: as given to `dino_loss`, before the centre moves; loss: its value.
-    Every teacher crop meets the same number of student crops there, so the loss is entropy + KL."""
-    probs = torch.cat(dino_targets(teacher, center, teacher_temp))  # (n_global * B, K)
+    targets, loss: what `dino_loss` took and returned. Every teacher crop meets the same number of student
+    crops there, so the loss is entropy + KL."""
+    probs = torch.cat(targets)  # (n_global * B, K)
     entropy = -(probs * probs.clamp_min(1e-30).log()).sum(dim=-1).mean()
     return entropy, loss.detach() - entropy
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.losses import barlow_twins_loss, clip_loss, dino_center, dino_collapse_diagnostics, dino_loss, masked_patch_loss, negative_cosine, siglip_loss, vicreg_loss
+from core.losses import barlow_twins_loss, clip_loss, dino_center, dino_collapse_diagnostics, dino_loss, dino_targets, masked_patch_loss, negative_cosine, siglip_loss, vicreg_loss
 
 
 def rand(*shape, seed=0):
@@ -209,14 +209,14 @@ def test_dino_loss_matches_hand_computation():
                 total += -(target * log_p).sum() / batch
             pairs += 1
     assert pairs == 6
-    loss = dino_loss(student, teacher, center, student_temp=s_temp, teacher_temp=t_temp)
+    loss = dino_loss(student, dino_targets(teacher, center, teacher_temp=t_temp), student_temp=s_temp)
     assert loss.item() == pytest.approx(total / pairs, rel=1e-10)
 
 
 def test_dino_loss_teacher_gets_no_gradient():
     student = [rand(2, 4, seed=i).requires_grad_() for i in range(2)]
     teacher = [rand(2, 4, seed=10 + i).requires_grad_() for i in range(2)]
-    dino_loss(student, teacher, torch.zeros(1, 4, dtype=torch.float64)).backward()
+    dino_loss(student, dino_targets(teacher, torch.zeros(1, 4, dtype=torch.float64))).backward()
     assert all(t.grad is None for t in teacher)
     assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in student)
 
@@ -226,8 +226,9 @@ def test_dino_collapse_diagnostics_split_the_loss_into_teacher_entropy_and_kl():
     student = [rand(batch, k, seed=60 + i) for i in range(5)]  # 2 global + 3 local crops
     teacher = [rand(batch, k, seed=70 + i) for i in range(2)]
     center, s_temp, t_temp = rand(1, k, seed=80), 0.1, 0.04
-    loss = dino_loss(student, teacher, center, student_temp=s_temp, teacher_temp=t_temp)
-    entropy, kl = dino_collapse_diagnostics(teacher, center, t_temp, loss)
+    targets = dino_targets(teacher, center, teacher_temp=t_temp)
+    loss = dino_loss(student, targets, student_temp=s_temp)
+    entropy, kl = dino_collapse_diagnostics(targets, loss)
     targets = [softmax((teacher[v][b].numpy() - center[0].numpy()) / t_temp) for v in range(2) for b in range(batch)]
     expected_entropy = np.mean([-(t * np.log(t)).sum() for t in targets])
     assert entropy.item() == pytest.approx(expected_entropy, rel=1e-10)
@@ -244,11 +245,11 @@ def test_dino_collapse_diagnostics_split_the_loss_into_teacher_entropy_and_kl():
 def test_dino_collapse_diagnostics_tell_uniform_from_one_hot_collapse():
     k = 64
     same = torch.zeros(8, k, dtype=torch.float64)  # every image gives the same logits, as the centre
-    uniform, _ = dino_collapse_diagnostics([same, same], same[:1], 0.04, torch.tensor(math.log(k)))
+    uniform, _ = dino_collapse_diagnostics(dino_targets([same, same], same[:1]), torch.tensor(math.log(k)))
     assert uniform.item() == pytest.approx(math.log(k))
     one_hot = torch.zeros(8, k, dtype=torch.float64)
     one_hot[:, 3] = 1.0  # one prototype wins for every image, and no centre has caught up yet
-    peaked, _ = dino_collapse_diagnostics([one_hot, one_hot], torch.zeros(1, k, dtype=torch.float64), 0.04, torch.tensor(0.0))
+    peaked, _ = dino_collapse_diagnostics(dino_targets([one_hot, one_hot], torch.zeros(1, k, dtype=torch.float64)), torch.tensor(0.0))
     assert peaked.item() < 0.01
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from core.augment import IMAGENET_MEAN, IMAGENET_STD, batch_views
 from core.export import describe_encoder
 from core.heads import feature_dim
-from core.losses import dino_center, dino_collapse_diagnostics, dino_loss
+from core.losses import dino_center, dino_collapse_diagnostics, dino_loss, dino_targets
 from core.momentum import cosine_momentum, momentum_copy, update_momentum
 from core.optim import param_groups, scaled_lr
 from core.probe import log_embedding_std
@@ -153,9 +153,10 @@ class DINO(L.LightningModule):
             student = torch.cat([student, self.head(encode(self.backbone, torch.cat(local_views)))])  # ((2 + N) B, K)
         student = list(student.split(n))  # 2 + N views, globals first
         temp = self.teacher_temperature()
-        loss = dino_loss(student, list(teacher), self.center, h.student_temp, temp)
+        targets = dino_targets(list(teacher), self.center, temp)  # centred and sharpened: 2 x (B, K)
+        loss = dino_loss(student, targets, h.student_temp)
         # The paper's collapse watch (Fig. 7): entropy near ln K means uniform outputs, near 0 one prototype.
-        entropy, kl = dino_collapse_diagnostics(list(teacher), self.center, temp, loss)
+        entropy, kl = dino_collapse_diagnostics(targets, loss)
         self.center.copy_(dino_center(self.center, list(teacher), h.center_momentum))  # over every rank's batch
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/teacher_temp", temp)
