@@ -17,6 +17,7 @@ from demo_shapes import (
     fix_articles,
     paint_shape,
     pick_color,
+    plain_background,
     pixel_grid,
     random_background,
     to_uint8,
@@ -54,11 +55,17 @@ def image_caption(rng: np.random.Generator, meta: dict) -> str:
     return fix_articles(templates[rng.integers(len(templates))].format(**meta))
 
 
-def render_image(rng: np.random.Generator, label: int) -> tuple[np.ndarray, dict]:
-    """A (SIZE, SIZE, 3) uint8 image of shape ``CLASSES[label]`` and its metadata (the nuisance factors)."""
+def render_image(rng: np.random.Generator, label: int, plain: bool = False) -> tuple[np.ndarray, dict]:
+    """A (SIZE, SIZE, 3) uint8 image of shape ``CLASSES[label]`` and its metadata (the nuisance factors).
+
+    plain: a flat background and no clutter, the shape's color, place, size and rotation still random: a
+    diagnostic set that tells a method defeated by the background from one that does not find shapes at all.
+    """
     color_name, color = pick_color(rng)
-    kind, canvas = random_background(rng, SIZE, color)
-    draw_distractors(rng, canvas, CLUTTER_GRID, int(rng.integers(0, 4)))
+    kind, canvas = (plain_background if plain else random_background)(rng, SIZE, color)
+    clutter = int(rng.integers(0, 4))
+    if not plain:
+        draw_distractors(rng, canvas, CLUTTER_GRID, clutter)
     radius = rng.uniform(6.0, 12.0)
     margin = 0.7 * radius
     center = rng.uniform(margin, SIZE - margin, 2)
@@ -78,9 +85,9 @@ def render_image(rng: np.random.Generator, label: int) -> tuple[np.ndarray, dict
     return to_uint8(canvas), meta
 
 
-def image_sample(rng: np.random.Generator, label: int) -> dict:
+def image_sample(rng: np.random.Generator, label: int, plain: bool = False) -> dict:
     """Sample members: ``png`` image, ``txt`` caption, ``json`` metadata."""
-    pixels, meta = render_image(rng, label)
+    pixels, meta = render_image(rng, label, plain)
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return {"png": buf.getvalue(), "txt": image_caption(rng, meta), "json": meta}

@@ -242,6 +242,12 @@ def random_background(rng: np.random.Generator, size: int, object_color: np.ndar
     return kind, background(rng, kind, size, (c0, c1))
 
 
+def plain_background(rng: np.random.Generator, size: int, object_color: np.ndarray) -> tuple[str, np.ndarray]:
+    """One flat color that keeps clear of ``object_color``: the background of the ``--plain-images`` diagnostic set."""
+    _, color = pick_color(rng, avoid=(object_color * 255,), min_distance=MIN_CONTRAST)
+    return "plain", np.broadcast_to(color, (size, size, 3)).copy()
+
+
 def draw_distractors(rng: np.random.Generator, canvas: np.ndarray, grid: Grid, count: int) -> None:
     """Paint ``count`` small clutter items (thin lines and specks) in random colors onto ``canvas`` (H, W, 3)."""
     size = canvas.shape[0]

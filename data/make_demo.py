@@ -2,6 +2,7 @@
 
     python data/make_demo.py --out data/demo --seed 0                  # everything (~30 s on 2 cores)
     python data/make_demo.py --out /tmp/demo --only image,audio --scale 0.05
+    python data/make_demo.py --out /tmp/demo-plain --only image --plain-images   # a diagnostic set, not the demo
 
 Writes ``<out>/<modality>/{train,val}-%06d.tar`` (text: ``<out>/text/{prose,code}/...``) and an ``info.json``
 per modality with the classes, counts, sizes and brace patterns of the shards. Every sample is rendered from
@@ -84,13 +85,14 @@ def balanced_label(index: int, num_classes: int) -> int:
     return index % num_classes
 
 
-def labeled_sample(task: tuple[int, str, str, int]) -> dict:
-    """Render sample ``index`` of ``split`` of ``modality``: its own generator, a balanced label, a unique key."""
-    seed, modality, split, index = task
+def labeled_sample(task: tuple[int, str, str, int, dict]) -> dict:
+    """Render sample ``index`` of ``split`` of ``modality``: its own generator, a balanced label, a unique key.
+    ``options`` are keyword arguments of the modality's sample function (``plain`` for images)."""
+    seed, modality, split, index, options = task
     classes, make_sample, _, _ = LABELED[modality]
     rng = np.random.default_rng([seed, MODALITIES.index(modality), SPLITS.index(split), index])
     label = balanced_label(index, len(classes))
-    return encode_sample({"__key__": f"{split}-{index:06d}", "cls": label, **make_sample(rng, label)})
+    return encode_sample({"__key__": f"{split}-{index:06d}", "cls": label, **make_sample(rng, label, **options)})
 
 
 def write_split(samples, directory: str, split: str, count: int) -> dict:
@@ -122,14 +124,16 @@ def report(name: str, split: str, summary: dict) -> None:
     print(f"{name:>5} {split:>5}: {summary['samples']:6d} samples, {summary['shards']} shards, {size}")
 
 
-def build_labeled(pool: Pool, out: str, modality: str, seed: int, scale: float) -> dict:
+def build_labeled(pool: Pool, out: str, modality: str, seed: int, scale: float, options: dict) -> dict:
     classes, _, full_counts, members = LABELED[modality]
     directory = os.path.join(out, modality)
     info = {"modality": modality, "seed": seed, "classes": classes, "members": {"cls": "class index", **members}}
+    if options:
+        info["options"] = options
     info["splits"] = {}
     for split in SPLITS:
         count = split_count(full_counts[split], scale)
-        tasks = [(seed, modality, split, i) for i in range(count)]
+        tasks = [(seed, modality, split, i, options) for i in range(count)]
         # imap keeps the task order, so the shards come out the same whatever the number of workers.
         info["splits"][split] = write_split(pool.imap(labeled_sample, tasks, chunksize=16), directory, split, count)
         labels = [balanced_label(i, len(classes)) for i in range(count)]
@@ -163,6 +167,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default=",".join(MODALITIES), help=f"comma-separated subset of {MODALITIES}")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every sample count (e.g. 0.02 for tests)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="rendering processes")
+    parser.add_argument(
+        "--plain-images",
+        action="store_true",
+        help="images on a flat background without clutter: a diagnostic set (does a method find shapes at all?), not the demo",
+    )
     args = parser.parse_args(argv)
     only = [m.strip() for m in args.only.split(",") if m.strip()]
     unknown = sorted(set(only) - set(MODALITIES))
@@ -176,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         # The text corpus needs no pool: build it in one worker while the others render.
         text = pool.apply_async(build_text, (args.out, args.seed, args.scale)) if "text" in only else None
         for modality in (m for m in LABELED if m in only):
-            info = build_labeled(pool, args.out, modality, args.seed, args.scale)
+            options = {"plain": True} if modality == "image" and args.plain_images else {}
+            info = build_labeled(pool, args.out, modality, args.seed, args.scale, options)
             for split, summary in info["splits"].items():
                 report(modality, split, summary)
         if text is not None:

@@ -17,7 +17,9 @@ import tarfile
 from collections import defaultdict
 
 import braceexpand
+import numpy as np
 import pytest
+from PIL import Image
 
 from core.data.decoders import decode_sample
 
@@ -160,6 +162,29 @@ def test_only_builds_the_named_modalities(tmp_path):
     out = build(tmp_path, "--only", "audio", "--scale", "0.002")
     assert sorted(os.listdir(out)) == ["audio"]
     assert load_info(os.path.join(out, "audio"))["splits"]["val"]["samples"] == 2
+
+
+def test_plain_images_keep_the_labels_and_lose_the_background_and_clutter(builds, tmp_path):
+    """--plain-images: the same keys and labels as the image set, every background flat and named plain."""
+    out = build(tmp_path, "--only", "image", "--scale", SCALE, "--plain-images")
+    info = load_info(os.path.join(out, "image"))
+    assert info["options"] == {"plain": True}
+    plain = split_samples(os.path.join(out, "image"), info["splits"]["val"])
+    usual = split_samples(os.path.join(builds["seed0"], "image"), load_info(os.path.join(builds["seed0"], "image"))["splits"]["val"])
+    assert sorted(plain) == sorted(usual)
+    for key, sample in plain.items():
+        assert sample["cls"] == usual[key]["cls"]
+        assert json.loads(sample["json"])["background"] == "plain"
+    assert min(flat_border_fraction(s["png"]) for s in plain.values()) > 0.5
+    # The check has teeth: the usual set's textures and clutter break it in most images.
+    assert sorted(flat_border_fraction(s["png"]) for s in usual.values())[len(usual) // 2] < 0.5
+
+
+def flat_border_fraction(png: bytes) -> float:
+    """The share of an image's outer pixel ring within the pixel noise (std 0.02 x 255) of the ring's median color."""
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=float)
+    ring = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])  # (124, 3)
+    return float((np.abs(ring - np.median(ring, axis=0)).max(axis=1) < 15).mean())
 
 
 def test_unknown_modality_is_an_error(tmp_path):
