@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--only: unknown modality {', '.join(unknown)}; choose from {', '.join(MODALITIES)}")
     if args.scale <= 0:
         parser.error(f"--scale must be positive, got {args.scale}")
+    if args.plain_images and args.out == parser.get_default("out"):
+        parser.error(f"--plain-images would overwrite the demo images in {args.out}: pass another --out")
 
     start = time.time()
     with Pool(args.workers) as pool:

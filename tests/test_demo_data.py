@@ -187,6 +187,12 @@ def flat_border_fraction(png: bytes) -> float:
     return float((np.abs(ring - np.median(ring, axis=0)).max(axis=1) < 15).mean())
 
 
+def test_plain_images_refuse_to_overwrite_the_demo_set(tmp_path):
+    result = subprocess.run([sys.executable, SCRIPT, "--only", "image", "--plain-images"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode != 0 and "--out" in result.stderr
+    assert not os.path.exists(tmp_path / "data")
+
+
 def test_unknown_modality_is_an_error(tmp_path):
     result = subprocess.run(
         [sys.executable, SCRIPT, "--out", str(tmp_path), "--only", "image,smell"], capture_output=True, text=True
