@@ -243,7 +243,7 @@ def random_background(rng: np.random.Generator, size: int, object_color: np.ndar
 
 
 def plain_background(rng: np.random.Generator, size: int, object_color: np.ndarray) -> tuple[str, np.ndarray]:
-    """One flat color that keeps clear of ``object_color``: the background of the ``--plain-images`` diagnostic set."""
+    """One flat color that keeps clear of ``object_color``: the background of the ``make_demo.py --plain`` diagnostic sets."""
     _, color = pick_color(rng, avoid=(object_color * 255,), min_distance=MIN_CONTRAST)
     return "plain", np.broadcast_to(color, (size, size, 3)).copy()
 

@@ -17,6 +17,7 @@ from demo_shapes import (
     fix_articles,
     paint_shape,
     pick_color,
+    plain_background,
     pixel_grid,
     random_background,
     to_uint8,
@@ -75,12 +76,15 @@ def trajectory(rng: np.random.Generator, motion: str) -> tuple[np.ndarray, np.nd
     return center, radius, angle, visible
 
 
-def render_clip(rng: np.random.Generator, label: int) -> tuple[np.ndarray, dict]:
-    """(FRAMES, SIZE, SIZE, 3) uint8 frames of a random shape doing ``CLASSES[label]``, and the clip's metadata."""
+def render_clip(rng: np.random.Generator, label: int, plain: bool = False) -> tuple[np.ndarray, dict]:
+    """(FRAMES, SIZE, SIZE, 3) uint8 frames of a random shape doing ``CLASSES[label]``, and the clip's metadata.
+    plain: a flat background and no clutter (the diagnostic set of ``make_demo.py --plain``)."""
     shape = MOVERS[rng.integers(len(MOVERS))]
     color_name, color = pick_color(rng)
-    kind, scene = random_background(rng, SIZE, color)
-    draw_distractors(rng, scene, GRID, int(rng.integers(1, 5)))
+    kind, scene = (plain_background if plain else random_background)(rng, SIZE, color)
+    clutter = int(rng.integers(1, 5))
+    if not plain:
+        draw_distractors(rng, scene, GRID, clutter)
     center, radius, angle, visible = trajectory(rng, CLASSES[label])
     frames = np.repeat(scene[None].astype(np.float32), FRAMES, axis=0)  # (T, H, W, 3)
     for i in np.flatnonzero(visible):
@@ -113,7 +117,7 @@ def video_caption(rng: np.random.Generator, meta: dict) -> str:
     return fix_articles(templates[rng.integers(len(templates))].format(**meta))
 
 
-def video_sample(rng: np.random.Generator, label: int) -> dict:
+def video_sample(rng: np.random.Generator, label: int, plain: bool = False) -> dict:
     """Sample members: ``mp4`` clip, ``txt`` caption, ``json`` metadata."""
-    frames, meta = render_clip(rng, label)
+    frames, meta = render_clip(rng, label, plain)
     return {"mp4": encode_mp4(frames), "txt": video_caption(rng, meta), "json": meta}

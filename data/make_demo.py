@@ -2,7 +2,7 @@
 
     python data/make_demo.py --out data/demo --seed 0                  # everything (~30 s on 2 cores)
     python data/make_demo.py --out /tmp/demo --only image,audio --scale 0.05
-    python data/make_demo.py --out /tmp/demo-plain --only image --plain-images   # a diagnostic set, not the demo
+    python data/make_demo.py --out /tmp/demo-plain --only image,video --plain       # a diagnostic set, not the demo
 
 Writes ``<out>/<modality>/{train,val}-%06d.tar`` (text: ``<out>/text/{prose,code}/...``) and an ``info.json``
 per modality with the classes, counts, sizes and brace patterns of the shards. Every sample is rendered from
@@ -59,6 +59,7 @@ LABELED = {
     ),
 }
 MODALITIES = (*LABELED, "text")
+PLAIN = ("image", "video")  # the sets --plain draws on a flat background without clutter
 SPLITS = ("train", "val")
 # Several shards per split, so that every rank of a small multi-process run gets whole shards.
 SHARDS = {"train": 4, "val": 2}
@@ -87,7 +88,7 @@ def balanced_label(index: int, num_classes: int) -> int:
 
 def labeled_sample(task: tuple[int, str, str, int, dict]) -> dict:
     """Render sample ``index`` of ``split`` of ``modality``: its own generator, a balanced label, a unique key.
-    ``options`` are keyword arguments of the modality's sample function (``plain`` for images)."""
+    ``options`` are keyword arguments of the modality's sample function (``plain`` for images and videos)."""
     seed, modality, split, index, options = task
     classes, make_sample, _, _ = LABELED[modality]
     rng = np.random.default_rng([seed, MODALITIES.index(modality), SPLITS.index(split), index])
@@ -168,9 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every sample count (e.g. 0.02 for tests)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="rendering processes")
     parser.add_argument(
-        "--plain-images",
+        "--plain",
         action="store_true",
-        help="images on a flat background without clutter: a diagnostic set (does a method find shapes at all?), not the demo",
+        help="images and videos on a flat background without clutter: a diagnostic set, not the demo",
     )
     args = parser.parse_args(argv)
     only = [m.strip() for m in args.only.split(",") if m.strip()]
@@ -179,15 +180,15 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--only: unknown modality {', '.join(unknown)}; choose from {', '.join(MODALITIES)}")
     if args.scale <= 0:
         parser.error(f"--scale must be positive, got {args.scale}")
-    if args.plain_images and args.out == parser.get_default("out"):
-        parser.error(f"--plain-images would overwrite the demo images in {args.out}: pass another --out")
+    if args.plain and args.out == parser.get_default("out"):
+        parser.error(f"--plain would overwrite the demo sets in {args.out}: pass another --out")
 
     start = time.time()
     with Pool(args.workers) as pool:
         # The text corpus needs no pool: build it in one worker while the others render.
         text = pool.apply_async(build_text, (args.out, args.seed, args.scale)) if "text" in only else None
         for modality in (m for m in LABELED if m in only):
-            options = {"plain": True} if modality == "image" and args.plain_images else {}
+            options = {"plain": True} if modality in PLAIN and args.plain else {}
             info = build_labeled(pool, args.out, modality, args.seed, args.scale, options)
             for split, summary in info["splits"].items():
                 report(modality, split, summary)

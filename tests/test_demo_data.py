@@ -164,17 +164,22 @@ def test_only_builds_the_named_modalities(tmp_path):
     assert load_info(os.path.join(out, "audio"))["splits"]["val"]["samples"] == 2
 
 
-def test_plain_images_keep_the_labels_and_lose_the_background_and_clutter(builds, tmp_path):
-    """--plain-images: the same keys and labels as the image set, every background flat and named plain."""
-    out = build(tmp_path, "--only", "image", "--scale", SCALE, "--plain-images")
-    info = load_info(os.path.join(out, "image"))
-    assert info["options"] == {"plain": True}
-    plain = split_samples(os.path.join(out, "image"), info["splits"]["val"])
-    usual = split_samples(os.path.join(builds["seed0"], "image"), load_info(os.path.join(builds["seed0"], "image"))["splits"]["val"])
-    assert sorted(plain) == sorted(usual)
-    for key, sample in plain.items():
-        assert sample["cls"] == usual[key]["cls"]
-        assert json.loads(sample["json"])["background"] == "plain"
+def test_plain_sets_keep_the_labels_and_lose_the_background_and_clutter(builds, tmp_path):
+    """--plain: the same keys and labels as the image and video sets, every background flat and named plain."""
+    out = build(tmp_path, "--only", "image,video", "--scale", SCALE, "--plain")
+    samples = {}
+    for modality in ("image", "video"):
+        info = load_info(os.path.join(out, modality))
+        assert info["options"] == {"plain": True}
+        plain = split_samples(os.path.join(out, modality), info["splits"]["val"])
+        usual_dir = os.path.join(builds["seed0"], modality)
+        usual = split_samples(usual_dir, load_info(usual_dir)["splits"]["val"])
+        assert sorted(plain) == sorted(usual)
+        for key, sample in plain.items():
+            assert sample["cls"] == usual[key]["cls"]
+            assert json.loads(sample["json"])["background"] == "plain"
+        samples[modality] = plain, usual
+    plain, usual = samples["image"]
     assert min(flat_border_fraction(s["png"]) for s in plain.values()) > 0.5
     # The check has teeth: the usual set's textures and clutter break it in most images.
     assert sorted(flat_border_fraction(s["png"]) for s in usual.values())[len(usual) // 2] < 0.5
@@ -187,8 +192,8 @@ def flat_border_fraction(png: bytes) -> float:
     return float((np.abs(ring - np.median(ring, axis=0)).max(axis=1) < 15).mean())
 
 
-def test_plain_images_refuse_to_overwrite_the_demo_set(tmp_path):
-    result = subprocess.run([sys.executable, SCRIPT, "--only", "image", "--plain-images"], cwd=tmp_path, capture_output=True, text=True)
+def test_plain_sets_refuse_to_overwrite_the_demo_sets(tmp_path):
+    result = subprocess.run([sys.executable, SCRIPT, "--only", "image", "--plain"], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode != 0 and "--out" in result.stderr
     assert not os.path.exists(tmp_path / "data")
 
