@@ -82,6 +82,7 @@ def render_clip(rng: np.random.Generator, label: int, plain: bool = False) -> tu
     shape = MOVERS[rng.integers(len(MOVERS))]
     color_name, color = pick_color(rng)
     kind, scene = (plain_background if plain else random_background)(rng, SIZE, color)
+    # Drawn even when plain leaves it unused, so that the plain set's later draws are those its README runs measured.
     clutter = int(rng.integers(1, 5))
     if not plain:
         draw_distractors(rng, scene, GRID, clutter)

@@ -167,7 +167,6 @@ def test_only_builds_the_named_modalities(tmp_path):
 def test_plain_sets_keep_the_labels_and_lose_the_background_and_clutter(builds, tmp_path):
     """--plain: the same keys and labels as the image and video sets, every background flat and named plain."""
     out = build(tmp_path, "--only", "image,video", "--scale", SCALE, "--plain")
-    samples = {}
     for modality in ("image", "video"):
         info = load_info(os.path.join(out, modality))
         assert info["options"] == {"plain": True}
@@ -178,11 +177,9 @@ def test_plain_sets_keep_the_labels_and_lose_the_background_and_clutter(builds, 
         for key, sample in plain.items():
             assert sample["cls"] == usual[key]["cls"]
             assert json.loads(sample["json"])["background"] == "plain"
-        samples[modality] = plain, usual
-    plain, usual = samples["image"]
-    assert min(flat_border_fraction(s["png"]) for s in plain.values()) > 0.5
-    # The check has teeth: the usual set's textures and clutter break it in most images.
-    assert sorted(flat_border_fraction(s["png"]) for s in usual.values())[len(usual) // 2] < 0.5
+        if modality == "image":  # the pixels too: flat borders, where the usual textures and clutter break the check
+            assert min(flat_border_fraction(s["png"]) for s in plain.values()) > 0.5
+            assert sorted(flat_border_fraction(s["png"]) for s in usual.values())[len(usual) // 2] < 0.5
 
 
 def flat_border_fraction(png: bytes) -> float:
