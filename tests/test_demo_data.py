@@ -6,19 +6,23 @@ processes, in different folders and at different times) and once with seed 1.
 
 from __future__ import annotations
 
+import copy
 import glob
 import hashlib
 import io
 import json
+import math
 import os
 import subprocess
 import sys
 import tarfile
 from collections import defaultdict
+from types import SimpleNamespace
 
 import braceexpand
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from core.data.decoders import decode_sample
@@ -209,6 +213,38 @@ def test_supervised_reference_trains_and_reports(builds, capsys, monkeypatch):
     supervised_reference.main(["--demo", builds["seed0"], "--steps", "2", "--batch-size", "8", "--width", "4"])
     row = capsys.readouterr().out.strip().splitlines()[-1].split("|")
     assert row[1].strip() == "with labels" and 0 <= float(row[2]) <= 100 and 0 <= float(row[3]) <= 100
+
+
+@pytest.mark.parametrize("method", ["byol", "simsiam", "vicreg"])
+def test_ssl_reference_trains_and_reports(builds, capsys, monkeypatch, method):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "data"))
+    import ssl_reference
+
+    args = ["--demo", builds["seed0"], "--steps", "3", "--batch-size", "8", "--width", "4", "--hidden", "16", "--eval-every", "2"]
+    ssl_reference.main([method, *args])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [int(row[1]) for row in rows] == [0, 2, 3]  # the score before training, every 2 steps and at the end
+    assert all(math.isfinite(float(row[2])) for row in rows[1:]) and all(0 <= float(row[3]) <= 100 for row in rows)
+
+
+def test_ssl_reference_byol_target_follows_the_online_network(builds, monkeypatch):
+    """The EMA moves the target by (1 - momentum) of the way to the online network: with one step at
+    momentum 0.99 the target is 0.99 * its start + 0.01 * the online weights."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "data"))
+    import ssl_reference
+
+    recorded = {}
+    def spy(module):
+        recorded["target"] = copy.deepcopy(module)
+        recorded["online"] = module
+        recorded["start"] = [p.detach().clone() for p in recorded["target"].parameters()]
+        return recorded["target"]
+
+    monkeypatch.setattr(ssl_reference, "copy", SimpleNamespace(deepcopy=spy))
+    ssl_reference.main(["byol", "--demo", builds["seed0"], "--steps", "1", "--batch-size", "8", "--width", "4", "--hidden", "16"])
+    for start, t, o in zip(recorded["start"], recorded["target"].parameters(), recorded["online"].parameters(), strict=True):
+        assert torch.allclose(t, 0.99 * start + 0.01 * o, atol=1e-6)
+    assert any(not torch.equal(t, start) for start, t in zip(recorded["start"], recorded["target"].parameters()))
 
 
 def test_audio_loss_floor_is_below_predicting_zero_and_above_zero(monkeypatch):

@@ -1,0 +1,177 @@
+"""BYOL, SimSiam and VICReg written out again in plain PyTorch and torchvision, sharing no training code
+with the recipes: a check that a recipe's result on the demo images is the method's and not a bug of ours.
+
+    python data/ssl_reference.py byol --steps 700          # after `make data`
+    python data/ssl_reference.py vicreg --steps 700 --demo /tmp/demo-plain
+
+The images are read from the shards with tarfile and PIL (not core.data), each view is drawn per image
+by torchvision's transforms (not core.augment), the ResNet-18 is built from torchvision's BasicBlock (not
+core.resnet), and the optimizer is plain SGD with a cosine schedule, as lightly's CIFAR-10 benchmarks train
+these methods (lr 0.06 x batch / 128, momentum 0.9, weight decay 5e-4). Only the score is shared: the
+kNN accuracy of the frozen features, fitted on the train split and scored on the val split
+(``core.probe.knn_accuracy``, as ``core.evaluate`` does), printed every ``--eval-every`` steps.
+The views follow the siamese demo configs: crops of 30-100%, flip, the demos' stronger color jitter with
+p 0.8, grayscale, solarize 20% of the time in the second view.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import glob
+import io
+import math
+import tarfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+from torchvision.transforms import v2
+
+from core.probe import knn_accuracy
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def read_images(pattern: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every ``.png`` and its ``.cls`` in the shards matching `pattern`: (N, 3, H, W) uint8 and (N,) labels."""
+    images, labels = [], []
+    for path in sorted(glob.glob(pattern)):
+        with tarfile.open(path) as tar:
+            files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+        for name in sorted(files):
+            if name.endswith(".png"):
+                images.append(torch.from_numpy(np.array(Image.open(io.BytesIO(files[name])).convert("RGB"))).permute(2, 0, 1))
+                labels.append(int(files[name[: -len(".png")] + ".cls"]))
+    if not images:
+        raise FileNotFoundError(f"no .png samples in {pattern}")
+    return torch.stack(images), torch.tensor(labels)
+
+
+def resnet18(width: int) -> nn.Sequential:
+    """torchvision's ResNet-18 layout with the ImageNet stem at `width` channels (64 in the paper), pooled."""
+
+    def stage(c_in: int, c_out: int, stride: int) -> nn.Sequential:
+        down = None if stride == 1 else nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        return nn.Sequential(BasicBlock(c_in, c_out, stride, down), BasicBlock(c_out, c_out))
+
+    net = nn.Sequential(
+        nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1),
+        stage(width, width, 1), stage(width, 2 * width, 2), stage(2 * width, 4 * width, 2), stage(4 * width, 8 * width, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    )  # (B, 3, H, W) -> (B, 8 * width)
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return net
+
+
+def mlp(*dims: int) -> nn.Sequential:
+    """Linear -> BatchNorm -> ReLU between the widths, a plain Linear at the end."""
+    layers: list[nn.Module] = []
+    for d_in, d_out in zip(dims[:-2], dims[1:-1]):
+        layers += [nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers, nn.Linear(dims[-2], dims[-1]))
+
+
+def view_transform(solarize: float) -> v2.Compose:
+    return v2.Compose([
+        v2.RandomResizedCrop(32, scale=(0.3, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.8, 0.5)], p=0.8),
+        v2.RandomGrayscale(0.4),
+        v2.RandomSolarize(128, p=solarize),
+    ])
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    return (images.float() / 255 - MEAN) / STD
+
+
+def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """Bardes et al. 2022: invariance 25, variance 25, covariance 1."""
+
+    def variance(z):
+        return F.relu(1 - torch.sqrt(z.var(0) + 1e-4)).mean()
+
+    def covariance(z):
+        z = z - z.mean(0)
+        c = z.T @ z / (len(z) - 1)  # (D, D)
+        return (c.pow(2).sum() - c.diagonal().pow(2).sum()) / z.shape[1]
+
+    return 25 * F.mse_loss(z1, z2) + 25 * (variance(z1) + variance(z2)) + covariance(z1) + covariance(z2)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("method", choices=["byol", "simsiam", "vicreg"])
+    parser.add_argument("--demo", default="data/demo")
+    parser.add_argument("--steps", type=int, default=700)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=0.06, help="per 128 samples; lightly's CIFAR-10 rate")
+    parser.add_argument("--width", type=int, default=32, help="32: the siamese demos' ResNet-18 width")
+    parser.add_argument("--hidden", type=int, default=1024, help="the heads' hidden width")
+    parser.add_argument("--eval-every", type=int, default=100)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    train_x, train_y = read_images(f"{args.demo}/image/train-*.tar")
+    val_x, val_y = read_images(f"{args.demo}/image/val-*.tar")
+
+    backbone = resnet18(args.width)
+    dim = 8 * args.width
+    if args.method == "vicreg":
+        projector, predictor = mlp(dim, args.hidden, args.hidden, args.hidden), nn.Identity()
+    else:  # BYOL's and SimSiam's heads, at the width the recipes' demos use
+        projector, predictor = mlp(dim, args.hidden, 256), mlp(256, args.hidden, 256)
+    online = nn.ModuleList([backbone, projector, predictor])
+    target = copy.deepcopy(nn.ModuleList([backbone, projector])).requires_grad_(False) if args.method == "byol" else None
+    lr = args.lr * args.batch_size / 128
+    optimizer = torch.optim.SGD(online.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    views = [view_transform(0.0), view_transform(0.2)]
+
+    @torch.no_grad()
+    def knn() -> float:
+        backbone.eval()
+        train_f = torch.cat([backbone(normalize(x)) for x in train_x.split(500)])
+        val_f = torch.cat([backbone(normalize(x)) for x in val_x.split(500)])
+        backbone.train()
+        return 100 * knn_accuracy(train_f, train_y, val_f, val_y)
+
+    print(f"| step | loss | kNN acc |\n|---|---|---|\n| 0 | | {knn():.1f} |", flush=True)
+    start, generator = time.perf_counter(), torch.Generator().manual_seed(0)
+    for step in range(args.steps):
+        progress = step / args.steps
+        for group in optimizer.param_groups:
+            group["lr"] = lr * (1 + math.cos(math.pi * progress)) / 2
+        images = train_x[torch.randint(len(train_x), (args.batch_size,), generator=generator)]
+        x1, x2 = (normalize(torch.stack([view(image) for image in images])) for view in views)  # 2 x (B, 3, 32, 32)
+        z1, z2 = projector(backbone(x1)), projector(backbone(x2))
+        if args.method == "vicreg":
+            loss = vicreg_loss(z1, z2)
+        else:
+            if args.method == "byol":
+                with torch.no_grad():
+                    t1, t2 = target[1](target[0](x1)), target[1](target[0](x2))
+            else:  # SimSiam: the other view's projection, without its gradient
+                t1, t2 = z1.detach(), z2.detach()
+            loss = -(F.cosine_similarity(predictor(z1), t2).mean() + F.cosine_similarity(predictor(z2), t1).mean()) / 2
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if args.method == "byol":  # the target follows by EMA, momentum 0.99 -> 1 along a cosine
+            momentum = 1 - 0.01 * (1 + math.cos(math.pi * progress)) / 2
+            with torch.no_grad():
+                for t, o in zip(target.parameters(), online[:2].parameters()):
+                    t.mul_(momentum).add_(o, alpha=1 - momentum)
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            print(f"| {step + 1} | {loss.item():.3f} | {knn():.1f} |", flush=True)
+    print(f"\n{args.method}: {args.steps} steps of {args.batch_size} in {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
