@@ -9,7 +9,8 @@ by torchvision's transforms (not core.augment), the ResNet-18 is built from torc
 core.resnet), and the optimizer is plain SGD with a cosine schedule, as lightly's CIFAR-10 benchmarks train
 these methods (lr 0.06 x batch / 128, momentum 0.9, weight decay 5e-4). Only the score is shared: the
 kNN accuracy of the frozen features, fitted on the train split and scored on the val split
-(``core.probe.knn_accuracy``, as ``core.evaluate`` does), printed every ``--eval-every`` steps.
+(``core.probe.knn_accuracy``, as ``core.evaluate`` does), printed every ``--eval-every`` steps with the
+loss (for BYOL and SimSiam the mean negative cosine; BYOL's normalised MSE is 2 + 2 x that).
 The views follow the siamese demo configs: crops of 30-100%, flip, the demos' stronger color jitter with
 p 0.8, grayscale, solarize 20% of the time in the second view.
 """
