@@ -1,8 +1,9 @@
-"""BYOL, SimSiam and VICReg written out again in plain PyTorch and torchvision, sharing no training code
+"""BYOL, SimSiam, VICReg and DINO written out again in plain PyTorch and torchvision, sharing no training code
 with the recipes: a check that a recipe's result on the demo images is the method's and not a bug of ours.
 
     python data/ssl_reference.py byol --steps 700          # after `make data`
     python data/ssl_reference.py vicreg --steps 700 --demo /tmp/demo-plain
+    python data/ssl_reference.py dino --steps 400
 
 The images are read from the shards with tarfile and PIL (not core.data), each view is drawn per image
 by torchvision's transforms (not core.augment), the ResNet-18 is built from torchvision's BasicBlock (not
@@ -12,7 +13,8 @@ kNN accuracy of the frozen features, fitted on the train split and scored on the
 (``core.probe.knn_accuracy``, as ``core.evaluate`` does), printed every ``--eval-every`` steps with the
 loss (for BYOL and SimSiam the mean negative cosine; BYOL's normalised MSE is 2 + 2 x that).
 The views follow the siamese demo configs: crops of 30-100%, flip, the demos' stronger color jitter with
-p 0.8, grayscale, solarize 20% of the time in the second view.
+p 0.8, grayscale, solarize 20% of the time in the second view; DINO's demo takes two global crops of
+40-100% at 32 px and four local crops of 10-40% at 16 px, and a head of 1024 prototypes.
 """
 
 from __future__ import annotations
@@ -80,9 +82,22 @@ def mlp(*dims: int) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(dims[-2], dims[-1]))
 
 
-def view_transform(solarize: float) -> v2.Compose:
+class DINOHead(nn.Module):
+    """Caron et al. 2021: an MLP with GELU to a bottleneck, L2-normalised, then cosine similarities with
+    K unit-norm prototypes (the paper's weight-normalised last layer with its norm fixed)."""
+
+    def __init__(self, dim: int, hidden: int, bottleneck: int = 128, prototypes: int = 1024):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, bottleneck))
+        self.prototypes = nn.Linear(bottleneck, prototypes, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.normalize(self.mlp(x), dim=-1), F.normalize(self.prototypes.weight, dim=-1))  # (B, K)
+
+
+def view_transform(solarize: float, size: int = 32, scale: tuple[float, float] = (0.3, 1.0)) -> v2.Compose:
     return v2.Compose([
-        v2.RandomResizedCrop(32, scale=(0.3, 1.0), antialias=True),
+        v2.RandomResizedCrop(size, scale=scale, antialias=True),
         v2.RandomHorizontalFlip(),
         v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.8, 0.5)], p=0.8),
         v2.RandomGrayscale(0.4),
@@ -110,7 +125,7 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("method", choices=["byol", "simsiam", "vicreg"])
+    parser.add_argument("method", choices=["byol", "simsiam", "vicreg", "dino"])
     parser.add_argument("--demo", default="data/demo")
     parser.add_argument("--steps", type=int, default=700)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -125,15 +140,21 @@ def main(argv=None) -> None:
 
     backbone = resnet18(args.width)
     dim = 8 * args.width
+    views = [view_transform(0.0), view_transform(0.2)]
     if args.method == "vicreg":
         projector, predictor = mlp(dim, args.hidden, args.hidden, args.hidden), nn.Identity()
+    elif args.method == "dino":
+        projector, predictor = DINOHead(dim, args.hidden), nn.Identity()
+        views = [view_transform(0.0, scale=(0.4, 1.0)), view_transform(0.2, scale=(0.4, 1.0))]
+        views += [view_transform(0.0, size=16, scale=(0.1, 0.4)) for _ in range(4)]
+        center = torch.zeros(1, projector.prototypes.out_features)
     else:  # BYOL's and SimSiam's heads, at the width the recipes' demos use
         projector, predictor = mlp(dim, args.hidden, 256), mlp(256, args.hidden, 256)
     online = nn.ModuleList([backbone, projector, predictor])
-    target = copy.deepcopy(nn.ModuleList([backbone, projector])).requires_grad_(False) if args.method == "byol" else None
+    # BYOL's target and DINO's teacher: the online encoder and projector, moved only by their EMA.
+    target = copy.deepcopy(nn.ModuleList([backbone, projector])).requires_grad_(False) if args.method in ("byol", "dino") else None
     lr = args.lr * args.batch_size / 128
     optimizer = torch.optim.SGD(online.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    views = [view_transform(0.0), view_transform(0.2)]
 
     @torch.no_grad()
     def knn() -> float:
@@ -150,11 +171,21 @@ def main(argv=None) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr * (1 + math.cos(math.pi * progress)) / 2
         images = train_x[torch.randint(len(train_x), (args.batch_size,), generator=generator)]
-        x1, x2 = (normalize(torch.stack([view(image) for image in images])) for view in views)  # 2 x (B, 3, 32, 32)
-        z1, z2 = projector(backbone(x1)), projector(backbone(x2))
-        if args.method == "vicreg":
-            loss = vicreg_loss(z1, z2)
+        crops = [normalize(torch.stack([view(image) for image in images])) for view in views]  # [(B, 3, size, size)]
+        if args.method == "dino":
+            student = [F.log_softmax(projector(backbone(x)) / 0.1, dim=-1) for x in crops]  # [(B, K)]
+            with torch.no_grad():
+                teacher = [target[1](target[0](x)) for x in crops[:2]]  # the global crops only
+            targets = [F.softmax((t - center) / 0.04, dim=-1) for t in teacher]  # centred, sharpened
+            pairs = [(-q * student[j]).sum(-1).mean() for i, q in enumerate(targets) for j in range(len(crops)) if j != i]
+            loss = sum(pairs) / len(pairs)
+            center = 0.9 * center + 0.1 * torch.cat(teacher).mean(0, keepdim=True)
+        elif args.method == "vicreg":
+            x1, x2 = crops
+            loss = vicreg_loss(projector(backbone(x1)), projector(backbone(x2)))
         else:
+            x1, x2 = crops
+            z1, z2 = projector(backbone(x1)), projector(backbone(x2))
             if args.method == "byol":
                 with torch.no_grad():
                     t1, t2 = target[1](target[0](x1)), target[1](target[0](x2))
@@ -164,7 +195,7 @@ def main(argv=None) -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if args.method == "byol":  # the target follows by EMA, momentum 0.99 -> 1 along a cosine
+        if target is not None:  # the target follows by EMA, momentum 0.99 -> 1 along a cosine
             momentum = 1 - 0.01 * (1 + math.cos(math.pi * progress)) / 2
             with torch.no_grad():
                 for t, o in zip(target.parameters(), online[:2].parameters()):

@@ -215,7 +215,7 @@ def test_supervised_reference_trains_and_reports(builds, capsys, monkeypatch):
     assert row[1].strip() == "with labels" and 0 <= float(row[2]) <= 100 and 0 <= float(row[3]) <= 100
 
 
-@pytest.mark.parametrize("method", ["byol", "simsiam", "vicreg"])
+@pytest.mark.parametrize("method", ["byol", "simsiam", "vicreg", "dino"])
 def test_ssl_reference_trains_and_reports(builds, capsys, monkeypatch, method):
     monkeypatch.syspath_prepend(os.path.join(ROOT, "data"))
     import ssl_reference
