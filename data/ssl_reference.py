@@ -8,10 +8,11 @@ with the recipes: a check that a recipe's result on the demo images is the metho
 The images are read from the shards with tarfile and PIL (not core.data), each view is drawn per image
 by torchvision's transforms (not core.augment), the ResNet-18 is built from torchvision's BasicBlock (not
 core.resnet), and the optimizer is plain SGD with a cosine schedule, as lightly's CIFAR-10 benchmarks train
-these methods (lr 0.06 x batch / 128, momentum 0.9, weight decay 5e-4). Only the score is shared: the
-kNN accuracy of the frozen features, fitted on the train split and scored on the val split
-(``core.probe.knn_accuracy``, as ``core.evaluate`` does), printed every ``--eval-every`` steps with the
-loss (for BYOL and SimSiam the mean negative cosine; BYOL's normalised MSE is 2 + 2 x that).
+these methods (lr 0.06 x batch / 128, momentum 0.9, weight decay 5e-4); DINO takes its paper's AdamW
+instead: with that SGD its student's outputs went uniform (the loss at ln K) within 100 steps. Only the
+score is shared: the kNN accuracy of the frozen features, fitted on the train split and scored on the val
+split (``core.probe.knn_accuracy``, as ``core.evaluate`` does), printed every ``--eval-every`` steps with
+the loss (for BYOL and SimSiam the mean negative cosine; BYOL's normalised MSE is 2 + 2 x that).
 The views follow the siamese demo configs: crops of 30-100%, flip, the demos' stronger color jitter with
 p 0.8, grayscale, solarize 20% of the time in the second view; DINO's demo takes two global crops of
 40-100% at 32 px and four local crops of 10-40% at 16 px, and a head of 1024 prototypes.
@@ -153,8 +154,12 @@ def main(argv=None) -> None:
     online = nn.ModuleList([backbone, projector, predictor])
     # BYOL's target and DINO's teacher: the online encoder and projector, moved only by their EMA.
     target = copy.deepcopy(nn.ModuleList([backbone, projector])).requires_grad_(False) if args.method in ("byol", "dino") else None
-    lr = args.lr * args.batch_size / 128
-    optimizer = torch.optim.SGD(online.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    if args.method == "dino":  # the paper's AdamW (lr 5e-4 x batch / 256, weight decay 0.04, gradients clipped at 3)
+        lr = 5e-4 * args.batch_size / 256
+        optimizer = torch.optim.AdamW(online.parameters(), lr=lr, weight_decay=0.04)
+    else:
+        lr = args.lr * args.batch_size / 128
+        optimizer = torch.optim.SGD(online.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
 
     @torch.no_grad()
     def knn() -> float:
@@ -194,6 +199,8 @@ def main(argv=None) -> None:
             loss = -(F.cosine_similarity(predictor(z1), t2).mean() + F.cosine_similarity(predictor(z2), t1).mean()) / 2
         optimizer.zero_grad()
         loss.backward()
+        if args.method == "dino":
+            nn.utils.clip_grad_norm_(online.parameters(), 3.0)
         optimizer.step()
         if target is not None:  # the target follows by EMA, momentum 0.99 -> 1 along a cosine
             momentum = 1 - 0.01 * (1 + math.cos(math.pi * progress)) / 2
