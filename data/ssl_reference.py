@@ -130,7 +130,7 @@ def main(argv=None) -> None:
     parser.add_argument("--demo", default="data/demo")
     parser.add_argument("--steps", type=int, default=700)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=0.06, help="per 128 samples; lightly's CIFAR-10 rate")
+    parser.add_argument("--lr", type=float, default=0.06, help="SGD rate per 128 samples, lightly's CIFAR-10 one (DINO takes its paper's AdamW rate)")
     parser.add_argument("--width", type=int, default=32, help="32: the siamese demos' ResNet-18 width")
     parser.add_argument("--hidden", type=int, default=1024, help="the heads' hidden width")
     parser.add_argument("--eval-every", type=int, default=100)
