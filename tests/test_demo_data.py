@@ -234,6 +234,7 @@ def test_ssl_reference_byol_target_follows_the_online_network(builds, monkeypatc
     import ssl_reference
 
     recorded = {}
+
     def spy(module):
         recorded["target"] = copy.deepcopy(module)
         recorded["online"] = module
