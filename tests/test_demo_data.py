@@ -206,12 +206,15 @@ def test_unknown_modality_is_an_error(tmp_path):
     assert result.returncode != 0 and "smell" in result.stderr
 
 
-def test_supervised_reference_trains_and_reports(builds, capsys, monkeypatch):
+@pytest.mark.parametrize("modality", [[], ["--video"]], ids=["image", "video"])
+def test_supervised_reference_trains_and_reports(builds, capsys, monkeypatch, modality):
     monkeypatch.syspath_prepend(os.path.join(ROOT, "data"))
     import supervised_reference
 
-    supervised_reference.main(["--demo", builds["seed0"], "--steps", "2", "--batch-size", "8", "--width", "4"])
-    row = capsys.readouterr().out.strip().splitlines()[-1].split("|")
+    supervised_reference.main(["--demo", builds["seed0"], "--steps", "2", "--batch-size", "8", "--width", "4", *modality])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert ("ViT-tiny" in lines[0]) == bool(modality)
+    row = lines[-1].split("|")
     assert row[1].strip() == "with labels" and 0 <= float(row[2]) <= 100 and 0 <= float(row[3]) <= 100
 
 
