@@ -4,6 +4,7 @@ with the recipes: a check that a recipe's result on the demo images is the metho
     python data/ssl_reference.py byol --steps 700          # after `make data`
     python data/ssl_reference.py vicreg --steps 700 --demo /tmp/demo-plain
     python data/ssl_reference.py dino --steps 400
+    python data/ssl_reference.py byol --init-backbone vicreg.pt   # from --save-backbone vicreg.pt
 
 The images are read from the shards with tarfile and PIL (not core.data), each view is drawn per image
 by torchvision's transforms (not core.augment), the ResNet-18 is built from torchvision's BasicBlock (not
@@ -134,12 +135,16 @@ def main(argv=None) -> None:
     parser.add_argument("--width", type=int, default=32, help="32: the siamese demos' ResNet-18 width")
     parser.add_argument("--hidden", type=int, default=1024, help="the heads' hidden width")
     parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--save-backbone", help="write the trained backbone's state dict here")
+    parser.add_argument("--init-backbone", help="start from this state dict (from --save-backbone) instead of random init")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     train_x, train_y = read_images(f"{args.demo}/image/train-*.tar")
     val_x, val_y = read_images(f"{args.demo}/image/val-*.tar")
 
     backbone = resnet18(args.width)
+    if args.init_backbone:  # e.g. VICReg's features: does another method keep them, or leave them?
+        backbone.load_state_dict(torch.load(args.init_backbone, weights_only=True))
     dim = 8 * args.width
     views = [view_transform(0.0), view_transform(0.2)]
     if args.method == "vicreg":
@@ -210,6 +215,8 @@ def main(argv=None) -> None:
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             print(f"| {step + 1} | {loss.item():.3f} | {knn():.1f} |", flush=True)
     print(f"\n{args.method}: {args.steps} steps of {args.batch_size} in {time.perf_counter() - start:.0f} s")
+    if args.save_backbone:
+        torch.save(backbone.state_dict(), args.save_backbone)
 
 
 if __name__ == "__main__":

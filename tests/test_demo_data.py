@@ -230,6 +230,27 @@ def test_ssl_reference_trains_and_reports(builds, capsys, monkeypatch, method):
     assert all(math.isfinite(float(row[2])) for row in rows[1:]) and all(0 <= float(row[3]) <= 100 for row in rows)
 
 
+def test_ssl_reference_starts_from_a_saved_backbone(builds, capsys, monkeypatch, tmp_path):
+    """--init-backbone loads exactly what --save-backbone wrote: with no training steps in between, the
+    weights and BatchNorm statistics come back unchanged and the score before training is the first run's last."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "data"))
+    import ssl_reference
+
+    def scores(method, steps, *extra):
+        args = ["--demo", builds["seed0"], "--steps", steps, "--batch-size", "8", "--width", "4", "--hidden", "16", *extra]
+        ssl_reference.main([method, *args])
+        rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+        return [float(row[3]) for row in rows]
+
+    trained, reloaded = str(tmp_path / "vicreg.pt"), str(tmp_path / "again.pt")
+    first = scores("vicreg", "2", "--save-backbone", trained)
+    second = scores("byol", "0", "--init-backbone", trained, "--save-backbone", reloaded)
+    assert second == [first[-1]]
+    before, after = torch.load(trained, weights_only=True), torch.load(reloaded, weights_only=True)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert any("running_mean" in k for k in before)  # the BatchNorm statistics travel too
+
+
 def test_ssl_reference_byol_target_follows_the_online_network(builds, monkeypatch):
     """The EMA moves the target by (1 - momentum) of the way to the online network: with one step at
     momentum 0.99 the target is 0.99 * its start + 0.01 * the online weights."""
