@@ -1,0 +1,86 @@
+"""core.finetune: layer-wise learning-rate decay, and fine-tuning an export next to its random init."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from core.data.write import write_shards
+from core.export import describe_encoder, export_checkpoint, load_encoder
+from core.finetune import layer_decay_groups
+from core.finetune import main as finetune_main
+from core.resnet import ResNet
+from core.vit import ViT
+
+IMAGE_8PX = {"modality": "image", "size": [8, 8], "mean": [0.5] * 3, "std": [0.25] * 3}
+VIT_8PX = dict(input_size=(8, 8), patch_size=(4, 4), size="tiny", dim=16, depth=3, heads=2, pool="mean")
+
+
+def test_layer_decay_scales_each_block_and_skips_decay_on_biases_and_norms():
+    vit, head = ViT(**VIT_8PX), torch.nn.Linear(16, 10)
+    groups = layer_decay_groups(vit, head, weight_decay=0.05, layer_decay=0.5)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    params = [*vit.parameters(), *head.parameters()]
+    assert sum(len(g["params"]) for g in groups) == len(params) == len(scale)  # each parameter in one group
+    # 3 blocks: the embedding is layer 0 (0.5^4), block i is layer i + 1, the final norm and the head layer 4
+    assert scale[id(vit.patch_embed.proj.weight)] == scale[id(vit.cls_token)] == 0.5**4
+    for i, block in enumerate(vit.blocks):
+        assert {scale[id(p)] for p in block.parameters()} == {0.5 ** (3 - i)}
+    assert scale[id(vit.norm.weight)] == scale[id(head.weight)] == scale[id(head.bias)] == 1.0
+    assert decay[id(head.weight)] == 0.05 and decay[id(head.bias)] == decay[id(vit.blocks[0].norm1.weight)] == 0.0
+    # an exported encoder groups its ViT the same way; a ResNet, or no decay, trains everything at lr
+    encoder = torch.nn.Module()
+    encoder.backbone = vit
+    assert [g["lr_scale"] for g in layer_decay_groups(encoder, head, 0.05, 0.5)] == [g["lr_scale"] for g in groups]
+    for backbone, d in ((ResNet(18, small_images=True, width=4), 0.5), (vit, 1.0)):
+        assert {g["lr_scale"] for g in layer_decay_groups(backbone, head, 0.05, d)} == {1.0}
+
+
+def tone_shards(tmp_path) -> list[str]:
+    """8x8 noise images, dark or light; the label is the tone. 64 training and 40 validation samples."""
+    rng = np.random.default_rng(0)
+
+    def samples(n, prefix):
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.fromarray((rng.integers(0, 100, (8, 8, 3)) + 150 * (i % 2)).astype(np.uint8)).save(buf, format="PNG")
+            yield {"__key__": f"{prefix}{i}", "png": buf.getvalue(), "cls": i % 2}
+
+    write_shards(samples(64, "t"), str(tmp_path / "train-%06d.tar"))
+    write_shards(samples(40, "v"), str(tmp_path / "val-%06d.tar"))
+    return ["--train", str(tmp_path / "train-000000.tar"), "--val", str(tmp_path / "val-000000.tar")]
+
+
+def export_vit(tmp_path, seed: int) -> str:
+    torch.manual_seed(seed)
+    backbone, prefix = ViT(**VIT_8PX), "model.encoder."
+    state = {prefix + k: v for k, v in backbone.state_dict().items()}
+    torch.save({"state_dict": state, "encoders": {"image": describe_encoder(prefix, backbone, IMAGE_8PX)}}, tmp_path / f"{seed}.ckpt")
+    (folder,) = export_checkpoint(str(tmp_path / f"{seed}.ckpt"), str(tmp_path / f"export{seed}"))
+    return folder
+
+
+def rows(out: str) -> dict[str, float]:
+    return {line.split("|")[1].strip(): float(line.split("|")[2]) for line in out.splitlines() if line.startswith(("| pretrained", "| random init"))}
+
+
+def test_finetune_learns_and_treats_both_encoders_alike(tmp_path, capsys, one_thread):
+    """An export holding exactly the weights the random-init row draws (seed 0) must score exactly as that row:
+    the same head, batches and crops for both. Both learn the tone."""
+    shards = tone_shards(tmp_path)
+    args = [*shards, "--num-classes", "2", "--steps", "30", "--batch-size", "16", "--lr", "3e-3", "--layer-decay", "0.75"]
+    folder = export_vit(tmp_path, 0)
+    torch.manual_seed(0)  # as core.finetune draws its random init
+    fresh, exported = load_encoder(folder, pretrained=False).state_dict(), load_encoder(folder).state_dict()
+    assert all(fresh[k].equal(exported[k]) for k in exported)
+    finetune_main([folder, *args])
+    scores = rows(capsys.readouterr().out)
+    assert scores["pretrained"] == scores["random init"] >= 90.0
+
+
+def test_finetune_needs_the_number_of_classes(tmp_path):
+    with pytest.raises(SystemExit):
+        finetune_main([str(tmp_path), "--train", "x", "--val", "y", "--steps", "1"])
