@@ -37,12 +37,12 @@ def train_transform(spec: dict, scale: tuple[float, float], flip: bool = True):
     """The random training view of raw samples for an exported encoder's input spec."""
     from core import augment
 
-    mean, std = tuple(spec.get("mean", augment.IMAGENET_MEAN)), tuple(spec.get("std", augment.IMAGENET_STD))
     if spec["modality"] == "image":
-        return augment.ImageCrop(spec["size"][0], scale=scale, flip=flip, mean=mean, std=std)
+        return augment.ImageCrop(spec["size"][0], scale=scale, flip=flip, mean=tuple(spec["mean"]), std=tuple(spec["std"]))
     if spec["modality"] == "video":
-        return augment.VideoClip(spec["frames"], spec["stride"], spec["size"][0], scale=scale, flip=flip, mean=mean, std=std)
-    if spec["modality"] == "audio":
+        size, mean, std = spec["size"][0], tuple(spec["mean"]), tuple(spec["std"])
+        return augment.VideoClip(spec["frames"], spec["stride"], size, scale=scale, flip=flip, mean=mean, std=std)
+    if spec["modality"] == "audio":  # its spec's mean and std are the log-mel's, applied inside the encoder
         return augment.AudioClip(spec["sample_rate"], spec["seconds"], train=True)
     raise ValueError(f"core.finetune trains image, video and audio encoders, not {spec['modality']!r}")
 

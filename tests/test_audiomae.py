@@ -2,15 +2,18 @@
 time/frequency masking, the loss on hidden patches only, a one-batch overfit, bad configurations, and the
 demo config end to end through the CLI, export and load_encoder."""
 
+import os
+
 import pytest
 import torch
 
 from core import load_encoder
 from core.augment import log_mel
 from core.export import export_checkpoint
+from core.finetune import finetune
 from core.masking import whole
 from recipes.audiomae.model import AudioMAE, roll_and_scale
-from conftest import mae_demo_run
+from conftest import ROOT, mae_demo_run
 
 # 0.25 s at 8 kHz: 23 Kaldi frames, cropped to 16; 32 mel bins; 8x8 patches: a (4, 2) grid.
 TINY = dict(
@@ -120,3 +123,7 @@ def test_demo_config_trains_logs_pictures_and_exports_an_encoder_that_takes_wave
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(encoder(x), model.embed({"audio": x}), rtol=0, atol=0)
+    # core.finetune trains waveform encoders too: the audio training view, log-mel inside the encoder
+    shards = os.path.join(ROOT, "data", "demo", "audio", "{}-000000.tar")
+    scores = finetune(folder, shards.format("train"), shards.format("val"), num_classes=10, steps=2, batch_size=4, lr=1e-3)
+    assert set(scores) == {"pretrained", "random init"} and all(0 <= s["val_acc"] <= 1 for s in scores.values())
