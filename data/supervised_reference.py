@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from core.augment import ImageCrop, ImageEval, VideoClip
 from core.data import read_batches
+from core.finetune import endless
 from core.probe import knn_accuracy
 from core.resnet import ResNet
 from core.vit import ViT
@@ -61,13 +62,9 @@ def main(argv=None) -> None:
     head = torch.nn.Linear(backbone.embed_dim, 10)
     optimizer = torch.optim.AdamW([*backbone.parameters(), *head.parameters()], lr=args.lr, weight_decay=0.05)
 
-    def epochs():  # each pass draws new crops (itertools.cycle would replay the first pass's)
-        while True:
-            yield from read_batches(train, augment, args.batch_size, num_workers=1)
-
     start = time.perf_counter()
-    for _, batch in zip(range(args.steps), epochs()):
-        loss = F.cross_entropy(head(backbone(batch[key])), batch["label"])
+    for _, (x, y) in zip(range(args.steps), endless(train, augment, args.batch_size, key)):
+        loss = F.cross_entropy(head(backbone(x)), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
