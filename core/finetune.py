@@ -49,10 +49,10 @@ def train_transform(spec: dict, scale: tuple[float, float], flip: bool = True):
 
 def layer_decay_groups(backbone: nn.Module, head: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
     """Parameter groups with an ``lr_scale`` each. For a ViT (a module with ``blocks``; an exported encoder's
-    backbone), the patch embedding and class token count as layer 0 (the positions are fixed), block i as layer i + 1, the
-    final norm and the head as layer L + 1, and layer l trains at layer_decay^(L + 1 - l) x lr (BEiT, Bao et
-    al. 2022; MAE's fine-tuning); other backbones, or layer_decay 1, train every parameter at lr. Weight decay
-    skips biases and norms."""
+    backbone), the patch embedding and class token count as layer 0 (the positions are fixed), block i as
+    layer i + 1, the final norm and the head as layer L + 1, and layer l trains at layer_decay^(L + 1 - l) x lr
+    (BEiT, Bao et al. 2022; MAE's fine-tuning); other backbones, or layer_decay 1, train every parameter at lr.
+    Weight decay skips biases and norms, by the rule of ``core.optim.param_groups`` (one dimension)."""
     vit = getattr(backbone, "backbone", backbone)  # core.export.Encoder wraps the ViT
     blocks = getattr(vit, "blocks", None)
     if blocks is None or layer_decay == 1.0:
