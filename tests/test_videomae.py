@@ -40,6 +40,16 @@ def test_tube_mask_hides_the_same_places_in_every_frame_in_exact_number(mask_rat
     assert len({tuple(m.tolist()) for m in per_time[:, 0]}) > 1  # samples get different masks
 
 
+def test_random_masking_hides_tubelets_each_on_its_own_in_exact_number():
+    torch.manual_seed(0)
+    model = VideoMAE(**{**TINY, "masking": "random", "mask_ratio": 0.75})
+    _, _, mask, _ = model.reconstruct(clips(batch=4))
+    t, h, w = model.encoder.grid
+    assert (~mask).sum(1).tolist() == [whole(t * h * w * 0.25)] * 4
+    per_time = mask.view(4, t, h * w)
+    assert not torch.equal(per_time, per_time[:, :1].expand_as(per_time))  # not one mask shared over time
+
+
 def test_loss_ignores_visible_tubelets():
     torch.manual_seed(0)
     model = VideoMAE(**{**TINY, "mask_ratio": 0.75})
@@ -117,6 +127,7 @@ def test_a_few_steps_on_one_batch_drive_the_loss_down():
         ({"image_size": 18}, "not divisible by patch size"),
         ({"num_frames": 5}, "not divisible by patch size"),
         ({"stride": 0}, "stride must be at least 1"),
+        ({"masking": "frame"}, "masking='frame' must be one of"),
     ],
 )
 def test_bad_configuration_is_refused_at_construction(change, message):

@@ -20,12 +20,13 @@ import torch
 from core.export import describe_encoder
 from core.heads import MAEDecoder
 from core.losses import masked_patch_loss
-from core.masking import check_ratio, patchify, tube_mask
+from core.masking import check_ratio, patchify, random_mask, tube_mask
 from core.optim import param_groups, scaled_lr
 from core.schedules import WarmupCosine, step_scheduler, warmup_and_total_steps
 from core.visualize import reconstruction_rows, save_reconstructions
 from core.vit import ViT
 
+MASKINGS = ("tube", "random")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -61,6 +62,9 @@ class VideoMAE(L.LightningModule):
     see `tubelet_targets`.
     size/encoder_depth/pool: the ViT encoder (paper: base, mean pooling of the patch tokens).
     decoder_*: the decoder (paper, ViT-B: 4 blocks, 384 wide, 6 heads).
+    masking: "tube" (the paper's: one spatial mask for every time step) or "random" (each tubelet on its own,
+    the spacetime-agnostic masking of MAE-ST, Feichtenhofer et al. 2022; VideoMAE ablates it and keeps tubes),
+    mask_ratio of the tubelets either way (paper: tube, 0.9).
     base_lr: learning rate per 256 clips of effective batch (paper: 1.5e-4); AdamW, betas (0.9, 0.95),
     weight decay 0.05 on weights only; linear warmup for `warmup_epochs`, then cosine down to
     `min_lr_ratio` x the peak (VideoMAE: min_lr 1e-5 / lr 1.5e-4).
@@ -80,6 +84,7 @@ class VideoMAE(L.LightningModule):
         decoder_dim: int = 384,
         decoder_depth: int = 4,
         decoder_heads: int = 6,
+        masking: str = "tube",
         mask_ratio: float = 0.9,
         norm_pix_loss: bool = True,
         norm_per_channel: bool = True,
@@ -94,6 +99,8 @@ class VideoMAE(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        if masking not in MASKINGS:
+            raise ValueError(f"masking={masking!r} must be one of {MASKINGS}")
         check_ratio("mask_ratio", mask_ratio)
         if stride < 1:
             raise ValueError(f"stride must be at least 1, got {stride}")
@@ -111,10 +118,16 @@ class VideoMAE(L.LightningModule):
                 f"got {tuple(video.shape)}; set the data transform's num_frames/size to the model's num_frames/image_size"
             )
 
+    def mask(self, batch: int, device, generator: torch.Generator | None = None):
+        """(B, K) indices of the visible tubelets and the (B, N) mask, True where hidden."""
+        if self.hparams.masking == "random":
+            return random_mask(batch, self.encoder.num_patches, self.hparams.mask_ratio, device, generator)
+        return tube_mask(batch, self.encoder.grid, self.hparams.mask_ratio, device, generator)
+
     def reconstruct(self, video: torch.Tensor, generator: torch.Generator | None = None):
         """video (B, 3, T, H, W) -> loss, predicted tubelets (B, N, P), mask (B, N), target (mean, std) or None."""
         self.check_clip(video)
-        keep_idx, mask = tube_mask(video.shape[0], self.encoder.grid, self.hparams.mask_ratio, video.device, generator)
+        keep_idx, mask = self.mask(video.shape[0], video.device, generator)
         tokens = self.encoder.tokens(video, keep_idx)  # (B, 1 + K, D): visible tubelets only
         pred = self.decoder(tokens, keep_idx)  # (B, N, P)
         target, stats = tubelet_targets(video, self.patch, self.hparams.norm_pix_loss, self.hparams.norm_per_channel)
