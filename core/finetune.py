@@ -6,11 +6,11 @@ on labelled shards, next to the same architecture from random init, and score bo
 
 Masked autoencoders are judged this way first (MAE, VideoMAE and AudioMAE lead with end-to-end fine-tuning):
 their features can hold much that a linear probe on frozen, pooled features cannot read. The schedule is
-short and plain: AdamW (0.9, 0.999), weight decay on weights only, linear warmup over the first tenth then
-cosine to zero, and for ViT encoders the layer-wise learning-rate decay of MAE's and BEiT's fine-tuning
-(``--layer-decay``: block i of L, counted from 0, trains at decay^(L - i) x lr, the patch embedding at
-decay^(L + 1)). Not done here, and part of the papers' 100-epoch recipes: mixup, cutmix, label smoothing,
-drop path, RandAugment.
+short and plain: AdamW (0.9, 0.999), weight decay on weights only (not on biases, norms or a ViT's class
+token), linear warmup over the first tenth then cosine to zero, and for ViT encoders the layer-wise
+learning-rate decay of MAE's and BEiT's fine-tuning (``--layer-decay``: block i of L, counted from 0, trains
+at decay^(L - i) x lr, the patch embedding at decay^(L + 1)). Not done here, and part of the papers'
+100-epoch recipes: mixup, cutmix, label smoothing, drop path, RandAugment.
 
 The training view is the modality's crop (images: random resized crop and flip; clips: a random span of
 frames, crop and flip; ``--no-flip`` where left and right are classes); the val view is the deterministic
@@ -29,7 +29,7 @@ from torch import nn
 from core.data import read_batches
 from core.evaluate import eval_transform
 from core.export import load_encoder
-from core.optim import param_groups
+from core.optim import decayed, param_groups
 from core.schedules import WarmupCosine
 
 
@@ -51,11 +51,12 @@ def layer_decay_groups(backbone: nn.Module, head: nn.Module, weight_decay: float
     """Parameter groups with an ``lr_scale`` each. For a ViT (a module with ``blocks``; an exported encoder's
     backbone), the patch embedding and class token count as layer 0 (the positions are fixed), block i as
     layer i + 1, the final norm and the head as layer L + 1, and layer l trains at layer_decay^(L + 1 - l) x lr
-    (BEiT, Bao et al. 2022; MAE's fine-tuning); other backbones, or layer_decay 1, train every parameter at lr.
-    Weight decay skips biases and norms, by the rule of ``core.optim.param_groups`` (one dimension)."""
+    (BEiT, Bao et al. 2022; MAE's fine-tuning); other backbones train every parameter at lr.
+    Weight decay skips biases and norms (``core.optim.decayed``) and, as MAE's fine-tuning does, the class
+    token (its pretraining decays it: timm's ``add_weight_decay`` goes by dimensions alone)."""
     vit = getattr(backbone, "backbone", backbone)  # core.export.Encoder wraps the ViT
     blocks = getattr(vit, "blocks", None)
-    if blocks is None or layer_decay == 1.0:
+    if blocks is None:
         return [{**g, "lr_scale": 1.0} for g in param_groups(nn.ModuleList([backbone, head]), weight_decay)]
     last = len(blocks) + 1
 
@@ -64,13 +65,11 @@ def layer_decay_groups(backbone: nn.Module, head: nn.Module, weight_decay: float
             return int(name.split(".")[1]) + 1
         return last if name.startswith("norm.") else 0
 
-    layered = [(layer(n), p) for n, p in vit.named_parameters()] + [(last, p) for p in head.parameters()]
-    groups: dict[tuple[int, bool], dict] = {}
-    for depth, p in layered:
-        decayed = p.ndim >= 2
-        group = groups.setdefault(
-            (depth, decayed), {"params": [], "weight_decay": weight_decay if decayed else 0.0, "lr_scale": layer_decay ** (last - depth)}
-        )
+    named = [(layer(n), n, p) for n, p in vit.named_parameters()] + [(last, "head", p) for p in head.parameters()]
+    groups: dict[tuple[float, bool], dict] = {}
+    for depth, name, p in named:
+        scale, decay = layer_decay ** (last - depth), decayed(p) and name != "cls_token"
+        group = groups.setdefault((scale, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale})
         group["params"].append(p)
     return list(groups.values())
 

@@ -6,13 +6,19 @@ import torch
 from torch import nn
 
 
+def decayed(p: torch.Tensor) -> bool:
+    """Weight decay applies to weights of 2+ dims, not to biases and norm parameters (1 dim), as in MAE,
+    BYOL and most of the field."""
+    return p.ndim >= 2
+
+
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights of 2+ dims are decayed; biases and norm parameters (1 dim) are not, as in MAE,
-    BYOL and most of the field. The no-decay group is also excluded from LARS adaptation."""
+    """Two groups: the `decayed` parameters and the rest. The no-decay group is also excluded from LARS
+    adaptation."""
     decay, no_decay = [], []
     for p in module.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if decayed(p) else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True},

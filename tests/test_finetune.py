@@ -30,13 +30,17 @@ def test_layer_decay_scales_each_block_and_skips_decay_on_biases_and_norms():
     for i, block in enumerate(vit.blocks):
         assert {scale[id(p)] for p in block.parameters()} == {0.5 ** (3 - i)}
     assert scale[id(vit.norm.weight)] == scale[id(head.weight)] == scale[id(head.bias)] == 1.0
-    assert decay[id(head.weight)] == 0.05 and decay[id(head.bias)] == decay[id(vit.blocks[0].norm1.weight)] == 0.0
+    assert decay[id(head.weight)] == decay[id(vit.blocks[0].attn.qkv.weight)] == 0.05
+    assert decay[id(head.bias)] == decay[id(vit.blocks[0].norm1.weight)] == decay[id(vit.cls_token)] == 0.0
     # an exported encoder groups its ViT the same way; a ResNet, or no decay, trains everything at lr
     encoder = torch.nn.Module()
     encoder.backbone = vit
     assert [g["lr_scale"] for g in layer_decay_groups(encoder, head, 0.05, 0.5)] == [g["lr_scale"] for g in groups]
     for backbone, d in ((ResNet(18, small_images=True, width=4), 0.5), (vit, 1.0)):
         assert {g["lr_scale"] for g in layer_decay_groups(backbone, head, 0.05, d)} == {1.0}
+    # without layer decay a ViT's groups differ only in weight decay, the class token still undecayed
+    flat = layer_decay_groups(vit, head, 0.05, 1.0)
+    assert len(flat) == 2 and any(p is vit.cls_token for g in flat if g["weight_decay"] == 0.0 for p in g["params"])
 
 
 def tone_shards(tmp_path) -> list[str]:
