@@ -31,7 +31,8 @@ class _GatherWithGrad(torch.autograd.Function):
         # Every rank computed a loss on the same global batch, so the gradient that reaches this rank's
         # slice is the sum over ranks. DDP then averages parameter gradients; together this equals the
         # gradient of one process on the concatenated batch (the same reasoning as open_clip's loss).
-        grad = grad.contiguous()
+        # A copy: autograd may hand the same gradient tensor to other branches, which must not see the sum.
+        grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         return grad[ctx.rank * ctx.batch : (ctx.rank + 1) * ctx.batch]
 

@@ -1,8 +1,9 @@
 """Pretraining losses as functions, each with its paper.
 
 Functions whose result depends on other ranks' samples take `gather: bool` and use
-core.distributed.gather_with_grad; with `gather=True` the loss and its gradient equal those of one process
-on the concatenated global batch.
+core.distributed.gather_with_grad. With `gather=True`, the mean of the ranks' losses, and the gradient once
+DDP has averaged it, equal those of one process on the concatenated global batch; each rank's own loss may
+differ (VICReg's invariance term and the CLIP/SigLIP losses are computed on the rank's rows).
 """
 
 from __future__ import annotations

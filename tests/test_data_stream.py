@@ -22,6 +22,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from core.data import NoReadableShards, RefusedSample, ShardDataModule, UndecodableSample, decode_sample, read_batches
 from core.data.shards import expand_urls
+from core.data.stream import ShardLoader, ShardStream
 from core.data.write import write_shards
 
 torch.set_num_threads(1)
@@ -311,6 +312,19 @@ def test_val_split_across_workers_reads_each_sample_once(tmp_path):
     dm = ShardDataModule(pattern, val=pattern, batch_size=4, val_batch_size=5, num_workers=3, val_transform=to_tensors)
     keys = keys_of(dm.val_dataloader())
     assert sorted(keys) == [f"v_{i:06d}" for i in range(50)]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_val_with_fewer_shards_than_ranks_splits_samples_and_leaves_no_rank_empty(tmp_path, num_workers):
+    # 2 shards over 3 ranks: a rank without batches would miss DDP's first validation forward (a buffer
+    # broadcast) and the probes' gathers, and hang the others.
+    pattern = write_vectors(tmp_path, "s", 13, per_shard=7)
+    per_rank = []
+    for rank in range(3):
+        stream = ShardStream([expand_urls(pattern)], 2, False, transform=to_tensors, rank=rank, world_size=3, num_workers=num_workers)
+        per_rank.append(keys_of(ShardLoader(stream, num_workers)))
+    assert all(per_rank)
+    assert sorted(k for keys in per_rank for k in keys) == [f"s_{i:06d}" for i in range(13)]  # each once
 
 
 def test_rank_comes_from_the_trainer_not_the_environment(tmp_path, monkeypatch):

@@ -125,6 +125,13 @@ def test_table_errors_name_the_row(tmp_path):
     (tmp_path / "u.csv").write_text("image,caption\nmissing.png,hello\n")
     with pytest.raises(ValueError, match=r"row 0: no column \['path'\]"):
         write_main(["--out", str(tmp_path / "x-%06d.tar"), "table", str(tmp_path / "u.csv")])
+    (tmp_path / "p.png").write_bytes(image_bytes(pixels(4), "png"))
+    (tmp_path / "l.csv").write_text("path,caption,label\np.png,a,3\np.png,b,\np.png,c,5\n")
+    with pytest.raises(ValueError, match=r"1 of 3 rows have no 'label' \(rows 1\)"):  # not written without labels
+        write_main(["--out", str(tmp_path / "y-%06d.tar"), "table", str(tmp_path / "l.csv")])
+    with pytest.raises(ValueError, match="no row has a label in column 'lable'"):
+        write_main(["--out", str(tmp_path / "y-%06d.tar"), "table", str(tmp_path / "l.csv"), "--label-column", "lable"])
+    assert not list(tmp_path.glob("y-*.tar"))
 
 
 def test_text_files_per_file_and_per_line(tmp_path):

@@ -88,6 +88,11 @@ def rank_results(rank: int) -> dict:
     (gathered * (rank + 1)).sum().backward()
     results["gathered"], results["gather_grad"] = gathered.detach(), x.grad
 
+    # The incoming gradient is not summed in place: autograd hands the same tensor to the other branch of a sum.
+    w = torch.zeros(WORLD * BATCH, 2, dtype=torch.float64, requires_grad=True)
+    (((w * 1.0) + gather_with_grad(x.detach().requires_grad_())) * torch.arange(WORLD * BATCH * 2.0).view(-1, 2)).sum().backward()
+    results["branch_grad"] = w.grad
+
     for name in CASES:
         model = DistributedDataParallel(make_model(name))
         x1, x2 = global_batch(name)
@@ -150,6 +155,7 @@ def test_gather_with_grad_concatenates_and_sums_gradients(ranks):
         assert torch.equal(res["gathered"], expected)
         # Rank r's loss weighs every gathered element by r + 1, so each slice receives 1 + 2 + ... + WORLD.
         assert torch.equal(res["gather_grad"], torch.full((BATCH, 2), WORLD * (WORLD + 1) / 2, dtype=torch.float64))
+        assert torch.equal(res["branch_grad"], torch.arange(WORLD * BATCH * 2.0, dtype=torch.float64).view(-1, 2))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -224,6 +224,9 @@ class ShardStream(IterableDataset):
     loader sets before each pass, so a resumed run or a new epoch draws new samples.
 
     ``resample=False`` (validation): each shard of ``sources`` is read once, split across ranks then workers.
+    A source with fewer shards than ranks is read whole by every rank, each keeping every ``world_size``-th
+    sample, so that no rank is left without batches: under DDP every rank must join the first validation
+    forward's buffer broadcast and the probes' gathers.
     """
 
     def __init__(
@@ -252,7 +255,7 @@ class ShardStream(IterableDataset):
         if source is None:
             return [url for i in range(len(self.sources)) for url in self.rank_shards(i)]
         urls = self.sources[source]
-        if self.resample and len(urls) < self.world_size:
+        if len(urls) < self.world_size:
             return urls
         return urls[self.rank :: self.world_size]
 
@@ -263,9 +266,15 @@ class ShardStream(IterableDataset):
             sources = [self._resampled_source(i, rng) for i in range(len(self.sources))]
             samples = mixed(sources, self.weights, rng, self.stats)
         else:
-            urls = self.rank_shards()[worker::num_workers]
-            samples = decoded_samples(raw_samples(urls, self.stats), self.stats)
+            raw = itertools.chain.from_iterable(self._read_once(i, worker, num_workers) for i in range(len(self.sources)))
+            samples = decoded_samples(raw, self.stats)
         yield from batched(transformed(samples, self.transform), self.batch_size, partial=not self.resample)
+
+    def _read_once(self, source: int, worker: int, num_workers: int) -> Iterator[dict]:
+        raw = raw_samples(self.rank_shards(source)[worker::num_workers], self.stats)
+        if len(self.sources[source]) < self.world_size:  # every rank reads these shards: keep this rank's samples
+            raw = itertools.islice(raw, self.rank, None, self.world_size)
+        return raw
 
     def _resampled_source(self, source: int, rng: random.Random) -> Iterator[dict]:
         urls = self.rank_shards(source)

@@ -153,10 +153,13 @@ def table_labels(values: list) -> tuple[list[int], list[str]]:
 
 
 def table_samples(
-    path: str, path_column: str = "path", caption_column: str = "caption", label_column: str = "label"
+    path: str, path_column: str = "path", caption_column: str = "caption", label_column: str | None = None
 ) -> tuple[Iterator[dict], list[str]]:
     """Samples from a CSV/JSONL of (media path, caption[, label]); media paths are relative to the table.
 
+    ``label_column`` names the labels' column; by default a column ``label`` is used when the table has one.
+    Every row has a label or none does: a table labelled in part, or a named label column that no row
+    fills, is refused rather than written without its labels.
     Returns the samples and the class names when labels are names rather than integers.
     """
     rows = table_rows(path)
@@ -164,8 +167,15 @@ def table_samples(
         missing = [c for c in (path_column, caption_column) if c not in row]
         if missing:
             raise ValueError(f"{path} row {number}: no column {missing} (has {sorted(row)})")
-    has_labels = bool(rows) and all(row.get(label_column) not in (None, "") for row in rows)
-    labels, classes = table_labels([row[label_column] for row in rows]) if has_labels else ([None] * len(rows), [])
+    column = label_column or "label"
+    unlabelled = [number for number, row in enumerate(rows) if row.get(column) in (None, "")]
+    if label_column is not None and rows and len(unlabelled) == len(rows):
+        raise ValueError(f"{path}: no row has a label in column {label_column!r} (columns: {sorted(rows[0])})")
+    if 0 < len(unlabelled) < len(rows):
+        listed = ", ".join(map(str, unlabelled[:10])) + (", ..." if len(unlabelled) > 10 else "")
+        raise ValueError(f"{path}: {len(unlabelled)} of {len(rows)} rows have no {column!r} (rows {listed}): label every row or none")
+    has_labels = bool(rows) and not unlabelled
+    labels, classes = table_labels([row[column] for row in rows]) if has_labels else ([None] * len(rows), [])
     width = len(str(max(len(rows) - 1, 0)))
 
     def samples() -> Iterator[dict]:
@@ -224,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     table.add_argument("file")
     table.add_argument("--path-column", default="path")
     table.add_argument("--caption-column", default="caption")
-    table.add_argument("--label-column", default="label")
+    table.add_argument("--label-column", default=None, help="the labels' column (default: label, when the table has one)")
     text = inputs.add_parser("text", help="text files: one document per file, or per line")
     text.add_argument("paths", nargs="+", help=".txt files or folders of them")
     text.add_argument("--per-line", action="store_true", help="one document per non-empty line")
