@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from torch import nn
 
@@ -12,13 +14,17 @@ def decayed(p: torch.Tensor) -> bool:
     return p.ndim >= 2
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: the `decayed` parameters and the rest. The no-decay group is also excluded from LARS
-    adaptation."""
+def param_groups(module: nn.Module, weight_decay: float, skip: Collection[str] = ()) -> list[dict]:
+    """Two groups: the `decayed` parameters and the rest, which also takes the parameters named in `skip`
+    (a paper's no-weight-decay list, e.g. VideoMAE's mask token). The no-decay group is also excluded from
+    LARS adaptation."""
+    unknown = set(skip) - {name for name, _ in module.named_parameters()}
+    if unknown:
+        raise ValueError(f"param_groups: no parameters named {sorted(unknown)}")
     decay, no_decay = [], []
-    for p in module.parameters():
+    for name, p in module.named_parameters():
         if p.requires_grad:
-            (decay if decayed(p) else no_decay).append(p)
+            (decay if decayed(p) and name not in skip else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True},

@@ -231,6 +231,12 @@ def test_param_groups_split_one_dim_params_out():
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert no_decay["lars_exclude"] and not decay.get("lars_exclude", False)
 
+    decay, no_decay = param_groups(model, weight_decay=0.05, skip={"2.weight"})  # a paper's no-decay list, by name
+    assert {id(p) for p in decay["params"]} == {id(model[0].weight)}
+    assert any(p is model[2].weight for p in no_decay["params"])
+    with pytest.raises(ValueError, match=r"no parameters named \['2.wieght'\]"):
+        param_groups(model, weight_decay=0.05, skip={"2.wieght"})
+
 
 def lars_by_hand(w, b, grads, lr, momentum, wd, eta, clip=False):
     """Two LARS steps on a weight (adapted, decayed) and a bias (excluded), elementwise in numpy; with

@@ -24,7 +24,7 @@ PAPER = {
         projection_dim=256, predictor_hidden=4096, image_size=224,
     )),
     "byol/configs/cifar10_resnet18.yaml": (256, 1000, dict(
-        base_lr=1.0, weight_decay=1e-5, warmup_epochs=10, base_momentum=0.99, projector_hidden=4096,
+        base_lr=1.0, weight_decay=1e-5, warmup_epochs=10, base_momentum=0.99, lars_trust=0.02, lars_clip=True, projector_hidden=4096,
         projection_dim=256, predictor_hidden=4096, image_size=32,
     )),
     "simsiam/configs/imagenet_resnet50.yaml": (512, 100, dict(

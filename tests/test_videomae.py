@@ -143,6 +143,9 @@ def test_clip_of_the_wrong_length_is_named():
 
 def test_demo_config_trains_logs_pictures_and_exports_an_unmasked_encoder(tmp_path):
     model = mae_demo_run(VideoMAE, "videomae", tmp_path).model
+    # VideoMAE's no_weight_decay list: the tokens are not decayed.
+    undecayed = {id(p) for group in model.trainer.optimizers[0].param_groups if group["weight_decay"] == 0 for p in group["params"]}
+    assert {id(model.decoder.mask_token), id(model.encoder.cls_token)} <= undecayed
 
     (folder,) = export_checkpoint(str(tmp_path / "checkpoints" / "last.ckpt"), str(tmp_path / "export"))
     encoder = load_encoder(folder)

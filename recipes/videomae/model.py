@@ -166,7 +166,9 @@ class VideoMAE(L.LightningModule):
 
     def configure_optimizers(self):
         lr = scaled_lr(self.hparams.base_lr, self.trainer)
-        optimizer = torch.optim.AdamW(param_groups(self, self.hparams.weight_decay), lr=lr, betas=self.hparams.betas)
+        # VideoMAE's no_weight_decay list: its tokens (the class token is ours, unused; see README).
+        groups = param_groups(self, self.hparams.weight_decay, skip={"encoder.cls_token", "decoder.mask_token"})
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=self.hparams.betas)
         warmup, total = warmup_and_total_steps(self.trainer, self.hparams.warmup_epochs)
         schedule = WarmupCosine(warmup, total, min_ratio=self.hparams.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": step_scheduler(optimizer, schedule)}
