@@ -504,7 +504,9 @@ class VideoClip:
     Train: random start, one random resized crop and one flip shared by all frames. Eval: centered start,
     short side resized to ``size`` and center crop. VideoMAE itself crops with fixed multi-scale boxes;
     the random resized crop here is MAE's image augmentation applied to the whole clip.
-    A clip shorter than ``(num_frames - 1) * stride + 1`` frames raises ``ValueError``.
+    A clip shorter than ``(num_frames - 1) * stride + 1`` frames raises ``ValueError``, or with
+    ``short_clips="repeat_last"`` is read from its first frame with its last frame repeated to fill, as
+    VideoMAE's loader does for the short videos of Something-Something v2.
 
     ``{"video": (T, H, W, 3) uint8} -> {"video": (3, num_frames, size, size), "label"}``.
     """
@@ -521,8 +523,11 @@ class VideoClip:
         interpolation: Interpolation = "bilinear",
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
+        short_clips: str = "error",
     ):
-        self.num_frames, self.stride, self.train = num_frames, stride, train
+        if short_clips not in ("error", "repeat_last"):
+            raise ValueError(f"short_clips={short_clips!r} must be 'error' or 'repeat_last'")
+        self.num_frames, self.stride, self.train, self.short_clips = num_frames, stride, train, short_clips
         self.span = (num_frames - 1) * stride + 1
         mode = v2.InterpolationMode(interpolation)
         if train:
@@ -538,16 +543,19 @@ class VideoClip:
         if video.ndim != 4 or video.shape[-1] != 3:
             raise ValueError(f"'video' of {where} must be (T, H, W, 3), got shape {tuple(video.shape)}")
         frames = video.shape[0]
-        if frames < self.span:
+        if frames < self.span and self.short_clips == "error":
             raise ValueError(
                 f"'video' of {where} has {frames} frames, but num_frames={self.num_frames} with "
-                f"stride={self.stride} needs at least {self.span}"
+                f"stride={self.stride} needs at least {self.span} (or set short_clips='repeat_last')"
             )
-        if self.train:
+        if frames < self.span:
+            start = 0
+        elif self.train:
             start = int(torch.randint(frames - self.span + 1, ()))
         else:
             start = (frames - self.span) // 2
-        clip = video[start : start + self.span : self.stride].permute(0, 3, 1, 2)  # (num_frames, 3, H, W)
+        index = (start + torch.arange(self.num_frames) * self.stride).clamp(max=frames - 1)
+        clip = video[index].permute(0, 3, 1, 2)  # (num_frames, 3, H, W)
         clip = self.spatial(tv_tensors.Video(clip))  # (num_frames, 3, size, size)
         clip = clip.as_subclass(torch.Tensor).transpose(0, 1)  # (3, num_frames, size, size)
         return _labelled(sample, {"video": clip})

@@ -233,6 +233,15 @@ def test_video_clip_too_short_raises_with_lengths():
         VideoClip(4, 2, SIZE)({"video": numbered_video(6), "__key__": "clip9", "__url__": "v.tar"})
     with pytest.raises(ValueError, match=r"must be \(T, H, W, 3\)"):
         VideoClip(4, 2, SIZE)({"video": torch.zeros(8, 3, 20, 30, dtype=torch.uint8)})
+    with pytest.raises(ValueError, match="short_clips='pad' must be"):
+        VideoClip(4, 2, SIZE, short_clips="pad")
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_video_clip_short_clip_repeats_its_last_frame_when_asked(train):
+    transform = VideoClip(4, 2, SIZE, train=train, short_clips="repeat_last")
+    assert frame_indices(transform({"video": numbered_video(6)})["video"]) == [0, 2, 4, 5]
+    assert frame_indices(transform({"video": numbered_video(2)})["video"]) == [0, 1, 1, 1]
 
 
 def sine(freq, rate, seconds):
