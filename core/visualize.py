@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torchvision.utils import save_image
 
 from core.masking import patchify, unpatchify
@@ -51,3 +52,18 @@ def save_reconstructions(path: str, rows: list[torch.Tensor], mean=None, std=Non
     n = shown[0].shape[0]
     save_image(torch.cat(shown), path, nrow=n, padding=1, pad_value=1.0)
     return path
+
+
+def pictures_path(trainer, split: str) -> str:
+    """``<the run's log folder>/reconstructions/<split>_step<global step>.png``, the folder found as
+    ``Trainer.log_dir`` finds it but without its broadcast: ``log_dir`` is a collective that every rank must
+    join, and pictures are saved by rank 0 alone, so under DDP rank 0 would wait in the broadcast while the
+    other ranks wait in the gradient all-reduce, for ever."""
+    logger = trainer.logger
+    if logger is None:
+        folder = trainer.default_root_dir
+    elif isinstance(logger, (CSVLogger, TensorBoardLogger)):
+        folder = logger.log_dir
+    else:
+        folder = logger.save_dir
+    return os.path.join(folder or ".", "reconstructions", f"{split}_step{trainer.global_step:07d}.png")

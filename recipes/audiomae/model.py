@@ -12,7 +12,6 @@ The spectrogram is computed here, on the model's device, from the waveforms the 
 
 from __future__ import annotations
 
-import os
 
 import lightning as L
 import torch
@@ -24,7 +23,7 @@ from core.losses import masked_patch_loss
 from core.masking import check_ratio, patchify, random_mask, time_freq_mask
 from core.optim import param_groups, scaled_lr
 from core.schedules import WarmupCosine, step_scheduler, warmup_and_total_steps
-from core.visualize import reconstruction_rows, save_reconstructions
+from core.visualize import pictures_path, reconstruction_rows, save_reconstructions
 from core.vit import ViT
 
 MASKINGS = ("random", "time_freq")
@@ -147,8 +146,7 @@ class AudioMAE(L.LightningModule):
     def save_pictures(self, spec, pred, mask, split: str) -> None:
         """Rows: spectrogram, masked, prediction, prediction pasted into the visible patches."""
         rows = [spec] + reconstruction_rows(spec, pred.detach(), mask, self.patch, self.hparams.norm_pix_loss)
-        path = os.path.join(self.trainer.log_dir or ".", "reconstructions", f"{split}_step{self.global_step:07d}.png")
-        save_reconstructions(path, rows)
+        save_reconstructions(pictures_path(self.trainer, split), rows)
 
     def configure_optimizers(self):
         lr = scaled_lr(self.hparams.base_lr, self.trainer)

@@ -14,7 +14,6 @@ patch of an image.
 
 from __future__ import annotations
 
-import os
 
 import lightning as L
 import torch
@@ -27,7 +26,7 @@ from core.losses import masked_patch_loss
 from core.masking import check_ratio, patchify, random_mask, whole
 from core.optim import param_groups, scaled_lr
 from core.schedules import WarmupCosine, step_scheduler, warmup_and_total_steps
-from core.visualize import reconstruction_rows, save_reconstructions
+from core.visualize import pictures_path, reconstruction_rows, save_reconstructions
 from core.vit import Attention, CrossAttention, ViT, init_weights, sincos_pos_embed
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -179,8 +178,7 @@ class CropMAE(L.LightningModule):
     def save_pictures(self, global_view, local_view, pred, mask, split: str) -> None:
         """Rows: global view, local view, masked local view, prediction, prediction pasted into the visible patches."""
         rows = [global_view, local_view] + reconstruction_rows(local_view, pred.detach(), mask, self.patch, self.hparams.norm_pix_loss)
-        path = os.path.join(self.trainer.log_dir or ".", "reconstructions", f"{split}_step{self.global_step:07d}.png")
-        save_reconstructions(path, rows, self.hparams.mean, self.hparams.std)
+        save_reconstructions(pictures_path(self.trainer, split), rows, self.hparams.mean, self.hparams.std)
 
     def configure_optimizers(self):
         lr = scaled_lr(self.hparams.base_lr, self.trainer)

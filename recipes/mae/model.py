@@ -8,7 +8,6 @@ encoder sees every patch.
 
 from __future__ import annotations
 
-import os
 
 import lightning as L
 import torch
@@ -19,7 +18,7 @@ from core.losses import masked_patch_loss
 from core.masking import check_ratio, patchify, random_mask
 from core.optim import param_groups, scaled_lr
 from core.schedules import WarmupCosine, step_scheduler, warmup_and_total_steps
-from core.visualize import reconstruction_rows, save_reconstructions
+from core.visualize import pictures_path, reconstruction_rows, save_reconstructions
 from core.vit import ViT
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -92,8 +91,7 @@ class MAE(L.LightningModule):
 
     def save_pictures(self, images, pred, mask, split: str) -> None:
         rows = [images] + reconstruction_rows(images, pred.detach(), mask, self.patch, self.hparams.norm_pix_loss)
-        path = os.path.join(self.trainer.log_dir or ".", "reconstructions", f"{split}_step{self.global_step:07d}.png")
-        save_reconstructions(path, rows, self.hparams.mean, self.hparams.std)
+        save_reconstructions(pictures_path(self.trainer, split), rows, self.hparams.mean, self.hparams.std)
 
     def configure_optimizers(self):
         lr = scaled_lr(self.hparams.base_lr, self.trainer)

@@ -12,7 +12,6 @@ and the encoder sees every tubelet.
 
 from __future__ import annotations
 
-import os
 
 import lightning as L
 import torch
@@ -23,7 +22,7 @@ from core.losses import masked_patch_loss
 from core.masking import check_ratio, patchify, random_mask, tube_mask
 from core.optim import param_groups, scaled_lr
 from core.schedules import WarmupCosine, step_scheduler, warmup_and_total_steps
-from core.visualize import reconstruction_rows, save_reconstructions
+from core.visualize import pictures_path, reconstruction_rows, save_reconstructions
 from core.vit import ViT
 
 MASKINGS = ("tube", "random")
@@ -161,8 +160,7 @@ class VideoMAE(L.LightningModule):
             mean, std = stats
             pred = (pred.view(*mean.shape[:2], -1, mean.shape[-1]) * std + mean).flatten(2)
         rows = [video] + reconstruction_rows(video, pred, mask, self.patch, norm_pix=False)
-        path = os.path.join(self.trainer.log_dir or ".", "reconstructions", f"{split}_step{self.global_step:07d}.png")
-        save_reconstructions(path, rows, self.hparams.mean, self.hparams.std)
+        save_reconstructions(pictures_path(self.trainer, split), rows, self.hparams.mean, self.hparams.std)
 
     def configure_optimizers(self):
         lr = scaled_lr(self.hparams.base_lr, self.trainer)
