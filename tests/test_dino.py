@@ -106,6 +106,34 @@ def test_schedules_frozen_prototypes_and_teacher_steps_in_a_real_run(monkeypatch
         previous_step, previous_teacher = r["step"], r["teacher"]
 
 
+def test_resnet_teacher_keeps_the_batchnorm_statistics_of_its_own_global_crops(monkeypatch):
+    """The student's statistics follow the local crops too; DINO's teacher averages parameters only."""
+    monkeypatch.chdir(ROOT)
+    torch.manual_seed(0)
+    model = DINO(ResNet(18, small_images=True, width=4), global_size=16, local_size=8, out_dim=32, hidden_dim=16, bottleneck_dim=8)
+    data = ShardDataModule(
+        "data/demo/image/train-000000.tar", batch_size=8, num_workers=0, samples_per_epoch=16,
+        train_transform=MultiCrop(16, 8, n_local=2), val_transform=ImageEval(16),
+    )  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=data)
+    student, teacher = model.backbone.stem[1], model.teacher_backbone.stem[1]  # the first BatchNorm
+    assert int(teacher.num_batches_tracked) == 2 and int(student.num_batches_tracked) == 4  # globals; + locals
+    assert not torch.allclose(teacher.running_var, student.running_var)
+
+
+def test_head_gives_float32_cosines_under_bf16_autocast():
+    model = tiny_dino()
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model.head(x)
+    assert logits.dtype == torch.float32
+    assert logits.abs().max() <= 1 + 1e-6
+
+
 def test_center_is_the_ema_of_the_teachers_mean_output():
     model, batch = tiny_dino(center_momentum=0.9), crops()
     with torch.no_grad():

@@ -184,6 +184,15 @@ def test_update_momentum_exact_values_and_buffers():
     assert not np.allclose(target[1].running_mean.numpy(), old_target["1.running_mean"])
 
 
+def test_update_momentum_can_leave_the_targets_buffers_alone():
+    torch.manual_seed(0)
+    model = tiny_net()
+    target = momentum_copy(model)
+    model(torch.randn(5, 3) * 4 + 1)
+    update_momentum(model, target, m=0.5, copy_buffers=False)
+    assert torch.equal(target[1].running_mean, torch.zeros(2)) and int(target[1].num_batches_tracked) == 0
+
+
 def test_update_momentum_m_one_keeps_target_and_m_zero_copies():
     torch.manual_seed(0)
     model, other = tiny_net(), tiny_net()

@@ -50,7 +50,10 @@ class DINOHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.normalize(self.mlp(x), dim=-1)  # (B, bottleneck_dim)
-        return x @ F.normalize(self.prototypes, dim=-1).T  # (B, K)
+        # Cosines in float32 even under bf16 autocast: bf16 spaces them by 2^-8 near 1, which the teacher's
+        # temperature (0.04) turns into logit steps of 0.1.
+        with torch.autocast(x.device.type, enabled=False):
+            return x.float() @ F.normalize(self.prototypes.float(), dim=-1).T  # (B, K)
 
 
 def encode(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -180,8 +183,10 @@ class DINO(L.LightningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         # global_step does not count this step yet: k = 0 for the first, as in the paper's schedule.
         m = cosine_momentum(self.trainer.global_step, total, h.base_momentum)
-        update_momentum(self.backbone, self.teacher_backbone, m)
-        update_momentum(self.head, self.teacher_head, m)
+        # Parameters only, as DINO's code: the teacher's BatchNorm statistics come from its own passes over the
+        # global crops; the student's also follow the local crops, which would skew the teacher's features.
+        update_momentum(self.backbone, self.teacher_backbone, m, copy_buffers=False)
+        update_momentum(self.head, self.teacher_head, m, copy_buffers=False)
         self.log("train/momentum", m)
         self.log("train/weight_decay", optimizer.param_groups[0]["weight_decay"])
 
