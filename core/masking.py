@@ -33,24 +33,30 @@ def random_mask(
     """Per-sample uniform random masking by sorting noise (He et al., "Masked Autoencoders Are Scalable
     Vision Learners", 2022). Keeps exactly int(N * (1 - mask_ratio)) patches per sample."""
     check_ratio("mask_ratio", mask_ratio)
-    keep = whole(num_patches * (1 - mask_ratio))
-    if keep < 1:
-        raise ValueError(f"mask_ratio={mask_ratio} leaves no visible patch out of {num_patches}")
-    noise = torch.rand(batch, num_patches, device=device, generator=generator)
-    keep_idx = noise.argsort(dim=1)[:, :keep].sort(dim=1).values  # (B, K)
+    keep_idx = random_keep(batch, num_patches, whole(num_patches * (1 - mask_ratio)), device, generator)  # (B, K)
     return keep_idx, mask_from_keep(keep_idx, num_patches)
+
+
+def random_keep(batch: int, n: int, keep: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`keep` of `n` indices drawn uniformly per sample by sorting noise, ascending: (B, keep)."""
+    if keep < 1:
+        raise ValueError(f"the mask ratio leaves no visible patch out of {n}")
+    noise = torch.rand(batch, n, device=device, generator=generator)
+    return noise.argsort(dim=1)[:, :keep].sort(dim=1).values
 
 
 def tube_mask(
     batch: int, grid: tuple[int, int, int], mask_ratio: float, device=None, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tube masking (Tong et al., "VideoMAE", 2022): one random spatial mask shared by every time step,
-    so a hidden patch cannot be copied from the same place in a neighbouring frame.
+    so a hidden patch cannot be copied from the same place in a neighbouring frame. As VideoMAE's
+    TubeMaskingGenerator, int(H * W * mask_ratio) places are hidden (176 of 196 at 0.9, 20 visible).
 
     grid: (T, H, W) tubelet grid, flattened row-major as in core.vit.PatchEmbed.
     """
+    check_ratio("mask_ratio", mask_ratio)
     t, h, w = grid
-    spatial_keep, _ = random_mask(batch, h * w, mask_ratio, device, generator)  # (B, Ks)
+    spatial_keep = random_keep(batch, h * w, h * w - whole(h * w * mask_ratio), device, generator)  # (B, Ks)
     offsets = torch.arange(t, device=spatial_keep.device) * (h * w)  # (T,)
     keep_idx = (offsets.view(1, t, 1) + spatial_keep.unsqueeze(1)).flatten(1)  # (B, T * Ks), sorted
     return keep_idx, mask_from_keep(keep_idx, t * h * w)
@@ -66,15 +72,16 @@ def time_freq_mask(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Structured spectrogram masking (Huang et al., "Masked Autoencoders that Listen", 2022): hide whole
     frequency rows and whole time columns of the (F, T) patch grid. Exactly
-    (F - int(F * freq_ratio)) * (T - int(T * time_ratio)) patches stay visible in every sample."""
+    int(F * (1 - freq_ratio)) * int(T * (1 - time_ratio)) patches stay visible in every sample, as in
+    AudioMAE's random_masking_2d."""
     check_ratio("time_ratio", time_ratio)
     check_ratio("freq_ratio", freq_ratio)
     f, t = grid
-    n_f, n_t = f - whole(f * freq_ratio), t - whole(t * time_ratio)
+    n_f, n_t = whole(f * (1 - freq_ratio)), whole(t * (1 - time_ratio))
     if n_f < 1 or n_t < 1:
         raise ValueError(f"time_ratio={time_ratio}, freq_ratio={freq_ratio} leave no visible patch of grid {grid}")
-    rows = torch.rand(batch, f, device=device, generator=generator).argsort(1)[:, :n_f].sort(1).values  # (B, n_f)
-    cols = torch.rand(batch, t, device=device, generator=generator).argsort(1)[:, :n_t].sort(1).values  # (B, n_t)
+    rows = random_keep(batch, f, n_f, device, generator)  # (B, n_f)
+    cols = random_keep(batch, t, n_t, device, generator)  # (B, n_t)
     keep_idx = (rows.unsqueeze(2) * t + cols.unsqueeze(1)).flatten(1)  # (B, n_f * n_t), sorted
     return keep_idx, mask_from_keep(keep_idx, f * t)
 

@@ -88,3 +88,27 @@ def test_bad_input_fails_clearly():
         tiny_barlow().training_step({"views": [torch.randn(2, 3, 16, 16)]}, 0)
     with pytest.raises(ValueError, match="projector_dims"):
         BarlowTwins(ResNet(18, width=4), projector_dims=[])
+
+
+def test_official_codes_gradient_over_w_equals_weight_decay_times_w_and_bias_rate_over_w():
+    """The README's recipe for the official code's dynamics on W GPUs, where its gradient is the global one / W."""
+    world, generator = 32, torch.Generator().manual_seed(0)
+    start = [torch.randn(8, 4, generator=generator), torch.randn(8, generator=generator)]  # a weight, a bias
+    grads = [[torch.randn_like(p) for p in start] for _ in range(3)]
+
+    def run(grad_scale, weight_decay, lr_biases):
+        params = [p.clone().requires_grad_() for p in start]
+        optimizer = LARS(
+            [{"params": [params[0]]}, {"params": [params[1]], "lr": lr_biases, "weight_decay": 0.0, "lars_exclude": True}],
+            lr=0.2, weight_decay=weight_decay,
+        )  # fmt: skip
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g * grad_scale
+            optimizer.step()
+        return params
+
+    official = run(1 / world, 1.5e-6, 0.0048)
+    here = run(1.0, 1.5e-6 * world, 0.0048 / world)
+    for a, b in zip(official, here):
+        torch.testing.assert_close(a, b)

@@ -92,6 +92,13 @@ def test_tube_mask_shares_the_spatial_mask_over_time():
         assert not mask[b, keep_idx[b]].any()
 
 
+def test_tube_and_time_freq_masks_count_as_videomae_and_audiomae_do():
+    # VideoMAE hides int(196 * 0.9) = 176 places per frame (20 visible, not int(196 * 0.1) = 19).
+    assert tube_mask(2, (8, 14, 14), 0.9)[0].shape == (2, 8 * 20)
+    # AudioMAE keeps int(64 * 0.4) = 25 time columns and int(8 * 0.5) = 4 frequency rows of its 8 x 64 grid.
+    assert time_freq_mask(2, (8, 64), time_ratio=0.6, freq_ratio=0.5)[0].shape == (2, 4 * 25)
+
+
 def test_time_freq_mask_hides_whole_rows_and_columns():
     f, t = 6, 10
     keep_idx, mask = time_freq_mask(4, (f, t), time_ratio=0.3, freq_ratio=0.5, generator=torch.Generator().manual_seed(2))
