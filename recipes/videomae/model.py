@@ -164,7 +164,7 @@ class VideoMAE(L.LightningModule):
 
     def configure_optimizers(self):
         lr = scaled_lr(self.hparams.base_lr, self.trainer)
-        # VideoMAE's no_weight_decay list: its tokens (the class token is ours, unused; see README).
+        # VideoMAE's no_weight_decay list: its tokens (the class token is ours; VideoMAE has none, see README).
         groups = param_groups(self, self.hparams.weight_decay, skip={"encoder.cls_token", "decoder.mask_token"})
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=self.hparams.betas)
         warmup, total = warmup_and_total_steps(self.trainer, self.hparams.warmup_epochs)
