@@ -35,13 +35,23 @@ class RankSeed(Callback):
             torch.manual_seed(torch.initial_seed() + trainer.global_rank)
 
 
+class LastCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose `last.ckpt` also holds the end of training. Lightning's saves it at the end
+    only when no `last.ckpt` was written before, so with `every_n_train_steps` a run of 395 steps saving
+    every 100 would leave step 300 as `last.ckpt`, and an export of it would miss the last 95 steps."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 class RecipeCLI(LightningCLI):
-    """Adds, to every recipe, an online probe (`probe.*`), checkpointing that keeps `last.ckpt`
-    (`checkpoint.*`), so `fit --ckpt_path last` resumes a broken run, and `RankSeed`."""
+    """Adds, to every recipe, an online probe (`probe.*`), checkpointing that keeps `last.ckpt` (`checkpoint.*`:
+    every 500 steps and at the end), so `fit --ckpt_path last` resumes a broken run, and `RankSeed`."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(OnlineProbe, "probe")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LastCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0, "checkpoint.every_n_train_steps": 500})
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
