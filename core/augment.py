@@ -23,6 +23,8 @@ import torchaudio.functional as AF
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from core.data.decoders import UnusableSample
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Mean and std of AudioSet's Kaldi log-mel features, as used by AST and AudioMAE.
@@ -37,12 +39,15 @@ Box = tuple[int, int, int, int]  # (top, left, height, width) in pixels
 
 
 def _field(sample: dict, key: str):
+    """sample[key]; a sample without it (an image shard's .gif, say, which no decoder reads) raises
+    ``UnusableSample``, which the shard stream skips and counts."""
     try:
         return sample[key]
     except KeyError:
-        raise KeyError(
+        raise UnusableSample(
+            f"no {key!r}",
             f"transform needs {key!r}, but sample {sample.get('__key__', '?')!r} from "
-            f"{sample.get('__url__', '?')!r} has only {sorted(sample)}"
+            f"{sample.get('__url__', '?')!r} has only {sorted(sample)}",
         ) from None
 
 
@@ -504,9 +509,10 @@ class VideoClip:
     Train: random start, one random resized crop and one flip shared by all frames. Eval: centered start,
     short side resized to ``size`` and center crop. VideoMAE itself crops with fixed multi-scale boxes;
     the random resized crop here is MAE's image augmentation applied to the whole clip.
-    A clip shorter than ``(num_frames - 1) * stride + 1`` frames raises ``ValueError``, or with
-    ``short_clips="repeat_last"`` is read from its first frame with its last frame repeated to fill, as
-    VideoMAE's loader does for the short videos of Something-Something v2.
+    A clip shorter than ``(num_frames - 1) * stride + 1`` frames raises ``ValueError`` (``short_clips="error"``:
+    the clips are not what the config expects), is skipped and counted by the shard stream
+    (``"skip"``), or is read from its first frame with its last frame repeated to fill (``"repeat_last"``),
+    as VideoMAE's loader does for its short videos.
 
     ``{"video": (T, H, W, 3) uint8} -> {"video": (3, num_frames, size, size), "label"}``.
     """
@@ -525,8 +531,8 @@ class VideoClip:
         std: tuple[float, float, float] = IMAGENET_STD,
         short_clips: str = "error",
     ):
-        if short_clips not in ("error", "repeat_last"):
-            raise ValueError(f"short_clips={short_clips!r} must be 'error' or 'repeat_last'")
+        if short_clips not in ("error", "skip", "repeat_last"):
+            raise ValueError(f"short_clips={short_clips!r} must be 'error', 'skip' or 'repeat_last'")
         self.num_frames, self.stride, self.train, self.short_clips = num_frames, stride, train, short_clips
         self.span = (num_frames - 1) * stride + 1
         mode = v2.InterpolationMode(interpolation)
@@ -543,11 +549,14 @@ class VideoClip:
         if video.ndim != 4 or video.shape[-1] != 3:
             raise ValueError(f"'video' of {where} must be (T, H, W, 3), got shape {tuple(video.shape)}")
         frames = video.shape[0]
-        if frames < self.span and self.short_clips == "error":
-            raise ValueError(
+        if frames < self.span and self.short_clips != "repeat_last":
+            message = (
                 f"'video' of {where} has {frames} frames, but num_frames={self.num_frames} with "
-                f"stride={self.stride} needs at least {self.span} (or set short_clips='repeat_last')"
+                f"stride={self.stride} needs at least {self.span} (or set short_clips='skip' or 'repeat_last')"
             )
+            if self.short_clips == "skip":
+                raise UnusableSample("clip too short", message)
+            raise ValueError(message)
         if frames < self.span:
             start = 0
         elif self.train:

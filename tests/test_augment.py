@@ -16,6 +16,7 @@ from torch.utils.data import default_collate
 from torchvision.transforms import v2
 
 from core import augment
+from core.data.decoders import UnusableSample
 from core.augment import (
     AudioClip,
     GlobalLocalCrop,
@@ -233,6 +234,8 @@ def test_video_clip_too_short_raises_with_lengths():
         VideoClip(4, 2, SIZE)({"video": numbered_video(6), "__key__": "clip9", "__url__": "v.tar"})
     with pytest.raises(ValueError, match=r"must be \(T, H, W, 3\)"):
         VideoClip(4, 2, SIZE)({"video": torch.zeros(8, 3, 20, 30, dtype=torch.uint8)})
+    with pytest.raises(UnusableSample, match="has 6 frames"):
+        VideoClip(4, 2, SIZE, short_clips="skip")({"video": numbered_video(6)})
     with pytest.raises(ValueError, match="short_clips='pad' must be"):
         VideoClip(4, 2, SIZE, short_clips="pad")
 
@@ -338,7 +341,7 @@ def test_yaml_rejects_unknown_interpolation():
 
 
 def test_missing_or_bad_fields_name_the_sample():
-    with pytest.raises(KeyError, match=r"needs 'image'.*'img7'.*'shard-3.tar'"):
+    with pytest.raises(UnusableSample, match=r"needs 'image'.*'img7'.*'shard-3.tar'"):
         ImageCrop(SIZE)({"audio": torch.zeros(1, 10), "__key__": "img7", "__url__": "shard-3.tar"})
     gray = {"image": Image.fromarray(np.zeros((30, 30), dtype=np.uint8)), "__key__": "g1", "__url__": "s.tar"}
     with pytest.raises(ValueError, match=r"'image' of sample 'g1' from 's.tar' must be RGB"):

@@ -191,6 +191,41 @@ def test_corrupt_member_is_skipped_counted_and_logged_once(tmp_path, caplog):
     assert len([r for r in caplog.records if "000005" in r.getMessage()]) == 1
 
 
+def test_a_repeated_member_loses_its_sample_only(tmp_path):
+    """A member repeated in its sample (``.txt`` next to ``.TXT``) skips that sample, not the rest of the shard."""
+    import tarfile
+
+    samples = vector_samples(6)
+    with tarfile.open(tmp_path / "dup-000000.tar", "w") as tar:
+        for sample in samples:
+            members = [(f"{sample['__key__']}.{ext}", sample[ext]) for ext in ("npy", "cls")]
+            if sample["__key__"] == "000002":
+                members.append(("000002.CLS", b"1"))
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    loader = read_batches(str(tmp_path / "dup-000000.tar"), to_tensors, batch_size=2)
+    assert keys_of(loader) == ["000000", "000001", "000003", "000004", "000005"]
+    totals = loader.stream.stats.totals()
+    assert totals["samples_skipped"] == 1 and totals["shard_errors"] == 0
+
+
+def test_a_sample_the_transform_cannot_use_is_skipped_and_counted(tmp_path, caplog):
+    """An image shard's .gif sample decodes to a label alone; ImageEval skips it (counted) rather than ending the run."""
+    from core.augment import ImageEval
+
+    pixels = np.zeros((8, 8, 3), dtype=np.uint8)
+    samples = [{"__key__": f"{i:06d}", "png": image_bytes(pixels, "PNG"), "cls": b"0"} for i in range(5)]
+    samples[3] = {"__key__": "000003", "gif": image_bytes(pixels, "GIF"), "cls": b"0"}
+    write_shards(samples, str(tmp_path / "img-%06d.tar"))
+    with caplog.at_level(logging.WARNING, logger="core.data.stream"):
+        loader = read_batches(str(tmp_path / "img-000000.tar"), ImageEval(8, resize=8), batch_size=2)
+        assert sum(len(batch["image"]) for batch in loader) == 4
+    assert loader.stream.stats.totals()["samples_skipped"] == 1
+    assert any("needs 'image'" in r.getMessage() and "000003" in r.getMessage() for r in caplog.records)
+
+
 class TouchFile:
     """A pickle payload whose unpickling creates a file: the visible side effect of running shard code."""
 

@@ -55,6 +55,11 @@ class RefusedSample(SampleError):
     """A member is pickle-based: loading it would execute code from the shard, so the sample is refused."""
 
 
+class UnusableSample(SampleError):
+    """A decoded sample that the transform cannot use: an entry it needs is missing, a clip is too short.
+    Transforms raise it (``core.augment``); the stream skips and counts the sample like an undecodable one."""
+
+
 def decode_image(data: bytes) -> PIL.Image.Image:
     """Decode image bytes to an RGB PIL image."""
     with PIL.Image.open(io.BytesIO(data)) as image:
@@ -131,6 +136,10 @@ def decode_sample(raw: dict[str, Any]) -> dict:
     if a member's bytes cannot be decoded, two members decode to the same key, or no member is decodable.
     """
     where = f"sample {raw.get('__key__')!r} of {raw.get('__url__')!r}"
+    if "__duplicate__" in raw:
+        raise UndecodableSample(
+            "repeated member", f"{where}: member {raw['__duplicate__']!r} repeats an extension the sample already has"
+        )
     members = {name: data for name, data in raw.items() if not name.startswith("__")}
     refused = sorted(name for name in members if member_extension(name) in PICKLE_EXTENSIONS)
     if refused:

@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 
 import braceexpand
 import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext, tar_file_expander
 
 
 def listing(urls: list[str], limit: int = 8) -> str:
@@ -47,6 +47,31 @@ def expand_urls(patterns: str | list[str]) -> list[str]:
     return urls
 
 
+def samples_of(members: Iterator[dict]) -> Iterator[dict]:
+    """Group consecutive tar members into samples by key (the name up to its first dot), extensions
+    lowercased, as webdataset's ``group_by_keys``. A member whose extension its sample already has
+    (``a.txt`` next to ``a.TXT``, or a member added twice) marks the sample ``__duplicate__`` for the decoder to
+    skip, where ``group_by_keys`` raises and so loses the rest of the shard."""
+    sample = None
+    for member in members:
+        if not member:  # tar_file_expander's end-of-shard marker
+            continue
+        key, ext = base_plus_ext(member["fname"])
+        if key is None:
+            continue
+        if sample is None or key != sample["__key__"]:
+            if sample is not None:
+                yield sample
+            sample = {"__key__": key, "__url__": member["__url__"]}
+        ext = ext.lower()
+        if ext in sample:
+            sample.setdefault("__duplicate__", member["fname"])
+        else:
+            sample[ext] = member["data"]
+    if sample is not None:
+        yield sample
+
+
 def read_shard(url: str) -> Iterator[dict]:
     """Raw samples of one tar shard (``{"__key__", "__url__", "<ext>": bytes}``), in file order.
 
@@ -56,7 +81,7 @@ def read_shard(url: str) -> Iterator[dict]:
     stream = wds.gopen(url)
     complete = False
     try:
-        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+        yield from samples_of(tar_file_expander([{"url": url, "stream": stream}]))
         complete = True
     finally:
         try:

@@ -2,9 +2,9 @@
 
 The pipeline for one DataLoader worker is a chain of small generators:
 
-    training:    resampled shard URLs -> raw samples -> shuffle buffer -> decode   (one chain per source)
-                 -> weighted mix of the sources -> transform -> batch
-    validation:  this rank's and worker's shards, each once -> raw samples -> decode -> transform -> batch
+    training:    resampled shard URLs -> raw samples -> shuffle buffer -> decode, transform   (one chain per
+                 source) -> weighted mix of the sources -> batch
+    validation:  this rank's and worker's shards, each once -> raw samples -> decode, transform -> batch
 
 Training streams are infinite, so an epoch is a fixed number of batches, identical on every rank, and DDP
 never waits on a rank that ran out of data. Rank and world size come from the Trainer, never from
@@ -120,12 +120,16 @@ def raw_samples(urls: Iterable[str], stats: StreamStats, health: ReadHealth | No
             health.record(read)
 
 
-def decoded_samples(samples: Iterable[dict], stats: StreamStats, health: ReadHealth | None = None) -> Iterator[dict]:
-    """Decode raw samples; undecodable and refused (pickle) ones are skipped, counted and logged once."""
+def usable_samples(
+    samples: Iterable[dict], stats: StreamStats, transform: SampleTransform | None, health: ReadHealth | None = None
+) -> Iterator[dict]:
+    """Decode raw samples and apply the transform. Samples that cannot be decoded, are refused (pickle) or
+    that the transform cannot use (``SampleError``: a missing entry, a clip too short) are skipped, counted
+    and logged once; any other failure of the transform is raised, naming the sample."""
     for sample in samples:
         read: ShardRead = sample.pop("__read__")
         try:
-            decoded = decode_sample(sample)
+            decoded = transformed(decode_sample(sample), transform)
         except SampleError as error:
             decoded = None
             read.error = error.reason
@@ -169,20 +173,19 @@ def mixed(
         yield sample
 
 
-def transformed(samples: Iterable[dict], transform: SampleTransform | None) -> Iterator[dict]:
-    """Apply the user transform; a failure names the sample it failed on."""
-    for sample in samples:
-        if transform is None:
-            yield sample
-            continue
-        try:
-            result = transform(sample)
-        except Exception as error:
-            raise RuntimeError(
-                f"transform {transform!r} failed on sample {sample.get('__key__')!r} of {sample.get('__url__')!r}: "
-                f"{type(error).__name__}: {error}"
-            ) from error
-        yield result
+def transformed(sample: dict, transform: SampleTransform | None) -> dict:
+    """Apply the user transform; a failure other than a ``SampleError`` names the sample it failed on."""
+    if transform is None:
+        return sample
+    try:
+        return transform(sample)
+    except SampleError:
+        raise
+    except Exception as error:
+        raise RuntimeError(
+            f"transform {transform!r} failed on sample {sample.get('__key__')!r} of {sample.get('__url__')!r}: "
+            f"{type(error).__name__}: {error}"
+        ) from error
 
 
 def collate(samples: list[dict]) -> dict:
@@ -267,8 +270,8 @@ class ShardStream(IterableDataset):
             samples = mixed(sources, self.weights, rng, self.stats)
         else:
             raw = itertools.chain.from_iterable(self._read_once(i, worker, num_workers) for i in range(len(self.sources)))
-            samples = decoded_samples(raw, self.stats)
-        yield from batched(transformed(samples, self.transform), self.batch_size, partial=not self.resample)
+            samples = usable_samples(raw, self.stats, self.transform)
+        yield from batched(samples, self.batch_size, partial=not self.resample)
 
     def _read_once(self, source: int, worker: int, num_workers: int) -> Iterator[dict]:
         raw = raw_samples(self.rank_shards(source)[worker::num_workers], self.stats)
@@ -281,7 +284,7 @@ class ShardStream(IterableDataset):
         health = ReadHealth(urls)
         shards = (rng.choice(urls) for _ in itertools.count())
         raw = shuffled(raw_samples(shards, self.stats, health), self.shuffle_buffer, rng)
-        return decoded_samples(raw, self.stats, health)
+        return usable_samples(raw, self.stats, self.transform, health)
 
 
 class ShardLoader(DataLoader):
