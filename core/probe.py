@@ -8,6 +8,8 @@ encoder's gradients.
 
 from __future__ import annotations
 
+import contextlib
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,15 @@ def knn_accuracy(
     return correct / test_x.shape[0]
 
 
+@contextlib.contextmanager
+def fitting():
+    """What fitting a probe needs wherever it runs: autograd on, also inside ``torch.inference_mode`` (Lightning's
+    ``validate`` runs there, where ``enable_grad`` alone does nothing), and the global random state left as it
+    was (probes seed their own; ``devices=[]``: they never touch a GPU's generator)."""
+    with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
+        yield
+
+
 def linear_probe_accuracy(
     train_x: torch.Tensor,
     train_y: torch.Tensor,
@@ -48,9 +59,10 @@ def linear_probe_accuracy(
     Standardising with the training statistics plays the role of MAE's parameter-free BatchNorm before the
     linear head: features of very different scales become comparable."""
     num_classes = int(max(train_y.max(), test_y.max())) + 1
-    mean, std = train_x.float().mean(0), train_x.float().std(0).clamp(min=1e-6)
-    train_x, test_x = (train_x.float() - mean) / std, (test_x.float() - mean) / std
-    with torch.enable_grad(), torch.random.fork_rng():
+    with fitting():
+        # Computed here, outside inference mode: tensors made in it cannot be saved for backward.
+        mean, std = train_x.float().mean(0), train_x.float().std(0).clamp(min=1e-6)
+        train_x, test_x, train_y = (train_x.float() - mean) / std, (test_x.float() - mean) / std, train_y.clone()
         torch.manual_seed(0)
         head = torch.nn.Linear(train_x.shape[1], num_classes).to(train_x.device)
         opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
@@ -108,7 +120,7 @@ def attentive_probe_accuracy(
         return (x.float() - mean) / std
 
     steps_per_epoch = max(train_x.shape[0] // batch_size, 1)
-    with torch.enable_grad(), torch.random.fork_rng():
+    with fitting():
         torch.manual_seed(0)
         probe = AttentivePooler(train_x.shape[-1], num_classes).to(train_x.device)
         opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
@@ -143,7 +155,7 @@ def rankme(features: torch.Tensor, eps: float = 1e-7) -> float:
     (N, D) features, normalised to sum to 1. Between 1 (every input on one line) and min(N, D) (all
     directions used alike); it catches dimensional collapse, which a per-dimension std does not."""
     s = torch.linalg.svdvals(features.float())  # (min(N, D),)
-    p = s / s.sum() + eps
+    p = s / s.sum().clamp(min=torch.finfo(s.dtype).tiny) + eps  # all-zero features (a dead ReLU): 1, not NaN
     return torch.exp(-(p * p.log()).sum()).item()
 
 
@@ -203,6 +215,11 @@ class OnlineProbe(L.Callback):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if sum(len(f) for f in self.features) >= self.max_samples:
             return
+        if "label" not in batch:
+            raise KeyError(
+                "OnlineProbe needs a 'label' in every validation batch (a .cls member in each val sample); "
+                f"this batch has {sorted(batch)}. Turn the probe off with --probe.max_samples 0."
+            )
         with torch.no_grad():
             self.features.append(pl_module.embed(batch).detach().float().cpu())
         self.labels.append(batch["label"].detach().cpu())

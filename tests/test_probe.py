@@ -161,3 +161,31 @@ def test_online_probe_stops_a_diverged_run_with_a_clear_error(tmp_path):
     )  # fmt: skip
     with pytest.raises(FloatingPointError, match="32 of 32 validation embeddings hold NaN or inf at step 2"):
         trainer.fit(DivergedEncoder(), train_dataloaders=loader, val_dataloaders=loader)
+
+
+class ClusterEncoder(DivergedEncoder):
+    def embed(self, batch):
+        return batch["x"]  # (B, DIM): the clusters themselves
+
+
+def test_online_probe_runs_under_validate_too(tmp_path):
+    """`train.py validate` runs in torch.inference_mode, where the probe must still be able to fit."""
+    x, y = clusters(16, seed=0)
+    loader = torch.utils.data.DataLoader([{"x": a, "label": b} for a, b in zip(x, y)], batch_size=16)
+    trainer = L.Trainer(
+        callbacks=[OnlineProbe()], logger=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu", default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.validate(ClusterEncoder(), dataloaders=loader)
+    assert trainer.callback_metrics["probe/linear_acc"] == 1.0
+
+
+def test_online_probe_asks_for_labels_by_name(tmp_path):
+    loader = torch.utils.data.DataLoader([{"x": a} for a in torch.randn(8, DIM)], batch_size=8)
+    trainer = L.Trainer(callbacks=[OnlineProbe()], logger=False, enable_progress_bar=False, accelerator="cpu", default_root_dir=tmp_path)
+    with pytest.raises(KeyError, match="needs a 'label'.*--probe.max_samples 0"):
+        trainer.validate(ClusterEncoder(), dataloaders=loader)
+
+
+def test_rankme_of_all_zero_features_is_one():
+    assert rankme(torch.zeros(16, 8)) == pytest.approx(1.0, abs=1e-3)
