@@ -68,6 +68,26 @@ def test_image_folder_with_classes(image_folder, tmp_path, capsys):
     assert sorted(raw_members(str(tmp_path / "again" / "img-{000000..000001}.tar"))) == sorted(raw)  # stable keys
 
 
+def test_class_folders_are_written_shuffled_unless_asked_to_keep_their_order(tmp_path):
+    root = tmp_path / "classes"
+    for name in ("a", "b", "c"):
+        (root / name).mkdir(parents=True)
+        for i in range(5):
+            (root / name / f"{i}.png").write_bytes(image_bytes(pixels(i), "png"))
+
+    def written_order(*args):
+        out = tmp_path / "-".join(args or ["default"])
+        write_main(["--out", str(out / "s-%06d.tar"), *args, "folder", str(root)])
+        return [raw["__key__"] for raw in read_shard(str(out / "s-000000.tar"))]
+
+    in_order = written_order("--in-order")
+    assert in_order == [f"{c}_{i}_png" for c in "abc" for i in range(5)]
+    shuffled = written_order()
+    assert sorted(shuffled) == in_order and shuffled != in_order
+    assert [key[0] for key in shuffled[:5]] != ["a"] * 5  # the first shard's front is not one class
+    assert written_order("--seed", "0") == shuffled and written_order("--seed", "1") != shuffled
+
+
 def test_folder_mixing_class_folders_and_loose_files_is_an_error(image_folder, tmp_path):
     (image_folder / "loose.png").write_bytes(image_bytes(pixels(0), "png"))
     with pytest.raises(ValueError, match="loose.png"):

@@ -20,6 +20,7 @@ import csv
 import glob
 import json
 import os
+import random
 import re
 from typing import Iterable, Iterator
 
@@ -95,8 +96,19 @@ def folder_classes(root: str) -> list[str]:
     return sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
 
 
-def folder_samples(root: str, kind: str = "any") -> Iterator[dict]:
-    """Samples from a folder of image, audio or video files.
+def shuffled_order(items: list, seed: int | None) -> list:
+    """``items`` in a random order drawn from ``seed`` (``None``: as they are). Shards are written shuffled
+    because readers take them in order: a stream's shuffle buffer only mixes samples a few shards apart, and
+    evaluation and fine-tuning read shards front to back, so class-sorted shards give one-class batches."""
+    if seed is None:
+        return items
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    return items
+
+
+def folder_samples(root: str, kind: str = "any", seed: int | None = None) -> Iterator[dict]:
+    """Samples from a folder of image, audio or video files, in the order ``shuffled_order(seed)`` gives.
 
     Class sub-folders give ``cls`` (the sorted class index) and a ``txt`` caption (the class name); a flat
     folder gives unlabelled samples. A ``<name>.txt`` file next to a media file is its caption instead.
@@ -112,7 +124,7 @@ def folder_samples(root: str, kind: str = "any") -> Iterator[dict]:
         files += [(f, label) for f in _media_files(os.path.join(root, name), extensions, recursive=True)]
     if not files:
         raise FileNotFoundError(f"no {kind} files ({', '.join(sorted(extensions))}) in {root}")
-    for path, label in files:
+    for path, label in shuffled_order(files, seed):
         relative = os.path.relpath(path, root)
         sample = {"__key__": sample_key(relative), "__origin__": path, **media_member(path)}
         caption_file = os.path.splitext(path)[0] + ".txt"
@@ -153,9 +165,11 @@ def table_labels(values: list) -> tuple[list[int], list[str]]:
 
 
 def table_samples(
-    path: str, path_column: str = "path", caption_column: str = "caption", label_column: str | None = None
+    path: str, path_column: str = "path", caption_column: str = "caption", label_column: str | None = None,
+    seed: int | None = None,
 ) -> tuple[Iterator[dict], list[str]]:
-    """Samples from a CSV/JSONL of (media path, caption[, label]); media paths are relative to the table.
+    """Samples from a CSV/JSONL of (media path, caption[, label]), in the order ``shuffled_order(seed)`` gives;
+    media paths are relative to the table. Keys are row numbers.
 
     ``label_column`` names the labels' column; by default a column ``label`` is used when the table has one.
     Every row has a label or none does: a table labelled in part, or a named label column that no row
@@ -179,7 +193,7 @@ def table_samples(
     width = len(str(max(len(rows) - 1, 0)))
 
     def samples() -> Iterator[dict]:
-        for number, (row, label) in enumerate(zip(rows, labels)):
+        for number, row, label in shuffled_order(list(zip(range(len(rows)), rows, labels)), seed):
             media = os.path.join(os.path.dirname(path), row[path_column])
             if not os.path.isfile(media):
                 raise FileNotFoundError(f"{path} row {number}: media file {media} does not exist")
@@ -192,9 +206,9 @@ def table_samples(
     return samples(), classes
 
 
-def text_samples(paths: list[str], per_line: bool = False) -> Iterator[dict]:
+def text_samples(paths: list[str], per_line: bool = False, seed: int | None = None) -> Iterator[dict]:
     """Samples of ``txt`` from text files (folders are searched for ``*.txt``): one per file, or one per
-    non-empty line with ``per_line``."""
+    non-empty line with ``per_line``. ``seed`` shuffles the files (a file's lines stay in their order)."""
     files = []  # (file, its name relative to the path given)
     for path in paths:
         if os.path.isdir(path):
@@ -203,7 +217,7 @@ def text_samples(paths: list[str], per_line: bool = False) -> Iterator[dict]:
             files.append((path, os.path.basename(path)))
     if not files:
         raise FileNotFoundError(f"no .txt files in {paths}")
-    for file, name in files:
+    for file, name in shuffled_order(files, seed):
         key, text = sample_key(name), _read_text(file)
         if not per_line:
             yield {"__key__": key, "__origin__": file, "txt": text.encode("utf-8")}
@@ -226,6 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", required=True, help="shard name pattern, e.g. out/train-%%06d.tar")
     parser.add_argument("--max-count", type=int, default=10_000, help="samples per shard, at most")
     parser.add_argument("--max-bytes", type=int, default=1 << 30, help="start a new shard once one holds this many bytes")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled sample order")
+    parser.add_argument("--in-order", action="store_true", help="keep the input order (sorted files, table rows) instead")
     inputs = parser.add_subparsers(dest="input", required=True)
     folder = inputs.add_parser("folder", help="image/audio/video files, flat or in class sub-folders")
     folder.add_argument("root")
@@ -243,12 +259,13 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--out {args.out!r} needs a shard number field such as %06d")
 
     classes: list[str] = []
+    seed = None if args.in_order else args.seed
     if args.input == "folder":
-        samples, classes = folder_samples(args.root, args.media), folder_classes(args.root)
+        samples, classes = folder_samples(args.root, args.media, seed), folder_classes(args.root)
     elif args.input == "table":
-        samples, classes = table_samples(args.file, args.path_column, args.caption_column, args.label_column)
+        samples, classes = table_samples(args.file, args.path_column, args.caption_column, args.label_column, seed)
     else:
-        samples = text_samples(args.paths, args.per_line)
+        samples = text_samples(args.paths, args.per_line, seed)
     summary = write_shards(unique_keys(samples), args.out, args.max_count, args.max_bytes)
     print(f"wrote {summary['samples']} samples in {summary['shards']} shards, {summary['bytes']:,} bytes")
     print(f"shards: {brace_pattern(args.out, summary['shards'])}")
