@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 
 import torch
 
@@ -111,6 +112,13 @@ def evaluate(
         encoders["pretrained"].vit_backbone()  # a clear error now, not after a pass over the data
     train_x, train_t, train_tok = features(encoders, train, train_limit, batch_size, num_workers, target, attentive, device)
     val_x, val_t, val_tok = features(encoders, val, val_limit, batch_size, num_workers, target, attentive, device)
+    unseen = set(val_t) - set(train_t)
+    if unseen:
+        warnings.warn(
+            f"{len(unseen)} of the {len(set(val_t))} classes of the val split are not among the {len(train_t)} training "
+            f"samples the probes are fitted on (--train-limit {train_limit}): they cannot be predicted. Shards written "
+            "class by class hold few classes at their front; write them shuffled (core.data.write does) or raise the limit."
+        )
     classes = {value: i for i, value in enumerate(sorted(set(train_t) | set(val_t)))}  # the same indices on both splits
     train_y, val_y = (torch.tensor([classes[t] for t in ts], device=device) for ts in (train_t, val_t))
     scores = {name: probe_scores(train_x[name], train_y, val_x[name], val_y) for name in train_x}

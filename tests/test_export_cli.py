@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from core import load_encoder
+from core.data.shards import read_shard
+from core.data.write import write_shards
 from core.export import describe_encoder, export_checkpoint
 from core.resnet import ResNet
 from core.vit import ViT
@@ -120,8 +122,6 @@ def tone_shards(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from core.data.write import write_shards
-
     rng = np.random.default_rng(0)
 
     def samples(n, prefix):
@@ -156,6 +156,13 @@ def test_evaluate_probes_the_label_or_any_json_field(tmp_path, capsys):
     assert rows["label"]["raw input"] < 80.0
     with pytest.raises(RuntimeError, match="no JSON field 'colour'"):  # the data layer names the sample's transform
         evaluate_main([*common, "--target", "json.colour"])
+    # Shards written class by class, read up to a limit, miss classes of the val split: said, not hidden.
+    sorted_train = [{k: v for k, v in raw.items() if k != "__url__"} for raw in read_shard(common[2])]
+    sorted_train.sort(key=lambda raw: raw["json"])  # the dark tone first
+    write_shards(sorted_train, str(tmp_path / "sorted-%06d.tar"))
+    common[2] = str(tmp_path / "sorted-000000.tar")
+    with pytest.warns(UserWarning, match=r"1 of the 2 classes of the val split are not among the 10 training samples"):
+        evaluate_main([*common, "--target", "json.tone", "--train-limit", "10"])
 
 
 def test_evaluate_attentive_probe_on_vit_tokens(tmp_path, capsys):
