@@ -95,7 +95,9 @@ def train_classifier(
 
 
 def endless(pattern: str, transform, batch_size: int, key: str):
-    """(x, label) batches over the shards, pass after pass; each pass draws new random views."""
+    """(x, label) batches over the shards, pass after pass; each pass draws new random views. The shards are
+    read front to back, in the order they were written: write them shuffled (``core.data.write`` does), or
+    class-sorted shards give one-class batches."""
     while True:
         for batch in read_batches(pattern, transform, batch_size, num_workers=1):
             yield batch[key], batch["label"]
