@@ -50,10 +50,11 @@ class DINOHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.normalize(self.mlp(x), dim=-1)  # (B, bottleneck_dim)
-        # Cosines in float32 even under bf16 autocast: bf16 spaces them by 2^-8 near 1, which the teacher's
-        # temperature (0.04) turns into logit steps of 0.1.
+        # Cosines in float32 at least, also under bf16 autocast: bf16 spaces them by 2^-8 near 1, which the
+        # teacher's temperature (0.04) turns into logit steps of 0.1.
+        dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
-            return x.float() @ F.normalize(self.prototypes.float(), dim=-1).T  # (B, K)
+            return x.to(dtype) @ F.normalize(self.prototypes.to(dtype), dim=-1).T  # (B, K)
 
 
 def encode(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
