@@ -34,6 +34,12 @@ def flat(module: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in module.parameters()]).clone()
 
 
+def patch_pixels(mask: torch.Tensor) -> torch.Tensor:
+    """(B, 16) patch mask of a 4x4 grid -> (B, 3, 16, 16) pixel mask."""
+    grid = mask.view(-1, 1, 4, 4).float()
+    return grid.repeat_interleave(4, 2).repeat_interleave(4, 3).expand(-1, 3, -1, -1)
+
+
 def mae_demo_run(model_class, recipe: str, tmp_path, *extra_args: str):
     """Run ``recipes/<recipe>/configs/demo.yaml`` for 3 tiny steps with its outputs in ``tmp_path``, check that
     it logged the losses and probe accuracies and saved train and val reconstruction pictures; return the CLI."""

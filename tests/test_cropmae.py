@@ -10,7 +10,7 @@ from core.export import export_checkpoint
 from core.losses import masked_patch_loss
 from core.masking import patchify
 from recipes.cropmae.model import CropMAE, center_crop_resized, visible_count
-from conftest import mae_demo_run
+from conftest import mae_demo_run, patch_pixels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,12 +55,6 @@ def test_prediction_reads_the_global_view_and_only_the_visible_local_patches():
     visible_changed = local_view + 5 * patch_pixels(~mask)
     assert not torch.allclose(model.reconstruct(global_view, visible_changed, generator())[1], base, atol=1e-4)
     assert not torch.allclose(model.reconstruct(global_view + 1, local_view, generator())[1], base, atol=1e-4)
-
-
-def patch_pixels(mask: torch.Tensor) -> torch.Tensor:
-    """(B, 16) patch mask of a 4x4 grid -> (B, 3, 16, 16) pixel mask."""
-    grid = mask.view(-1, 1, 4, 4).float()
-    return grid.repeat_interleave(4, 2).repeat_interleave(4, 3).expand(-1, 3, -1, -1)
 
 
 def test_loss_ignores_visible_local_patches():

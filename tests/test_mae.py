@@ -6,7 +6,7 @@ import torch
 from core import load_encoder
 from core.export import export_checkpoint
 from recipes.mae.model import MAE
-from conftest import mae_demo_run
+from conftest import mae_demo_run, patch_pixels
 
 
 def small_mae(**kw):
@@ -42,11 +42,16 @@ def test_overfits_one_batch():
 
 
 def test_encoder_sees_only_visible_patches_during_training():
-    model = small_mae()
+    torch.manual_seed(0)
+    model = small_mae().eval()
     images = torch.randn(2, 3, 16, 16)
-    _, pred, mask = model.reconstruct(images, torch.Generator().manual_seed(0))
+    generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731  the same mask every call
+    _, pred, mask = model.reconstruct(images, generator())
     assert pred.shape == (2, 16, 48)
     assert mask.sum(1).tolist() == [12, 12]  # 75% of 16 patches
+    # The prediction depends on the visible patches only: hidden pixels never reach the encoder.
+    torch.testing.assert_close(model.reconstruct(images + 5 * patch_pixels(mask), generator())[1], pred)
+    assert not torch.allclose(model.reconstruct(images + 5 * patch_pixels(~mask), generator())[1], pred, atol=1e-4)
 
 
 @pytest.mark.parametrize(
