@@ -1,6 +1,7 @@
 """core.export / load_encoder round trips and the shared CLI."""
 
 import os
+import pickle
 import subprocess
 import sys
 
@@ -52,6 +53,17 @@ def test_export_refuses_checkpoint_without_encoders(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "x.ckpt")
     with pytest.raises(ValueError, match="declares no encoders"):
         export_checkpoint(str(tmp_path / "x.ckpt"), str(tmp_path / "out"))
+
+
+def test_export_never_unpickles_code_from_a_checkpoint(tmp_path):
+    """A checkpoint is read with weights_only=True: a payload that would run code is refused, not run."""
+    from test_data_stream import TouchFile
+
+    marker = tmp_path / "unpickled"
+    torch.save({"state_dict": {}, "encoders": TouchFile(str(marker))}, tmp_path / "evil.ckpt")
+    with pytest.raises(pickle.UnpicklingError):
+        export_checkpoint(str(tmp_path / "evil.ckpt"), str(tmp_path / "out"))
+    assert not marker.exists()
 
 
 def test_load_encoder_names_missing_config(tmp_path):
