@@ -189,3 +189,48 @@ def test_online_probe_asks_for_labels_by_name(tmp_path):
 
 def test_rankme_of_all_zero_features_is_one():
     assert rankme(torch.zeros(16, 8)) == pytest.approx(1.0, abs=1e-3)
+
+
+class DropoutEncoder(L.LightningModule):
+    """BatchNorm and dropout: training draws random numbers and keeps running statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(DIM, DIM), torch.nn.BatchNorm1d(DIM), torch.nn.Dropout(0.3))
+
+    def training_step(self, batch, batch_idx):
+        return (self.net(batch["x"]) - 1).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def embed(self, batch):
+        return self.net(batch["x"])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_online_probe_leaves_training_as_it_would_be_without_it(tmp_path):
+    """The probe's passes and fits change neither the weights, the BatchNorm statistics nor the random numbers
+    that training draws afterwards."""
+    x, y = clusters(8, seed=0)
+    loader = torch.utils.data.DataLoader([{"x": a, "label": b} for a, b in zip(x, y)], batch_size=8)
+
+    def trained(callbacks):
+        L.seed_everything(0)
+        model = DropoutEncoder()
+        trainer = L.Trainer(
+            max_steps=6, val_check_interval=2, num_sanity_val_steps=0, callbacks=callbacks, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+            default_root_dir=tmp_path,
+        )  # fmt: skip
+        trainer.fit(model, train_dataloaders=loader, val_dataloaders=loader)
+        return trainer, model.state_dict()
+
+    probed_trainer, probed = trained([OnlineProbe()])
+    assert "probe/linear_acc" in probed_trainer.callback_metrics  # the probe did run
+    _, plain = trained([])
+    assert probed.keys() == plain.keys()
+    for key in plain:
+        assert torch.equal(probed[key], plain[key]), key

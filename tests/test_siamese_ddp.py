@@ -180,3 +180,15 @@ def test_dino_center_averages_the_teacher_over_every_rank(ranks):
     assert model.center.abs().max() > 0
     for res in ranks:
         torch.testing.assert_close(res["dino/buffer/center"], model.center, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_recipe_reports_collapsed_embeddings(name, recwarn):
+    """Every sample the same image: one embedding for all, which the log must call collapse; real images not."""
+    model = make_model(name)
+    batch = global_batch(name)
+    model.training_step(batch, 0)
+    assert not [w for w in recwarn if "collapsed" in str(w.message)]
+    same = {key: [v[:1].expand_as(v).clone() for v in views] for key, views in batch.items()}
+    with pytest.warns(UserWarning, match="embeddings have collapsed"):
+        model.training_step(same, 0)
