@@ -41,6 +41,7 @@ class LastCheckpoint(ModelCheckpoint):
     every 100 would leave step 300 as `last.ckpt`, and an export of it would miss the last 95 steps."""
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning's own bookkeeping (private; lightning is pinned below 2.7): skip a step already saved.
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 

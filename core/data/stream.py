@@ -129,19 +129,19 @@ def usable_samples(
     for sample in samples:
         read: ShardRead = sample.pop("__read__")
         try:
-            decoded = transformed(decode_sample(sample), transform)
+            usable = transformed(decode_sample(sample), transform)
         except SampleError as error:
-            decoded = None
+            usable = None
             read.error = error.reason
             stats.add("samples_refused" if isinstance(error, RefusedSample) else "samples_skipped")
             stats.warn_once(sample["__url__"], sample["__key__"], f"skipped: {error}")
         read.done += 1
-        read.good += decoded is not None
+        read.good += usable is not None
         if health is not None:
             health.record(read)
-        if decoded is not None:
+        if usable is not None:
             stats.add("samples_read")
-            yield decoded
+            yield usable
 
 
 def shuffled(samples: Iterable[dict], buffer_size: int, rng: random.Random) -> Iterator[dict]:
