@@ -181,8 +181,11 @@ class ColorAugment:
             return torch.rand(b, device=device) < p
 
         def factors(strength: float, on: torch.Tensor, center: float = 1.0) -> torch.Tensor:
-            value = torch.empty(b, device=device).uniform_(center - strength, center + strength)
-            return torch.where(on, value.clamp(min=0), torch.full_like(value, center))
+            # torchvision's ColorJitter ranges: factors in [max(0, 1 - s), 1 + s]; hue shifts (center 0) in
+            # [-s, s], both ways round the colour circle.
+            low = max(0.0, center - strength) if center else -strength
+            value = torch.empty(b, device=device).uniform_(low, center + strength)
+            return torch.where(on, value, torch.full_like(value, center))
 
         if self.jitter_prob > 0:
             on = draw(self.jitter_prob)

@@ -373,3 +373,24 @@ def test_data_path_benchmark_reports_every_way_against_the_reference(tmp_path, c
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "samples/s" not in line]
     assert [r[0].strip() for r in rows] == ["torchvision (reference)", "worker", "device"]
     assert rows[0][2].strip() == "1.00x" and all(float(r[1]) > 0 for r in rows)
+
+
+def test_color_jitter_shifts_hue_both_ways_and_draws_factors_in_torchvisions_ranges():
+    """As torchvision's ColorJitter: hue shifts uniform in [-h, h] (pure red turns to orange and to violet
+    alike), brightness factors uniform in [max(0, 1 - b), 1 + b], with no lump at a clamp."""
+    import colorsys
+
+    torch.manual_seed(0)
+    red = torch.zeros(2000, 3, 4, 4)
+    red[:, 0] = 0.8
+    shifted = augment.ColorAugment(jitter=(0, 0, 0, 0.5), jitter_prob=1.0, mean=(0, 0, 0), std=(1, 1, 1))(red)
+    hues = torch.tensor([colorsys.rgb_to_hsv(*rgb)[0] for rgb in shifted.mean((2, 3)).tolist()])
+    hues = torch.where(hues > 0.5, hues - 1, hues)  # signed shift from red, in [-0.5, 0.5]
+    assert (hues < -0.05).float().mean() == pytest.approx(0.45, abs=0.05)
+    assert (hues > 0.05).float().mean() == pytest.approx(0.45, abs=0.05)
+    assert (hues.abs() < 1e-3).float().mean() < 0.01  # no lump of unshifted images
+
+    gray = torch.full((2000, 3, 4, 4), 0.25)
+    bright = augment.ColorAugment(jitter=(1.5, 0, 0, 0), jitter_prob=1.0, mean=(0, 0, 0), std=(1, 1, 1))(gray)
+    factor = bright.mean((1, 2, 3)) / 0.25  # (B,), brightness factors drawn in [0, 2.5]
+    assert (factor < 1e-3).float().mean() < 0.01 and factor.max() > 2.3
