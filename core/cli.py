@@ -13,26 +13,86 @@ and is driven by YAML: `python recipes/mae/train.py fit --config recipes/mae/con
 
 from __future__ import annotations
 
+import random
+
 import lightning as L
+import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 from core.probe import OnlineProbe
 
 
+def random_state() -> dict:
+    """This process's random streams (torch, CUDA, numpy, Python), in types a `weights_only` load accepts."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": (name, keys.tolist(), pos, has_gauss, gauss),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_random_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 class RankSeed(Callback):
     """Gives every rank its own stream of torch random numbers for what the training process draws (masks,
-    colour steps with `device_color`), as the official MAE code seeds each process with seed + rank.
+    colour steps with `device_color`), as the official MAE code seeds each process with seed + rank, and
+    carries every rank's streams over a resume.
 
     `seed_everything` seeds every rank alike, so without this the i-th sample of each rank's batch would get
     the same mask. It runs after the model is built (ranks start from the same weights, as DDP needs) and
     leaves rank 0's stream alone, so a one-process run draws what it drew before. Data workers are seeded
-    by the data module from (seed, rank, worker, step)."""
+    by the data module from (seed, rank, worker, step).
+
+    Checkpoints hold each rank's streams (Lightning saves none), and a resumed run restores them just before
+    its first training step: after the sanity check and the new DataLoader iterator, which draw from them too.
+    So a run resumed from a checkpoint of step k draws at step k + 1 what the unbroken run drew there, instead
+    of starting over from the seed and repeating the masks of the first steps."""
+
+    def __init__(self):
+        self._resumed: list[dict] | None = None  # every rank's streams from a checkpoint, until restored
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if trainer.global_rank > 0:
             torch.manual_seed(torch.initial_seed() + trainer.global_rank)
+
+    def state_dict(self) -> dict:
+        # Lightning builds the checkpoint on every rank (only rank 0 writes it), so every rank gathers here.
+        state = random_state()
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return {"ranks": [state]}
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, state)
+        return {"ranks": states}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resumed = state_dict["ranks"]
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if self._resumed is None:
+            return
+        states, self._resumed = self._resumed, None
+        if len(states) != trainer.world_size:
+            rank_zero_warn(
+                f"the checkpoint holds the random streams of {len(states)} ranks and this run has "
+                f"{trainer.world_size}: each rank's streams start over from its seed"
+            )
+            return
+        set_random_state(states[trainer.global_rank])
 
 
 class LastCheckpoint(ModelCheckpoint):

@@ -1,11 +1,18 @@
-"""core.cli: last.ckpt holds the end of training, and `fit --ckpt_path last` resumes from it."""
+"""core.cli: last.ckpt holds the end of training, `fit --ckpt_path last` resumes from it, and a resumed run
+continues the random streams of the broken one."""
 
 import csv
 import os
+import random
 
+import lightning as L
+import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import ROOT, mae_demo_run
+from core.cli import RankSeed
 from recipes.mae.model import MAE
 
 
@@ -36,3 +43,38 @@ def test_last_checkpoint_holds_the_final_step_and_a_run_resumes_from_it(tmp_path
         trained = [row["step"] for row in csv.DictReader(f) if row.get("train/loss")]
     assert trained == ["3", "4"]  # continued from step 3: a fresh start would log steps 0-4
     assert torch.load(last, weights_only=True)["global_step"] == 5
+
+
+class Draws(L.LightningModule):
+    """Records what torch, numpy and Python's random draw at each training step, as a mask or a crop would."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+        self.draws = {}
+
+    def training_step(self, batch, batch_idx):
+        self.draws[self.global_step] = (torch.rand(2).tolist(), np.random.rand(), random.random())
+        return self.layer(batch[0]).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit_draws(out_dir, ckpt_path=None) -> dict:
+    L.seed_everything(0)  # as every new process does
+    model = Draws()
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[RankSeed(), ModelCheckpoint(out_dir, filename="{step}", every_n_train_steps=2, save_top_k=-1)],
+    )  # fmt: skip
+    trainer.fit(model, DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=1), ckpt_path=ckpt_path)
+    return model.draws
+
+
+def test_a_resumed_run_draws_what_the_unbroken_run_drew(tmp_path):
+    unbroken = fit_draws(tmp_path / "unbroken")
+    resumed = fit_draws(tmp_path / "resumed", ckpt_path=tmp_path / "unbroken" / "step=2.ckpt")
+    assert sorted(resumed) == [2, 3]
+    assert resumed[2] == unbroken[2] and resumed[3] == unbroken[3]
+    assert resumed[2] != unbroken[0]  # started over from the seed, it would repeat the first steps' draws

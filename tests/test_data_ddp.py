@@ -1,13 +1,15 @@
 """ShardDataModule in a real 2-process DDP run (Lightning Trainer, strategy="ddp", gloo on CPU, 2 DataLoader
 workers per rank): every rank trains on the same number of batches from its own train shards, and the
 validation shards are split over ranks and workers so that every sample is read exactly once. With
-core.cli.RankSeed, the ranks start from the same weights and draw different random numbers in training.
+core.cli.RankSeed, the ranks start from the same weights and draw different random numbers in training, and a
+checkpoint holds every rank's random streams.
 
 The run is started once for the module, as users start it: this file runs as a script and Lightning's
 launcher starts the second rank the same way. Each rank writes what it saw to a JSON file that the tests read.
 (``ddp_spawn`` would make the DataLoader workers start by spawning too, each re-importing torch: far slower.)
 """
 
+import faulthandler
 import json
 import math
 import os
@@ -19,7 +21,7 @@ import lightning as L
 import pytest
 import torch
 
-from core.cli import RankSeed
+from core.cli import RankSeed, set_random_state
 from core.data import ShardDataModule
 from test_data_stream import VectorTransform, write_vectors
 
@@ -86,6 +88,10 @@ def run(train: str, val: str, out_dir: str) -> None:
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, default_root_dir=out_dir, callbacks=[RankSeed()])  # fmt: skip
     trainer.fit(RecordingModel(out_dir), dm)
+    # Every rank builds the checkpoint (rank 0 writes it), then draws: the checkpoint must let each rank redraw that.
+    trainer.save_checkpoint(f"{out_dir}/end.ckpt")
+    with open(f"{out_dir}/after_save{trainer.global_rank}.json", "w") as f:
+        json.dump(torch.rand(4).tolist(), f)
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +102,11 @@ def ranks(tmp_path_factory):
     env = {key: value for key, value in os.environ.items() if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     result = subprocess.run([sys.executable, __file__, train, val, str(tmp_path)], env={**env, "OMP_NUM_THREADS": "1"},
                             capture_output=True, text=True, timeout=110)  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-8000:]
     records = []
     for rank in range(WORLD):
-        with open(tmp_path / f"rank{rank}.json") as f:
-            records.append(json.load(f))
+        with open(tmp_path / f"rank{rank}.json") as f, open(tmp_path / f"after_save{rank}.json") as g:
+            records.append({**json.load(f), "after_save": json.load(g), "checkpoint": str(tmp_path / "end.ckpt")})
     return records
 
 
@@ -135,6 +141,16 @@ def test_ranks_start_alike_and_draw_their_own_random_numbers(ranks):
     assert ranks[0]["draws"] != ranks[1]["draws"]
 
 
+@pytest.mark.timeout(120)
+def test_a_checkpoint_holds_every_ranks_random_streams(ranks):
+    streams = torch.load(ranks[0]["checkpoint"], weights_only=True)["callbacks"]["RankSeed"]["ranks"]
+    assert len(streams) == WORLD
+    for rank, state in enumerate(streams):
+        set_random_state(state)
+        assert torch.rand(4).tolist() == ranks[rank]["after_save"]
+    assert ranks[0]["after_save"] != ranks[1]["after_save"]
+
+
 def test_rank_seed_leaves_rank_zero_alone_and_reseeds_the_others():
     torch.manual_seed(0)
     expected = torch.rand(4)
@@ -145,6 +161,9 @@ def test_rank_seed_leaves_rank_zero_alone_and_reseeds_the_others():
 
 
 if __name__ == "__main__":
+    # Both ranks run this. A rank still running after 90 s (the run takes about 10) prints every thread's stack
+    # and exits, so a hang fails the test with where each rank waited, before the 110-s limit above.
+    faulthandler.dump_traceback_later(90, exit=True)
     torch.set_num_threads(1)
     run(*sys.argv[1:])
 
