@@ -54,6 +54,18 @@ def save_reconstructions(path: str, rows: list[torch.Tensor], mean=None, std=Non
     return path
 
 
+def pictures_due(trainer, batch_idx: int, every: int) -> bool:
+    """Whether this training batch saves pictures: on rank 0, every `every` optimizer steps (0: never), and
+    under gradient accumulation on the first micro-batch of the step only (the others share its global step,
+    and each would overwrite the file)."""
+    return (
+        every > 0
+        and trainer.global_step % every == 0
+        and batch_idx % trainer.accumulate_grad_batches == 0
+        and trainer.is_global_zero
+    )
+
+
 def pictures_path(trainer, split: str) -> str:
     """``<the run's log folder>/reconstructions/<split>_step<global step>.png``, the folder found as
     ``Trainer.log_dir`` finds it but without its broadcast: ``log_dir`` is a collective that every rank must

@@ -1,10 +1,13 @@
 """The image MAE recipe: its demo config through the real CLI, export, overfitting, bad input."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from core import load_encoder
 from core.export import export_checkpoint
+from core.visualize import pictures_due
 from recipes.mae.model import MAE
 from conftest import mae_demo_run, patch_pixels
 
@@ -61,3 +64,15 @@ def test_encoder_sees_only_visible_patches_during_training():
 def test_bad_config_fails_before_training(kwargs, message):
     with pytest.raises(ValueError, match=message):
         small_mae(**kwargs)
+
+
+def test_pictures_are_saved_once_per_picture_step_under_gradient_accumulation():
+    def due(global_step, batch_idx, rank=0, every=2):
+        trainer = SimpleNamespace(global_step=global_step, accumulate_grad_batches=3, is_global_zero=rank == 0)
+        return pictures_due(trainer, batch_idx, every)
+
+    # Micro-batches 0-2 make optimizer step 4, 3-5 step 5, 6-8 step 6: one picture for step 4, one for step 6.
+    steps = {4: range(0, 3), 5: range(3, 6), 6: range(6, 9)}
+    saved = [(step, i) for step, batches in steps.items() for i in batches if due(step, i)]
+    assert saved == [(4, 0), (6, 6)]
+    assert not due(4, 0, rank=1) and not due(4, 0, every=0)

@@ -26,7 +26,7 @@ from core.losses import masked_patch_loss
 from core.masking import check_ratio, patchify, random_mask, whole
 from core.optim import param_groups, scaled_lr
 from core.schedules import WarmupCosine, step_scheduler, warmup_and_total_steps
-from core.visualize import pictures_path, reconstruction_rows, save_reconstructions
+from core.visualize import pictures_due, pictures_path, reconstruction_rows, save_reconstructions
 from core.vit import Attention, CrossAttention, ViT, init_weights, sincos_pos_embed
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -156,8 +156,7 @@ class CropMAE(L.LightningModule):
     def training_step(self, batch, batch_idx):
         loss, pred, mask = self.reconstruct(batch["global"], batch["local"])
         self.log("train/loss", loss, prog_bar=True)
-        every = self.hparams.pictures_every_n_steps
-        if every and self.global_step % every == 0 and self.trainer.is_global_zero:
+        if pictures_due(self.trainer, batch_idx, self.hparams.pictures_every_n_steps):
             self.save_pictures(batch["global"], batch["local"], pred, mask, "train")
         return loss
 

@@ -18,7 +18,7 @@ from core.losses import masked_patch_loss
 from core.masking import check_ratio, patchify, random_mask
 from core.optim import param_groups, scaled_lr
 from core.schedules import WarmupCosine, step_scheduler, warmup_and_total_steps
-from core.visualize import pictures_path, reconstruction_rows, save_reconstructions
+from core.visualize import pictures_due, pictures_path, reconstruction_rows, save_reconstructions
 from core.vit import ViT
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -72,8 +72,7 @@ class MAE(L.LightningModule):
     def training_step(self, batch, batch_idx):
         loss, pred, mask = self.reconstruct(batch["image"])
         self.log("train/loss", loss, prog_bar=True)
-        every = self.hparams.pictures_every_n_steps
-        if every and self.global_step % every == 0 and self.trainer.is_global_zero:
+        if pictures_due(self.trainer, batch_idx, self.hparams.pictures_every_n_steps):
             self.save_pictures(batch["image"], pred, mask, "train")
         return loss
 

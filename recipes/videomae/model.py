@@ -22,7 +22,7 @@ from core.losses import masked_patch_loss
 from core.masking import check_ratio, patchify, random_mask, tube_mask
 from core.optim import param_groups, scaled_lr
 from core.schedules import WarmupCosine, step_scheduler, warmup_and_total_steps
-from core.visualize import pictures_path, reconstruction_rows, save_reconstructions
+from core.visualize import pictures_due, pictures_path, reconstruction_rows, save_reconstructions
 from core.vit import ViT
 
 MASKINGS = ("tube", "random")
@@ -136,8 +136,7 @@ class VideoMAE(L.LightningModule):
     def training_step(self, batch, batch_idx):
         loss, pred, mask, stats = self.reconstruct(batch["video"])
         self.log("train/loss", loss, prog_bar=True)
-        every = self.hparams.pictures_every_n_steps
-        if every and self.global_step % every == 0 and self.trainer.is_global_zero:
+        if pictures_due(self.trainer, batch_idx, self.hparams.pictures_every_n_steps):
             self.save_pictures(batch["video"], pred, mask, stats, "train")
         return loss
 
