@@ -50,9 +50,11 @@ def describe_encoder(prefix: str, backbone: nn.Module, input_spec: dict) -> dict
     waveforms and computes log-mel itself), or
     {"modality": "text", "tokenizer": "<dir with the tokenizer files>", "max_len": L}.
     """
-    name = type(backbone).__name__
-    if name not in backbone_classes():
-        raise ValueError(f"cannot export a {name}: exportable backbones are {sorted(backbone_classes())}")
+    classes = backbone_classes()
+    # FSDP2 (fully_shard) swaps a module's class for a subclass, FSDPViT for a ViT: name the core class.
+    name = next((c.__name__ for c in type(backbone).__mro__ if classes.get(c.__name__) is c), None)
+    if name is None:
+        raise ValueError(f"cannot export a {type(backbone).__name__}: exportable backbones are {sorted(classes)}")
     if "modality" not in input_spec:
         raise ValueError(f"input_spec needs a 'modality' key, got {input_spec}")
     return {"prefix": prefix, "backbone": {"class": name, "args": backbone.config}, "input": input_spec}
@@ -115,6 +117,13 @@ class Encoder(nn.Module):
 
 def export_checkpoint(ckpt_path: str, out: str) -> list[str]:
     """Write every encoder declared in the checkpoint; returns the folders written."""
+    if os.path.isdir(ckpt_path):
+        # torch's distributed checkpoint reads its .metadata with pickle.load, which can run code.
+        raise IsADirectoryError(
+            f"{ckpt_path} is a distributed checkpoint folder (ModelParallelStrategy's default), whose metadata is "
+            "a pickle that export does not load; train with --trainer.strategy.save_distributed_checkpoint=false "
+            "so that rank 0 writes the full weights in one file"
+        )
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     encoders = ckpt.get("encoders")
     if not encoders:

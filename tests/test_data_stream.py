@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import pickle
+from types import SimpleNamespace
 
 import av
 import lightning as L
@@ -360,6 +361,28 @@ def test_val_with_fewer_shards_than_ranks_splits_samples_and_leaves_no_rank_empt
         per_rank.append(keys_of(ShardLoader(stream, num_workers)))
     assert all(per_rank)
     assert sorted(k for keys in per_rank for k in keys) == [f"s_{i:06d}" for i in range(13)]  # each once
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_val_batches_gives_every_rank_that_many_full_batches_of_its_share(tmp_path, num_workers):
+    # 3 shards of 7 over 2 ranks: read once, rank 0 would make 3 batches of 5 and rank 1 two, and under FSDP
+    # rank 0's third validation forward would wait for rank 1 for ever.
+    pattern = write_vectors(tmp_path, "e", 21, per_shard=7)
+    dm = ShardDataModule(pattern, val=pattern, val_batch_size=5, val_batches=4, num_workers=num_workers, val_transform=to_tensors)
+    shares = [[f"e_{i:06d}" for i in range(0, 7)] + [f"e_{i:06d}" for i in range(14, 21)], [f"e_{i:06d}" for i in range(7, 14)]]
+    for rank, share in enumerate(shares):
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        batches = list(dm.val_dataloader())
+        assert [len(batch["__key__"]) for batch in batches] == [5, 5, 5, 5]
+        assert {key for batch in batches for key in batch["__key__"]} == set(share)  # all of it, round after round
+
+
+@pytest.mark.timeout(60)
+def test_val_batches_over_unreadable_shards_raise_instead_of_looping(tmp_path):
+    pattern = junk_shards(tmp_path)
+    dm = ShardDataModule(pattern, val=pattern, batch_size=2, val_batches=3, num_workers=0)
+    with pytest.raises(NoReadableShards, match=r"junk-000000\.tar"):
+        list(dm.val_dataloader())
 
 
 def test_rank_comes_from_the_trainer_not_the_environment(tmp_path, monkeypatch):

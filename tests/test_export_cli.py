@@ -66,6 +66,29 @@ def test_export_never_unpickles_code_from_a_checkpoint(tmp_path):
     assert not marker.exists()
 
 
+def test_export_refuses_a_distributed_checkpoint_folder_without_unpickling_it(tmp_path):
+    """FSDP's default checkpoint is a folder whose .metadata torch reads with pickle.load: export says how to get
+    a one-file checkpoint instead, and runs nothing."""
+    from test_data_stream import TouchFile
+
+    marker = tmp_path / "unpickled"
+    folder = tmp_path / "last.ckpt"
+    folder.mkdir()
+    with open(folder / ".metadata", "wb") as f:
+        pickle.dump(TouchFile(str(marker)), f)
+    with pytest.raises(IsADirectoryError, match="save_distributed_checkpoint=false"):
+        export_checkpoint(str(folder), str(tmp_path / "out"))
+    assert not marker.exists()
+
+
+def test_export_names_the_core_class_of_a_backbone_fsdp_has_wrapped():
+    """fully_shard turns a ViT into an FSDPViT, a subclass made on the fly; the checkpoint must still say ViT."""
+    backbone = ViT((8, 8), (4, 4), size="tiny", depth=1)
+    wrapped = type("FSDPViT", (type(backbone),), {})
+    backbone.__class__ = wrapped
+    assert describe_encoder("encoder.", backbone, {"modality": "image"})["backbone"]["class"] == "ViT"
+
+
 def test_load_encoder_names_missing_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_encoder(str(tmp_path))

@@ -1,8 +1,11 @@
-"""The masked autoencoders' demo configs in a real 2-process DDP run (gloo on CPU), as their paper configs
-train: started as users start it, `python recipes/<name>/train.py fit ...`, Lightning's launcher starting the
-second rank the same way. Rank 0 saves reconstruction pictures on train and val steps while the other rank
-goes on to DDP's gradient all-reduce, so nothing in the picture path may wait for the other ranks: the run
-must finish (it hung before) with the pictures of every picture step.
+"""The masked autoencoders' demo configs in real 2-process runs (gloo on CPU), under DDP as their paper configs
+train and under FSDP (FSDP2 with Lightning's ModelParallelStrategy, `core.fsdp`): started as users start it,
+`python recipes/<name>/train.py fit ...`, Lightning's launcher starting the second rank the same way.
+
+Rank 0 saves reconstruction pictures on train and val steps while the other rank goes on to the gradient
+all-reduce, so nothing in the picture path may wait for the other ranks: the run must finish (it hung
+before) with the pictures of every picture step. Under FSDP the model is sharded, every rank runs the same
+number of validation batches (`data.val_batches`), and training computes what DDP computes.
 """
 
 import glob
@@ -11,29 +14,96 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+from core.export import export_checkpoint, load_encoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STRATEGIES = {
+    "ddp": ["--trainer.strategy=ddp"],
+    "fsdp": ["--trainer.strategy=ModelParallelStrategy", "--trainer.strategy.save_distributed_checkpoint=false"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """run(name, strategy, resume) -> (output folder, finished process), each run started once for the module;
+    `resume`: a checkpoint to continue from for one more step."""
+    done = {}
+
+    def run(name: str, strategy: str, resume: str | None = None):
+        if (name, strategy, resume) in done:
+            return done[name, strategy, resume]
+        out = tmp_path_factory.mktemp(f"{name}-{strategy}")
+        env = {key: value for key, value in os.environ.items() if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+        args = [
+            sys.executable, os.path.join("recipes", name, "train.py"), "fit",
+            "--config", os.path.join("recipes", name, "configs", "demo.yaml"),
+            "--trainer.devices=2", *STRATEGIES[strategy],
+            "--data.batch_size=4", "--data.val_batch_size=10", "--data.val_batches=1", "--data.num_workers=0",
+            "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.num_sanity_val_steps=0",
+            *([f"--ckpt_path={resume}", "--trainer.max_steps=3"] if resume else []),
+            "--model.pictures_every_n_steps=1", "--model.encoder_depth=1",
+            "--checkpoint.every_n_train_steps=1", "--checkpoint.save_top_k=-1", "--checkpoint.filename={step}",
+            f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
+            f"--checkpoint.dirpath={out}/checkpoints",
+        ]  # fmt: skip
+        try:
+            result = subprocess.run(args, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=130)
+        except subprocess.TimeoutExpired as error:
+            pytest.fail(f"the 2-rank {strategy} run did not finish in {error.timeout} s (ranks waiting on each other?)")
+        done[name, strategy, resume] = out, result
+        return out, result
+
+    return run
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 @pytest.mark.parametrize("name", ["mae", "videomae", "audiomae", "cropmae"])
-def test_demo_config_trains_under_ddp_and_saves_its_pictures(name, tmp_path):
-    env = {key: value for key, value in os.environ.items() if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    args = [
-        sys.executable, os.path.join("recipes", name, "train.py"), "fit",
-        "--config", os.path.join("recipes", name, "configs", "demo.yaml"),
-        "--trainer.devices=2", "--trainer.strategy=ddp",
-        "--data.batch_size=4", "--data.val_batch_size=10", "--data.num_workers=0",
-        "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
-        "--trainer.num_sanity_val_steps=0", "--model.pictures_every_n_steps=1", "--model.encoder_depth=1",
-        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
-        f"--checkpoint.dirpath={tmp_path}/checkpoints",
-    ]  # fmt: skip
-    try:
-        result = subprocess.run(args, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=130)
-    except subprocess.TimeoutExpired as error:
-        pytest.fail(f"the 2-rank run did not finish in {error.timeout} s (ranks waiting on each other?)")
+def test_demo_config_trains_on_two_ranks_and_saves_its_pictures(runs, name, strategy):
+    out, result = runs(name, strategy)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    pictures = sorted(os.path.basename(p) for p in glob.glob(f"{tmp_path}/**/reconstructions/*.png", recursive=True))
+    pictures = sorted(os.path.basename(p) for p in glob.glob(f"{out}/**/reconstructions/*.png", recursive=True))
     assert pictures == ["train_step0000000.png", "train_step0000001.png", "val_step0000002.png"]
-    assert os.path.isfile(f"{tmp_path}/checkpoints/last.ckpt")
+    assert os.path.isfile(f"{out}/checkpoints/last.ckpt")
+    if strategy == "fsdp":  # the model summary names the classes fully_shard gave the encoder and decoder
+        assert "FSDPViT" in result.stdout and "Decoder" in result.stdout.split("FSDPViT")[1], result.stdout[-3000:]
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.mark.timeout(300)
+def test_fsdp_trains_as_ddp_does_and_its_checkpoint_exports(runs, tmp_path):
+    (ddp, ddp_result), (fsdp, fsdp_result) = runs("mae", "ddp"), runs("mae", "fsdp")
+    assert ddp_result.returncode == 0 and fsdp_result.returncode == 0, fsdp_result.stderr[-3000:]
+    # Same seeds, data and masks per rank: after each step the full weights agree (summation order aside).
+    for step in (1, 2):
+        by_ddp, by_fsdp = weights(ddp / "checkpoints" / f"step={step}.ckpt"), weights(fsdp / "checkpoints" / f"step={step}.ckpt")
+        assert by_ddp.keys() == by_fsdp.keys()
+        for key, value in by_ddp.items():
+            torch.testing.assert_close(by_fsdp[key], value, rtol=1e-4, atol=1e-6, msg=f"step {step}: {key}")
+    first, second = weights(fsdp / "checkpoints" / "step=1.ckpt"), weights(fsdp / "checkpoints" / "step=2.ckpt")
+    assert any(not torch.equal(first[key], second[key]) for key in first), "the second step changed nothing"
+    # The checkpoint holds full tensors, so the export is the one DDP's checkpoint gives.
+    (folder,) = export_checkpoint(str(fsdp / "checkpoints" / "last.ckpt"), str(tmp_path / "export"))
+    encoder = load_encoder(folder)
+    for key, value in encoder.backbone.state_dict().items():
+        torch.testing.assert_close(value, second[f"encoder.{key}"], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.timeout(300)
+def test_a_run_resumed_under_fsdp_continues_as_under_ddp(runs):
+    """The sharded optimizer state comes back from the full checkpoint: without Adam's moments the step after
+    the resume would differ from DDP's, which restores them whole."""
+    steps = {}
+    for strategy in STRATEGIES:
+        out, _ = runs("mae", strategy)
+        resumed, result = runs("mae", strategy, resume=str(out / "checkpoints" / "step=2.ckpt"))
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert "Restored all states" in result.stdout + result.stderr
+        steps[strategy] = weights(resumed / "checkpoints" / "step=3.ckpt")
+    for key, value in steps["ddp"].items():
+        torch.testing.assert_close(steps["fsdp"][key], value, rtol=1e-4, atol=1e-6, msg=key)

@@ -229,7 +229,9 @@ class ShardStream(IterableDataset):
     ``resample=False`` (validation): each shard of ``sources`` is read once, split across ranks then workers.
     A source with fewer shards than ranks is read whole by every rank, each keeping every ``world_size``-th
     sample, so that no rank is left without batches: under DDP every rank must join the first validation
-    forward's buffer broadcast and the probes' gathers.
+    forward's buffer broadcast and the probes' gathers. With ``repeat``, the same shares are read round after
+    round and only full batches are made (the loader stops the pass): FSDP needs the same number of
+    validation batches on every rank, each forward gathering parameters from all of them.
     """
 
     def __init__(
@@ -244,8 +246,9 @@ class ShardStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         num_workers: int = 0,
+        repeat: bool = False,
     ):
-        self.sources, self.batch_size, self.resample = sources, batch_size, resample
+        self.sources, self.batch_size, self.resample, self.repeat = sources, batch_size, resample, repeat
         self.weights = weights or [1.0] * len(sources)
         self.transform, self.shuffle_buffer, self.seed = transform, shuffle_buffer, seed
         self.rank, self.world_size = rank, world_size
@@ -269,9 +272,19 @@ class ShardStream(IterableDataset):
             sources = [self._resampled_source(i, rng) for i in range(len(self.sources))]
             samples = mixed(sources, self.weights, rng, self.stats)
         else:
+            samples = self._read_rounds(worker, num_workers)
+        yield from batched(samples, self.batch_size, partial=not (self.resample or self.repeat))
+
+    def _read_rounds(self, worker: int, num_workers: int) -> Iterator[dict]:
+        """This worker's share of the shards, once, or with ``repeat`` round after round while a round yields."""
+        while True:
             raw = itertools.chain.from_iterable(self._read_once(i, worker, num_workers) for i in range(len(self.sources)))
-            samples = usable_samples(raw, self.stats, self.transform)
-        yield from batched(samples, self.batch_size, partial=not self.resample)
+            read = 0
+            for sample in usable_samples(raw, self.stats, self.transform):
+                read += 1
+                yield sample
+            if not (self.repeat and read):
+                return
 
     def _read_once(self, source: int, worker: int, num_workers: int) -> Iterator[dict]:
         raw = raw_samples(self.rank_shards(source)[worker::num_workers], self.stats)
@@ -346,6 +359,10 @@ class ShardDataModule(L.LightningDataModule):
             proportional to each source's number of shards, as if they were one dataset.
         batch_size: training batch size per rank.
         val_batch_size: validation batch size per rank (default ``batch_size``).
+        val_batches: validation batches per rank. ``None``: each val shard is read once and ranks may get
+            different numbers of batches, which DDP allows. FSDP needs the same number on every rank: set it,
+            and each rank reads its share of the val shards round after round until it has that many full
+            batches (to see every sample once, about val samples / (val_batch_size x ranks)).
         num_workers: DataLoader worker processes per rank.
         train_transform / val_transform: ``dict -> dict`` applied to each decoded sample (see
             ``core.data.decoders``) before batching; typically from ``core.augment``. A transform with an
@@ -364,6 +381,7 @@ class ShardDataModule(L.LightningDataModule):
         train_weights: list[float] | None = None,
         batch_size: int = 64,
         val_batch_size: int | None = None,
+        val_batches: int | None = None,
         num_workers: int = 2,
         train_transform: SampleTransform | None = None,
         val_transform: SampleTransform | None = None,
@@ -380,10 +398,13 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError(f"train_weights {train_weights}: need one weight >= 0 per train source {self.train}")
         val_batch_size = val_batch_size or batch_size
         sizes = {"batch_size": batch_size, "val_batch_size": val_batch_size, "samples_per_epoch": samples_per_epoch}
+        if val_batches is not None:
+            sizes["val_batches"] = val_batches
         for name, value in sizes.items():
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         self.train_weights, self.batch_size, self.val_batch_size = train_weights, batch_size, val_batch_size
+        self.val_batches = val_batches
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.samples_per_epoch, self.seed = samples_per_epoch, seed
         self.train_transform, self.val_transform = train_transform, val_transform
@@ -417,9 +438,9 @@ class ShardDataModule(L.LightningDataModule):
         rank, world_size = self._rank_and_world_size()
         self.val_stream = ShardStream(
             [expand_urls(self.val)], self.val_batch_size, resample=False, transform=self.val_transform,
-            rank=rank, world_size=world_size, num_workers=self.num_workers,
+            rank=rank, world_size=world_size, num_workers=self.num_workers, repeat=self.val_batches is not None,
         )  # fmt: skip
-        return ShardLoader(self.val_stream, self.num_workers)
+        return ShardLoader(self.val_stream, self.num_workers, self.val_batches)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         transform = self.train_transform if self.trainer is not None and self.trainer.training else self.val_transform

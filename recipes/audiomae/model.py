@@ -18,6 +18,7 @@ import torch
 
 from core.augment import AUDIOSET_FBANK_MEAN, AUDIOSET_FBANK_STD, log_mel
 from core.export import describe_encoder
+from core.fsdp import shard_blocks
 from core.heads import MAEDecoder
 from core.losses import masked_patch_loss
 from core.masking import check_ratio, patchify, random_mask, time_freq_mask
@@ -146,6 +147,9 @@ class AudioMAE(L.LightningModule):
         """Rows: spectrogram, masked, prediction, prediction pasted into the visible patches."""
         rows = [spec] + reconstruction_rows(spec, pred.detach(), mask, self.patch, self.hparams.norm_pix_loss)
         save_reconstructions(pictures_path(self.trainer, split), rows)
+
+    def configure_model(self):
+        shard_blocks(self)  # FSDP2 under ModelParallelStrategy; nothing under DDP or in one process
 
     def configure_optimizers(self):
         lr = scaled_lr(self.hparams.base_lr, self.trainer)

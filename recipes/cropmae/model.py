@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.export import describe_encoder
+from core.fsdp import shard_blocks
 from core.heads import scatter_visible
 from core.losses import masked_patch_loss
 from core.masking import check_ratio, patchify, random_mask, whole
@@ -178,6 +179,9 @@ class CropMAE(L.LightningModule):
         """Rows: global view, local view, masked local view, prediction, prediction pasted into the visible patches."""
         rows = [global_view, local_view] + reconstruction_rows(local_view, pred.detach(), mask, self.patch, self.hparams.norm_pix_loss)
         save_reconstructions(pictures_path(self.trainer, split), rows, self.hparams.mean, self.hparams.std)
+
+    def configure_model(self):
+        shard_blocks(self)  # FSDP2 under ModelParallelStrategy; nothing under DDP or in one process
 
     def configure_optimizers(self):
         lr = scaled_lr(self.hparams.base_lr, self.trainer)

@@ -13,6 +13,7 @@ import lightning as L
 import torch
 
 from core.export import describe_encoder
+from core.fsdp import shard_blocks
 from core.heads import MAEDecoder
 from core.losses import masked_patch_loss
 from core.masking import check_ratio, patchify, random_mask
@@ -91,6 +92,9 @@ class MAE(L.LightningModule):
     def save_pictures(self, images, pred, mask, split: str) -> None:
         rows = [images] + reconstruction_rows(images, pred.detach(), mask, self.patch, self.hparams.norm_pix_loss)
         save_reconstructions(pictures_path(self.trainer, split), rows, self.hparams.mean, self.hparams.std)
+
+    def configure_model(self):
+        shard_blocks(self)  # FSDP2 under ModelParallelStrategy; nothing under DDP or in one process
 
     def configure_optimizers(self):
         lr = scaled_lr(self.hparams.base_lr, self.trainer)

@@ -17,6 +17,7 @@ import lightning as L
 import torch
 
 from core.export import describe_encoder
+from core.fsdp import shard_blocks
 from core.heads import MAEDecoder
 from core.losses import masked_patch_loss
 from core.masking import check_ratio, patchify, random_mask, tube_mask
@@ -160,6 +161,9 @@ class VideoMAE(L.LightningModule):
             pred = (pred.view(*mean.shape[:2], -1, mean.shape[-1]) * std + mean).flatten(2)
         rows = [video] + reconstruction_rows(video, pred, mask, self.patch, norm_pix=False)
         save_reconstructions(pictures_path(self.trainer, split), rows, self.hparams.mean, self.hparams.std)
+
+    def configure_model(self):
+        shard_blocks(self)  # FSDP2 under ModelParallelStrategy; nothing under DDP or in one process
 
     def configure_optimizers(self):
         lr = scaled_lr(self.hparams.base_lr, self.trainer)
