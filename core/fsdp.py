@@ -1,16 +1,19 @@
 """FSDP for the transformer recipes: torch's FSDP2 (`fully_shard`) under Lightning's ModelParallelStrategy.
 
-With `--trainer.strategy=ModelParallelStrategy`, Lightning builds a device mesh and calls the recipe's
+With `--trainer.strategy=ModelParallelStrategy`, Lightning starts the processes and calls the recipe's
 `configure_model`, which hands the model to `shard_blocks`. Each rank then holds 1/world of every parameter,
 gradient and optimizer state, and gathers a block's full parameters just before the block runs. Gradients
-are averaged over ranks as under DDP, so a run trains as it would under DDP (tests/test_fsdp.py compares
-the two). Lightning's FSDPStrategy (FSDP1, CUDA only) is not needed for this.
+are averaged over ranks as under DDP, so a run trains as it would under DDP (tests/test_mae_distributed.py
+compares the two step by step). Lightning's FSDPStrategy (FSDP1, CUDA only) is not needed for this.
 """
 
 from __future__ import annotations
 
 import lightning as L
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
 # Methods that run a part's parameters outside its forward: FSDP2 gathers parameters only around forward
@@ -19,13 +22,17 @@ FORWARD_METHODS = ("tokens",)
 
 
 def shard_blocks(model: L.LightningModule) -> None:
-    """Shard `model` for FSDP2 if the strategy gave it a device mesh (nothing happens otherwise: one process,
-    DDP). Every entry of an `nn.ModuleList` (the transformer blocks of an encoder or a decoder) becomes a unit
-    of its own, then each child of the model with parameters (the encoder, the decoder) holds the rest:
-    patch embedding, class and mask tokens, final norms, heads. Calling it again does nothing."""
+    """Shard `model` over every rank for FSDP2 when the strategy gave it a device mesh (nothing happens
+    otherwise: one process, DDP). Every entry of an `nn.ModuleList` (the transformer blocks of an encoder or a
+    decoder) becomes a unit of its own, then each child of the model with parameters (the encoder, the
+    decoder) holds the rest: patch embedding, class and mask tokens, final norms, heads. Calling it again
+    does nothing."""
     if model.device_mesh is None:
         return
-    mesh = model.device_mesh["data_parallel"]
+    # Every rank is a data-parallel rank here: the data module gives each its own shards, and the recipes have
+    # no tensor parallelism. ModelParallelStrategy's own mesh would put the ranks of one node in a tensor-
+    # parallel group (its default), and sharding over its data-parallel part would then sync nothing.
+    mesh = init_device_mesh(model.device_mesh.device_type, (dist.get_world_size(),), mesh_dim_names=("shard",))
     for part in model.children():
         if isinstance(part, FSDPModule) or next(part.parameters(), None) is None:
             continue
@@ -36,3 +43,5 @@ def shard_blocks(model: L.LightningModule) -> None:
         for method in FORWARD_METHODS:
             if hasattr(part, method):
                 register_fsdp_forward_method(part, method)
+    units = sum(isinstance(m, FSDPModule) for m in model.modules())
+    rank_zero_info(f"FSDP: {units} units of {type(model).__name__} sharded over {mesh.size()} ranks")
