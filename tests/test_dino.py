@@ -55,6 +55,7 @@ class Snapshots(L.Callback):
                 prototypes=pl_module.head.prototypes.detach().clone(),
                 student=torch.cat([flat(pl_module.backbone), flat(pl_module.head)]),
                 teacher=torch.cat([flat(pl_module.teacher_backbone), flat(pl_module.teacher_head)]),
+                center=pl_module.center.clone(),
             )
         )
 
@@ -95,18 +96,19 @@ def test_schedules_frozen_prototypes_and_teacher_steps_in_a_real_run(monkeypatch
     # The prototypes stay put during the first epoch, and learn afterwards.
     assert torch.equal(rows[1]["prototypes"], prototypes_before)
     assert not torch.equal(rows[3]["prototypes"], prototypes_before)
-    previous_step, previous_teacher = 0, teacher_before
+    previous_step, previous_teacher, previous_center = 0, teacher_before, torch.zeros(1, 32)
     for r in rows:
-        if r["step"] == previous_step:  # an accumulating batch: no EMA step
-            assert torch.equal(r["teacher"], previous_teacher)
+        if r["step"] == previous_step:  # an accumulating batch: no EMA step, the center stays
+            assert torch.equal(r["teacher"], previous_teacher) and torch.equal(r["center"], previous_center)
         else:
+            assert not torch.equal(r["center"], previous_center)
             m = cosine_momentum(r["step"] - 1, total, 0.9)
             ema_step = (1 - m) * (r["student"] - previous_teacher)
             assert ema_step.abs().max() > 1e-4  # 100 times the tolerance
             torch.testing.assert_close(r["teacher"] - previous_teacher, ema_step, rtol=1e-3, atol=1e-6)
             # The weight decay of the step just taken follows a cosine from 0.04 to 0.4.
             assert r["weight_decay"] == pytest.approx(cosine_momentum(r["step"] - 1, total, 0.04, 0.4))
-        previous_step, previous_teacher = r["step"], r["teacher"]
+        previous_step, previous_teacher, previous_center = r["step"], r["teacher"], r["center"]
 
 
 def test_resnet_teacher_keeps_the_batchnorm_statistics_of_its_own_global_crops(monkeypatch):
@@ -142,7 +144,24 @@ def test_center_is_the_ema_of_the_teachers_mean_output():
     with torch.no_grad():
         teacher = model.teacher_head(model.teacher_backbone(torch.cat(batch["global_views"])))  # (2B, K)
     model.training_step(batch, 0)
+    model.move_center()
     torch.testing.assert_close(model.center, 0.1 * teacher.mean(0, keepdim=True))
+
+
+def test_under_gradient_accumulation_the_center_moves_once_as_for_the_whole_batch():
+    batch = crops(n=8)
+    start = torch.randn(1, 32, generator=torch.Generator().manual_seed(1))  # a center that is not zero
+    whole, halves = tiny_dino(center_momentum=0.9), tiny_dino(center_momentum=0.9)  # the same weights
+    for model in (whole, halves):
+        model.center.copy_(start)
+    whole.training_step(batch, 0)
+    for part in (slice(0, 4), slice(4, 8)):  # two micro-batches of one optimizer step
+        halves.training_step({key: [v[part] for v in views] for key, views in batch.items()}, 0)
+        assert torch.equal(halves.center, start)  # the second micro-batch is centred as the first
+    whole.move_center()
+    halves.move_center()
+    torch.testing.assert_close(halves.center, whole.center, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(whole.center, start)
 
 
 def test_teacher_gets_no_gradient_and_local_crops_reach_the_student():

@@ -112,6 +112,7 @@ def prime_and_step(step: nn.Module, model: nn.Module, batch: dict) -> torch.Tens
     (DINO's center, which the second step's loss then uses); the second is differentiated."""
     with torch.no_grad():
         model.training_step(batch, 0)
+    getattr(model, "move_center", lambda: None)()  # DINO moves its center after the optimizer step
     loss = step(batch)
     loss.backward()
     return loss.detach()

@@ -136,6 +136,7 @@ class DINO(L.LightningModule):
         self.teacher_backbone = momentum_copy(self.backbone)
         self.teacher_head = momentum_copy(self.head)
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self.teacher_means: list[torch.Tensor] = []  # (1, K) per micro-batch of this optimizer step
 
     def teacher_temperature(self) -> float:
         """Linear warmup over the first epochs, per epoch as in the paper's code."""
@@ -161,7 +162,7 @@ class DINO(L.LightningModule):
         loss = dino_loss(student, targets, h.student_temp)
         # The paper's collapse watch (Fig. 7): entropy near ln K means uniform outputs, near 0 one prototype.
         entropy, kl = dino_collapse_diagnostics(targets, loss)
-        self.center.copy_(dino_center(self.center, list(teacher), h.center_momentum))  # over every rank's batch
+        self.teacher_means.append(torch.cat(teacher).mean(dim=0, keepdim=True))  # the center moves in optimizer_step
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/teacher_temp", temp)
         self.log("train/teacher_entropy", entropy)
@@ -175,8 +176,8 @@ class DINO(L.LightningModule):
             self.head.prototypes.grad = None
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
-        """The weight decay of this step, the optimizer's step, then the teacher's EMA step: once per
-        optimizer step, so gradient accumulation moves the teacher once, as one large batch would."""
+        """The weight decay of this step, the optimizer's step, then the teacher's and the center's EMA steps:
+        once per optimizer step, so gradient accumulation moves them once, as one large batch would."""
         h = self.hparams
         total = self.trainer.estimated_stepping_batches
         # cosine_momentum is a cosine ramp from `base` to `end`: DINO schedules its weight decay the same way.
@@ -188,8 +189,16 @@ class DINO(L.LightningModule):
         # global crops; the student's also follow the local crops, which would skew the teacher's features.
         update_momentum(self.backbone, self.teacher_backbone, m, copy_buffers=False)
         update_momentum(self.head, self.teacher_head, m, copy_buffers=False)
+        self.move_center()
         self.log("train/momentum", m)
         self.log("train/weight_decay", optimizer.param_groups[0]["weight_decay"])
+
+    def move_center(self) -> None:
+        """The center's EMA step on the teacher's mean output over this optimizer step's micro-batches and every
+        rank: once per optimizer step, so with gradient accumulation every micro-batch is centred alike and the
+        center moves once, as with one large batch (DINO's code, without accumulation, moves it every step)."""
+        self.center.copy_(dino_center(self.center, self.teacher_means, self.hparams.center_momentum))
+        self.teacher_means = []
 
     def validation_step(self, batch, batch_idx):
         """Validation batches are clean images for the online probe (core.probe.OnlineProbe calls `embed`);
