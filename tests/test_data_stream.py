@@ -371,10 +371,22 @@ def test_val_batches_gives_every_rank_that_many_full_batches_of_its_share(tmp_pa
     dm = ShardDataModule(pattern, val=pattern, val_batch_size=5, val_batches=4, num_workers=num_workers, val_transform=to_tensors)
     shares = [[f"e_{i:06d}" for i in range(0, 7)] + [f"e_{i:06d}" for i in range(14, 21)], [f"e_{i:06d}" for i in range(7, 14)]]
     for rank, share in enumerate(shares):
-        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, strategy=None)
         batches = list(dm.val_dataloader())
         assert [len(batch["__key__"]) for batch in batches] == [5, 5, 5, 5]
         assert {key for batch in batches for key in batch["__key__"]} == set(share)  # all of it, round after round
+
+
+def test_a_sharded_run_without_val_batches_is_refused_naming_the_key(tmp_path):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    pattern = write_vectors(tmp_path, "f", 21, per_shard=7)
+    dm = ShardDataModule(pattern, val=pattern, val_batch_size=5, num_workers=0, val_transform=to_tensors)
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=2, strategy=ModelParallelStrategy())
+    with pytest.raises(ValueError, match="data.val_batches must be set under ModelParallelStrategy"):
+        dm.val_dataloader()
+    dm.val_batches = 2
+    assert len(list(dm.val_dataloader())) == 2
 
 
 @pytest.mark.timeout(60)

@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Iterator
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from core.data.decoders import RefusedSample, SampleError, decode_sample
@@ -436,6 +437,13 @@ class ShardDataModule(L.LightningDataModule):
         if not self.val:
             return []
         rank, world_size = self._rank_and_world_size()
+        sharded = self.trainer is not None and isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
+        if sharded and world_size > 1 and self.val_batches is None:
+            raise ValueError(
+                f"data.val_batches must be set under {type(self.trainer.strategy).__name__}: every validation forward "
+                "gathers parameters from all ranks, so each rank must run as many batches; about val samples / "
+                f"(val_batch_size x {world_size} ranks) sees every sample"
+            )
         self.val_stream = ShardStream(
             [expand_urls(self.val)], self.val_batch_size, resample=False, transform=self.val_transform,
             rank=rank, world_size=world_size, num_workers=self.num_workers, repeat=self.val_batches is not None,
