@@ -4,9 +4,11 @@ continues the random streams of the broken one."""
 import csv
 import os
 import random
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
+import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
@@ -78,3 +80,15 @@ def test_a_resumed_run_draws_what_the_unbroken_run_drew(tmp_path):
     assert sorted(resumed) == [2, 3]
     assert resumed[2] == unbroken[2] and resumed[3] == unbroken[3]
     assert resumed[2] != unbroken[0]  # started over from the seed, it would repeat the first steps' draws
+
+
+def test_a_resume_on_another_number_of_ranks_keeps_the_seeded_streams_and_says_so():
+    saved = RankSeed().state_dict()["ranks"][0]
+    callback = RankSeed()
+    callback.load_state_dict({"ranks": [saved, saved]})  # written by 2 ranks, resumed on 1
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    with pytest.warns(UserWarning, match="random streams of 2 ranks and this run has 1"):
+        callback.on_train_batch_start(SimpleNamespace(world_size=1, global_rank=0), None, None, 0)
+    assert torch.equal(torch.rand(3), expected)
