@@ -25,6 +25,7 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
@@ -50,10 +51,11 @@ def describe_encoder(prefix: str, backbone: nn.Module, input_spec: dict) -> dict
     waveforms and computes log-mel itself), or
     {"modality": "text", "tokenizer": "<dir with the tokenizer files>", "max_len": L}.
     """
-    classes = backbone_classes()
-    # FSDP2 (fully_shard) swaps a module's class for a subclass, FSDPViT for a ViT: name the core class.
-    name = next((c.__name__ for c in type(backbone).__mro__ if classes.get(c.__name__) is c), None)
-    if name is None:
+    classes, cls = backbone_classes(), type(backbone)
+    if isinstance(backbone, FSDPModule):  # fully_shard swaps a ViT's class for FSDPViT(FSDPModule, ViT)
+        cls = next(base for base in cls.__bases__ if base is not FSDPModule)
+    name = cls.__name__
+    if classes.get(name) is not cls:  # a subclass could compute something the exported core class does not
         raise ValueError(f"cannot export a {type(backbone).__name__}: exportable backbones are {sorted(classes)}")
     if "modality" not in input_spec:
         raise ValueError(f"input_spec needs a 'modality' key, got {input_spec}")

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from core import load_encoder
 from core.data.shards import read_shard
@@ -81,12 +82,15 @@ def test_export_refuses_a_distributed_checkpoint_folder_without_unpickling_it(tm
     assert not marker.exists()
 
 
-def test_export_names_the_core_class_of_a_backbone_fsdp_has_wrapped():
-    """fully_shard turns a ViT into an FSDPViT, a subclass made on the fly; the checkpoint must still say ViT."""
+def test_export_names_the_core_class_of_a_backbone_fsdp_has_wrapped_and_refuses_other_subclasses():
+    """fully_shard turns a ViT into FSDPViT(FSDPModule, ViT), a class made on the fly: the checkpoint must say ViT.
+    A user's subclass of ViT may compute something else, and is refused rather than exported as a ViT."""
     backbone = ViT((8, 8), (4, 4), size="tiny", depth=1)
-    wrapped = type("FSDPViT", (type(backbone),), {})
-    backbone.__class__ = wrapped
+    backbone.__class__ = type("FSDPViT", (FSDPModule, ViT), {})
     assert describe_encoder("encoder.", backbone, {"modality": "image"})["backbone"]["class"] == "ViT"
+    backbone.__class__ = type("MyViT", (ViT,), {})
+    with pytest.raises(ValueError, match="cannot export a MyViT"):
+        describe_encoder("encoder.", backbone, {"modality": "image"})
 
 
 def test_load_encoder_names_missing_config(tmp_path):
