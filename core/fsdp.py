@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch.distributed as dist
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
@@ -27,6 +28,13 @@ def shard_blocks(model: L.LightningModule) -> None:
     decoder) becomes a unit of its own, then each child of the model with parameters (the encoder, the
     decoder) holds the rest: patch embedding, class and mask tokens, final norms, heads. Calling it again
     does nothing."""
+    if isinstance(model.trainer.strategy, FSDPStrategy):
+        # FSDP1 wraps the whole module in one unit whose parameters exist whole only inside its forward; the
+        # online probe calls `embed` from a callback, outside it.
+        raise ValueError(
+            "trainer.strategy: Lightning's FSDPStrategy (FSDP1) is not supported by this recipe; shard it with "
+            "--trainer.strategy=ModelParallelStrategy --trainer.strategy.save_distributed_checkpoint=false (FSDP2)"
+        )
     if model.device_mesh is None:
         return
     # Every rank is a data-parallel rank here: the data module gives each its own shards, and the recipes have

@@ -12,11 +12,15 @@ import glob
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 
 from core.export import export_checkpoint, load_encoder
+from core.fsdp import shard_blocks
+from recipes.mae.model import MAE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STRATEGIES = {
@@ -112,3 +116,10 @@ def test_a_run_resumed_under_fsdp_continues_as_under_ddp(runs):
         steps[strategy] = weights(resumed / "checkpoints" / "step=3.ckpt")
     for key, value in steps["ddp"].items():
         torch.testing.assert_close(steps["fsdp"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_lightnings_fsdp1_strategy_is_refused_naming_the_one_to_use():
+    model = MAE(image_size=32, patch_size=4, size="tiny", encoder_depth=1, decoder_dim=64, decoder_depth=1, decoder_heads=2)
+    model.trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(ValueError, match="trainer.strategy: .*--trainer.strategy=ModelParallelStrategy"):
+        shard_blocks(model)
