@@ -201,19 +201,24 @@ class OnlineProbe(L.Callback):
     which the std does not show).
 
     The LightningModule provides `embed(batch) -> (B, D)`: the encoder's embedding of the clean inputs, and
-    batches carry `"label"`. Features of all ranks are gathered, so every rank logs the same number.
+    batches carry `"label"`. Features of all ranks are gathered, so every rank logs the same number. A sample
+    seen again in the same validation run (`data.val_batches` re-reads a rank's shards) is probed once: in
+    both halves, kNN would find it as its own neighbour.
     """
 
     def __init__(self, max_samples: int = 10_000):
         self.max_samples = max_samples
         self.features: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
+        self.embedded = 0  # rows embedded this run, repeats included: every rank stops at the same batch
+        self.seen: set[tuple[str, str]] = set()  # (shard, key) of the samples kept this run
 
     def on_validation_epoch_start(self, trainer, pl_module):
-        self.features, self.labels = [], []
+        self.features, self.labels, self.embedded, self.seen = [], [], 0, set()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        if sum(len(f) for f in self.features) >= self.max_samples:
+        # Under FSDP `embed` is a collective: whether to call it must depend on what every rank has alike.
+        if self.embedded >= self.max_samples:
             return
         if "label" not in batch:
             raise KeyError(
@@ -221,8 +226,17 @@ class OnlineProbe(L.Callback):
                 f"this batch has {sorted(batch)}. Turn the probe off with --probe.max_samples 0."
             )
         with torch.no_grad():
-            self.features.append(pl_module.embed(batch).detach().float().cpu())
-        self.labels.append(batch["label"].detach().cpu())
+            features = pl_module.embed(batch).detach().float().cpu()
+        self.embedded += len(features)
+        new = list(range(len(features)))
+        if "__key__" in batch:
+            samples, new = zip(batch.get("__url__", [""] * len(features)), batch["__key__"]), []
+            for i, sample in enumerate(samples):
+                if sample not in self.seen:
+                    self.seen.add(sample)
+                    new.append(i)
+        self.features.append(features[new])
+        self.labels.append(batch["label"].detach().cpu()[new])
 
     def on_validation_epoch_end(self, trainer, pl_module):
         if trainer.sanity_checking or not self.features:

@@ -187,6 +187,33 @@ def test_online_probe_asks_for_labels_by_name(tmp_path):
         trainer.validate(ClusterEncoder(), dataloaders=loader)
 
 
+class CountingEncoder:
+    def __init__(self):
+        self.calls = 0
+
+    def embed(self, batch):
+        self.calls += 1
+        return batch["x"]
+
+
+def test_online_probe_keeps_a_repeated_sample_once_and_embeds_every_batch_alike():
+    """`data.val_batches` re-reads a rank's shards: a repeat in both halves would be its own kNN neighbour.
+    The cut at max_samples counts embedded rows, repeats included, so every rank stops at the same batch
+    (under FSDP, `embed` is a collective)."""
+    x = torch.arange(6.0).unsqueeze(1).expand(-1, DIM)  # sample i: all i
+
+    def batch(keys):
+        return {"x": x[keys], "label": torch.tensor(keys) % 2, "__key__": [f"s{k}" for k in keys], "__url__": ["a.tar"] * len(keys)}
+
+    probe, encoder = OnlineProbe(max_samples=6), CountingEncoder()
+    probe.on_validation_epoch_start(None, encoder)
+    for keys in ([0, 1, 2], [2, 0, 3], [4, 5, 1]):  # 6 rows embedded after the second batch: the third is not
+        probe.on_validation_batch_end(None, encoder, None, batch(keys), 0)
+    assert encoder.calls == 2
+    assert torch.cat(probe.features)[:, 0].tolist() == [0, 1, 2, 3]
+    assert torch.cat(probe.labels).tolist() == [0, 1, 0, 1]
+
+
 def test_rankme_of_all_zero_features_is_one():
     assert rankme(torch.zeros(16, 8)) == pytest.approx(1.0, abs=1e-3)
 
