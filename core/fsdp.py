@@ -35,15 +35,14 @@ def shard_blocks(model: L.LightningModule) -> None:
             "trainer.strategy: Lightning's FSDPStrategy (FSDP1) is not supported by this recipe; shard it with "
             "--trainer.strategy=ModelParallelStrategy --trainer.strategy.save_distributed_checkpoint=false (FSDP2)"
         )
-    if model.device_mesh is None:
+    parts = [p for p in model.children() if not isinstance(p, FSDPModule) and next(p.parameters(), None) is not None]
+    if model.device_mesh is None or not parts:
         return
     # Every rank is a data-parallel rank here: the data module gives each its own shards, and the recipes have
     # no tensor parallelism. ModelParallelStrategy's own mesh would put the ranks of one node in a tensor-
     # parallel group (its default), and sharding over its data-parallel part would then sync nothing.
     mesh = init_device_mesh(model.device_mesh.device_type, (dist.get_world_size(),), mesh_dim_names=("shard",))
-    for part in model.children():
-        if isinstance(part, FSDPModule) or next(part.parameters(), None) is None:
-            continue
+    for part in parts:
         for blocks in (m for m in part.modules() if isinstance(m, nn.ModuleList)):
             for block in blocks:
                 fully_shard(block, mesh=mesh)
