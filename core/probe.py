@@ -228,10 +228,10 @@ class OnlineProbe(L.Callback):
         with torch.no_grad():
             features = pl_module.embed(batch).detach().float().cpu()
         self.embedded += len(features)
-        new = list(range(len(features)))
+        new = list(range(len(features)))  # batches without keys (not from shards): every row
         if "__key__" in batch:
-            samples, new = zip(batch.get("__url__", [""] * len(features)), batch["__key__"]), []
-            for i, sample in enumerate(samples):
+            new, urls = [], batch.get("__url__", [""] * len(features))
+            for i, sample in enumerate(zip(urls, batch["__key__"])):
                 if sample not in self.seen:
                     self.seen.add(sample)
                     new.append(i)
