@@ -1,5 +1,6 @@
 """The image MAE recipe: its demo config through the real CLI, export, overfitting, bad input."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -8,6 +9,8 @@ import torch
 from core import load_encoder
 from core.export import export_checkpoint
 from core.visualize import pictures_due
+from recipes.mae.bench import copy_weights, reference_for, reference_name
+from recipes.mae.bench import main as bench_main
 from recipes.mae.model import MAE
 from conftest import mae_demo_run, patch_pixels
 
@@ -76,3 +79,43 @@ def test_pictures_are_saved_once_per_picture_step_under_gradient_accumulation():
     saved = [(step, i) for step, batches in steps.items() for i in batches if due(step, i)]
     assert saved == [(4, 0), (6, 6)]
     assert not due(4, 0, rank=1) and not due(4, 0, every=0)
+
+
+def test_same_loss_and_gradients_as_the_official_mae_structure():
+    """The recipe's MAE against the official code's model on timm's blocks (recipes/mae/bench.py), from the
+    same weights and the same noise: the benchmark compares one computation done two ways."""
+    torch.manual_seed(0)
+    model = small_mae(image_size=32, patch_size=8, decoder_depth=2)
+    reference = reference_for(model)
+    copy_weights(model, reference)
+    images = torch.randn(3, 3, 32, 32)
+    loss, pred, mask = model.reconstruct(images, torch.Generator().manual_seed(1))
+    ref_loss, ref_pred, ref_mask = reference(images, torch.rand(3, 16, generator=torch.Generator().manual_seed(1)))
+    assert mask.sum().item() == 3 * 12  # 75% of 16 patches hidden, the same ones in both
+    torch.testing.assert_close(ref_mask.bool(), mask)
+    torch.testing.assert_close(ref_pred, pred)
+    torch.testing.assert_close(ref_loss, loss)
+    loss.backward()
+    ref_loss.backward()
+    ref_params = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ref_params[reference_name(name)].grad, p.grad, msg=name)
+    # A reference that differed where it counts would show: another mask gives another loss.
+    assert not torch.isclose(reference(images)[0], loss)
+
+
+def test_bench_times_both_models_in_their_own_processes(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    tiny = "--size tiny --depth 1 --image-size 16 --patch-size 4 --decoder-dim 32 --decoder-depth 1 --decoder-heads 2"
+    bench_main([*tiny.split(), "--batch", "4", "--steps", "1", "--warmup", "0", "--rounds", "1", "--json", str(out)])
+    report = json.loads(out.read_text())
+    for name in ("reference", "ours"):
+        assert report[name]["seconds_per_step"] > 0 and report[name]["peak_memory_bytes"] > 0
+        assert len(report[name]["rounds_seconds_per_step"]) == 1
+    # FlopCounterMode counts what each model ran: the same products, except that the reference also predicts
+    # pixels for the class token and then drops them (forward and backward of its last linear on 1 + N tokens).
+    flops = {name: report[name]["flops_per_step"] for name in ("reference", "ours")}
+    p, d = 4 * 4 * 3, 32  # values per patch, decoder width
+    assert flops["reference"] - flops["ours"] == 3 * 2 * 4 * p * d  # (forward + 2 backward) x batch 4 x one token
+    assert 0.99 < report["ours_over_reference"]["flops"] < 1
+    assert "ours / reference: time" in capsys.readouterr().out
