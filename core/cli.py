@@ -19,6 +19,8 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
+from jsonargparse import Namespace
+from lightning.pytorch import strategies
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
@@ -116,6 +118,14 @@ class RecipeCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0, "checkpoint.every_n_train_steps": 500})
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
+
+    def before_instantiate_classes(self) -> None:
+        # `--trainer.strategy=ModelParallelStrategy` reaches Lightning as a registry name, which it lowercases
+        # and refuses ("invalid strategy name"); a strategy class named by its class name is what was meant.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        name = config.get("trainer.strategy")
+        if isinstance(name, str) and isinstance(getattr(strategies, name, None), type) and issubclass(getattr(strategies, name), strategies.Strategy):
+            config["trainer.strategy"] = Namespace(class_path=f"lightning.pytorch.strategies.{name}", init_args=Namespace())
 
 
 def run(model_class: type[L.LightningModule], datamodule_class: type[L.LightningDataModule] | None = None, args=None) -> RecipeCLI:

@@ -14,7 +14,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import ROOT, mae_demo_run
-from core.cli import RankSeed
+from core.cli import RankSeed, RecipeCLI
+from core.data import ShardDataModule
 from recipes.mae.model import MAE
 
 
@@ -92,3 +93,12 @@ def test_a_resume_on_another_number_of_ranks_keeps_the_seeded_streams_and_says_s
     with pytest.warns(UserWarning, match="random streams of 2 ranks and this run has 1"):
         callback.on_train_batch_start(SimpleNamespace(world_size=1, global_rank=0), None, None, 0)
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("name, expected", [("ModelParallelStrategy", "ModelParallelStrategy"), ("ddp", "DDPStrategy")])
+def test_a_strategy_named_by_its_class_name_is_that_class(name, expected):
+    """Lightning takes a bare `--trainer.strategy` value for a registry name (`ddp`) and refuses a class name;
+    the recipes' CLI builds the class it names. Nothing runs: the trainer is only built."""
+    config = os.path.join(ROOT, "recipes/mae/configs/demo.yaml")
+    cli = RecipeCLI(MAE, ShardDataModule, run=False, args=["--config", config, f"--trainer.strategy={name}"])
+    assert type(cli.trainer.strategy).__name__ == expected
