@@ -1,4 +1,5 @@
-"""Each loss against a small case computed independently, element by element, with numpy."""
+"""Each loss against a small case computed independently, element by element, with numpy, and the siamese
+losses against lightly's implementations."""
 
 import math
 
@@ -259,3 +260,37 @@ def test_dino_center_is_ema_of_teacher_mean():
     rows = [teacher[v][b].numpy() for v in range(2) for b in range(3)]
     expected = center.numpy() * 0.8 + np.mean(rows, axis=0) * 0.2
     np.testing.assert_allclose(dino_center(center, teacher, momentum=0.8).numpy(), expected, rtol=1e-12)
+
+
+# ---------------------------------------------------------------- against lightly's implementations
+
+
+def test_siamese_losses_equal_lightlys():
+    """A second, widely used implementation of each siamese loss (lightly.loss, a test extra) computes what
+    ours computes. Barlow Twins standardises as the official code's affine-free BatchNorm1d does, which
+    lightly calls: its eps of 1e-5 on the variance is all that tells the two apart."""
+    from lightly.loss import BarlowTwinsLoss, NegativeCosineSimilarity, VICRegLoss
+
+    z1 = rand(64, 32, seed=1)
+    z2 = z1 + 0.5 * rand(64, 32, seed=2)
+    torch.testing.assert_close(negative_cosine(z1, z2), NegativeCosineSimilarity()(z1, z2))
+    torch.testing.assert_close(vicreg_loss(z1, z2, gather=False), VICRegLoss(gather_distributed=False)(z1, z2))
+    lightly_barlow = BarlowTwinsLoss(lambda_param=5e-3, gather_distributed=False)(z1, z2)
+    torch.testing.assert_close(barlow_twins_loss(z1, z2, gather=False), lightly_barlow, rtol=1e-3, atol=0)
+    assert not torch.isclose(barlow_twins_loss(z1, z2, lambd=1e-2, gather=False), lightly_barlow, rtol=1e-3)
+
+
+def test_dino_loss_and_center_equal_lightlys():
+    from lightly.loss import DINOLoss
+
+    k = 16
+    teacher = [rand(8, k, seed=s).float() for s in (1, 2)]
+    student = [rand(8, k, seed=s).float() for s in (3, 4, 5, 6)]  # 2 global crops, then 2 local ones
+    lightly = DINOLoss(output_dim=k, warmup_teacher_temp=0.04, teacher_temp=0.04, student_temp=0.1, center_momentum=0.9)
+    center = torch.zeros(1, k)  # lightly's starting center too
+    for _ in range(2):  # the second call uses the center the first one moved
+        expected = lightly(teacher, student, epoch=0)
+        torch.testing.assert_close(dino_loss(student, dino_targets(teacher, center, 0.04), 0.1), expected)
+        center = dino_center(center, teacher, 0.9)
+        torch.testing.assert_close(center, lightly.center.view(1, k))
+        teacher = [t + 1.0 for t in teacher]
