@@ -110,19 +110,31 @@ def mlp(dim: int, mlp_ratio: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+def drop_path(branch: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth (Huang et al., "Deep Networks with Stochastic Depth", 2016): in training, drop a
+    residual branch (B, ...) for whole samples with probability `rate` and scale the kept ones by
+    1 / (1 - rate), so the expected output is unchanged; at evaluation every branch is kept as it is."""
+    if rate == 0.0 or not training:
+        return branch
+    keep = torch.empty(branch.shape[0], *[1] * (branch.ndim - 1), device=branch.device, dtype=branch.dtype).bernoulli_(1 - rate)
+    return branch * keep / (1 - rate)
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)); each branch dropped per sample
+    with probability `drop_path_rate` in training (stochastic depth)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = mlp(dim, mlp_ratio)
+        self.drop_path_rate = drop_path_rate
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), attn_mask)
-        return x + self.mlp(self.norm2(x))
+        x = x + drop_path(self.attn(self.norm1(x), attn_mask), self.drop_path_rate, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
 
 
 def init_weights(module: nn.Module) -> None:
@@ -148,6 +160,8 @@ class ViT(nn.Module):
     patch_size: (p, p), or (t, p, p) tubelets for video.
     size: a named size (tiny/small/base/large/huge); `dim`/`depth`/`heads` override it.
     pool: "cls" (the class token, as MAE's linear probe uses) or "mean" (average of patch tokens).
+    drop_path: stochastic depth, rising linearly over the blocks from 0 to this rate at the last one
+    (DeiT's and DINO's schedule; DINO's ViT-S: 0.1). 0 (the default) in masked-autoencoder pretraining.
     """
 
     def __init__(
@@ -161,24 +175,28 @@ class ViT(nn.Module):
         heads: int | None = None,
         mlp_ratio: float = 4.0,
         pool: str = "cls",
+        drop_path: float = 0.0,
     ):
         super().__init__()
         if size not in VIT_SIZES:
             raise ValueError(f"size={size!r} is not one of {sorted(VIT_SIZES)}")
         if pool not in ("cls", "mean"):
             raise ValueError(f"pool={pool!r} must be 'cls' or 'mean'")
+        if not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"drop_path={drop_path} must be in [0, 1)")
         width, n_blocks, n_heads = VIT_SIZES[size]
         dim, depth, heads = dim or width, depth or n_blocks, heads or n_heads
         self.config = dict(
             input_size=list(input_size), patch_size=list(patch_size), in_chans=in_chans, size=size,
-            dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio, pool=pool,
+            dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio, pool=pool, drop_path=drop_path,
         )
         self.embed_dim, self.pool = dim, pool
         self.patch_embed = PatchEmbed(tuple(input_size), tuple(patch_size), in_chans, dim)
         self.grid, self.num_patches = self.patch_embed.grid, self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", sincos_pos_embed(self.grid, dim).unsqueeze(0), persistent=False)
-        self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio) for _ in range(depth)])
+        rates = torch.linspace(0, drop_path, depth).tolist()
+        self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio, rate) for rate in rates])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         init_weights(self)
         nn.init.normal_(self.cls_token, std=0.02)

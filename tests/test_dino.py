@@ -210,3 +210,29 @@ def test_bad_input_fails_clearly():
         tiny_dino().training_step({"views": [torch.randn(2, 3, 16, 16)] * 2}, 0)
     with pytest.raises(ValueError, match=r"batch\['local_views'\] holds \(16, 16\)"):
         tiny_dino().training_step({"global_views": [torch.randn(2, 3, 16, 16)] * 2, "local_views": [torch.randn(2, 3, 16, 16)]}, 0)
+
+
+def test_clip_grad_clips_each_parameters_gradient_on_its_own():
+    """DINO's clip_gradients: every gradient above the norm is scaled down to it, the others are left alone
+    (a global-norm clip would shrink the small ones too)."""
+    model = tiny_dino(clip_grad=3.0, freeze_last_layer_epochs=0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for i, p in enumerate(params):
+        p.grad = torch.full_like(p, 1.0 if i % 2 else 1e-3)  # large and small gradients
+    before = [p.grad.norm().item() for p in params]
+    model.on_before_optimizer_step(optimizer=None)
+    for b, p in zip(before, params):
+        assert p.grad.norm().item() == pytest.approx(min(b, 3.0), rel=1e-5)
+    assert max(before) > 3.0 and min(before) < 3.0
+
+
+def test_a_vit_student_drops_paths_and_its_teacher_never_does():
+    torch.manual_seed(0)
+    model = DINO(ViT((16, 16), (4, 4), dim=16, depth=3, heads=2, drop_path=0.2), global_size=16, local_size=8, out_dim=32, hidden_dim=16, bottleneck_dim=8)
+    assert [b.drop_path_rate for b in model.backbone.blocks][-1] == pytest.approx(0.2)
+    assert [b.drop_path_rate for b in model.teacher_backbone.blocks] == [0.0, 0.0, 0.0]
+    model.train()  # as Lightning trains: the teacher too is in training mode
+    x = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model.teacher_backbone(x), model.teacher_backbone(x))
+        assert not torch.allclose(model.backbone(x), model.backbone(x))

@@ -43,7 +43,7 @@ PAPER = {
         base_lr=5e-4, min_lr=1e-6, weight_decay=0.04, weight_decay_end=0.4, warmup_epochs=10, teacher_temp=0.07,
         warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=30, student_temp=0.1, center_momentum=0.9,
         base_momentum=0.996, out_dim=65536, hidden_dim=2048, bottleneck_dim=256, global_size=224, local_size=96,
-        freeze_last_layer_epochs=1,
+        freeze_last_layer_epochs=1, clip_grad=3.0,
     )),
 }  # fmt: skip
 
@@ -76,3 +76,4 @@ def test_paper_config_holds_the_papers_settings(path, capsys):
         assert backbone["init_args"]["width"] == 64  # the paper's full width
     else:
         assert backbone["init_args"]["size"] == "small" and backbone["init_args"]["patch_size"] == [16, 16]
+        assert backbone["init_args"]["drop_path"] == 0.1  # DINO's ViT-S student

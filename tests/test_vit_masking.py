@@ -7,7 +7,7 @@ import torch
 
 from core.heads import MAEDecoder
 from core.masking import patchify, random_mask, time_freq_mask, tube_mask, unpatchify
-from core.vit import PatchEmbed, ViT, sincos_pos_embed
+from core.vit import PatchEmbed, ViT, drop_path, sincos_pos_embed
 
 TINY = dict(dim=16, depth=1, heads=2)
 
@@ -214,3 +214,27 @@ def test_mae_decoder_shape_and_visible_tokens_in_place():
                 x = flat.embed(tokens[b, 1 + visible[i]]) if i in visible else flat.mask_token[0, 0]
                 expected = flat.pred(flat.norm(x + flat.pos_embed[0, i]))
                 torch.testing.assert_close(out[b, i], expected)
+
+
+def test_drop_path_drops_whole_samples_in_training_only():
+    torch.manual_seed(0)
+    branch = torch.randn(4000, 3, 5)
+    out = drop_path(branch, 0.25, training=True)
+    dropped = (out == 0).flatten(1).all(1)  # (B,): a sample's branch goes whole or not at all
+    torch.testing.assert_close(out[~dropped], branch[~dropped] / 0.75)  # the kept ones scaled to keep the mean
+    assert abs(dropped.float().mean().item() - 0.25) < 0.03
+    assert drop_path(branch, 0.25, training=False) is branch and drop_path(branch, 0.0, training=True) is branch
+
+
+def test_vit_stochastic_depth_rises_over_the_blocks_and_is_off_at_evaluation():
+    torch.manual_seed(0)
+    vit = ViT(input_size=(8, 8), patch_size=(4, 4), dim=16, depth=5, heads=2, drop_path=0.2)
+    assert [round(b.drop_path_rate, 6) for b in vit.blocks] == [0.0, 0.05, 0.1, 0.15, 0.2]
+    assert vit.config["drop_path"] == 0.2  # exports rebuild it
+    x = torch.randn(64, 3, 8, 8)
+    vit.train()
+    assert not torch.allclose(vit(x), vit(x))  # each call drops other paths
+    vit.eval()
+    torch.testing.assert_close(vit(x), vit(x))
+    with pytest.raises(ValueError, match="drop_path"):
+        ViT(input_size=(8, 8), patch_size=(4, 4), **TINY, drop_path=1.0)

@@ -92,6 +92,10 @@ class DINO(L.LightningModule):
     for ViTs) or "sgd" with momentum 0.9 (the official code's ResNet-50 setting: lr 0.03, decay 1e-4). weight_decay -> weight_decay_end:
     cosine schedule of the decay on weights (paper: 0.04 -> 0.4); biases and norms are not decayed.
     freeze_last_layer_epochs: the prototypes get no update during the first epochs (paper: 1).
+    clip_grad: each parameter's gradient norm is clipped to this on its own, as DINO's code does (paper: 3;
+    Lightning's `gradient_clip_val` clips the norm of all of them together instead); None: no clipping.
+    The teacher never drops paths: a ViT student's stochastic depth (`drop_path`, paper: 0.1) stays with the
+    student, as DINO's code builds its teacher without it.
     mean/std: the input normalisation of the data transform (recorded for export).
     """
 
@@ -116,6 +120,7 @@ class DINO(L.LightningModule):
         warmup_epochs: float = 10,
         optimizer: str = "adamw",
         freeze_last_layer_epochs: int = 1,
+        clip_grad: float | None = None,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
     ):
@@ -134,6 +139,8 @@ class DINO(L.LightningModule):
         self.backbone = backbone
         self.head = DINOHead(embed_dim, out_dim, hidden_dim, bottleneck_dim)
         self.teacher_backbone = momentum_copy(self.backbone)
+        for block in getattr(self.teacher_backbone, "blocks", []):
+            block.drop_path_rate = 0.0
         self.teacher_head = momentum_copy(self.head)
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.teacher_means: list[torch.Tensor] = []  # (1, K) per micro-batch of this optimizer step
@@ -171,6 +178,11 @@ class DINO(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer):
+        if self.hparams.clip_grad is not None:
+            for p in self.parameters():
+                if p.grad is not None:
+                    # DINO's clip_gradients: scale a gradient down to norm clip_grad, never up.
+                    p.grad.mul_((self.hparams.clip_grad / (p.grad.norm() + 1e-6)).clamp(max=1.0))
         # The paper freezes the prototypes at first: their early updates destabilise training.
         if self.current_epoch < self.hparams.freeze_last_layer_epochs:
             self.head.prototypes.grad = None
