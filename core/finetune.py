@@ -9,8 +9,9 @@ their features can hold much that a linear probe on frozen, pooled features cann
 short and plain: AdamW (0.9, 0.999), weight decay on weights only (not on biases, norms or a ViT's class
 token), linear warmup over the first tenth then cosine to zero, and for ViT encoders the layer-wise
 learning-rate decay of MAE's and BEiT's fine-tuning (``--layer-decay``: block i of L, counted from 0, trains
-at decay^(L - i) x lr, the patch embedding at decay^(L + 1)). Not done here, and part of the papers'
-100-epoch recipes: mixup, cutmix, label smoothing, drop path, RandAugment.
+at decay^(L - i) x lr, the patch embedding at decay^(L + 1)). ``--drop-path`` (stochastic depth over a ViT's
+blocks; MAE fine-tunes ViT-B at 0.1) and ``--label-smoothing`` (MAE: 0.1) are off by default. Not done here,
+and part of the papers' 100-epoch recipes: mixup, cutmix, RandAugment.
 
 The training view is the modality's crop (images: random resized crop and flip; clips: a random span of
 frames, crop and flip; ``--no-flip`` where left and right are classes); the val view is the deterministic
@@ -31,6 +32,7 @@ from core.evaluate import eval_transform
 from core.export import load_encoder
 from core.optim import decayed, param_groups
 from core.schedules import WarmupCosine
+from core.vit import set_drop_path
 
 
 def train_transform(spec: dict, scale: tuple[float, float], flip: bool = True):
@@ -76,6 +78,7 @@ def layer_decay_groups(backbone: nn.Module, head: nn.Module, weight_decay: float
 
 def train_classifier(
     backbone: nn.Module, head: nn.Module, batches, steps: int, lr: float, weight_decay: float = 0.05, layer_decay: float = 1.0,
+    label_smoothing: float = 0.0,
 ) -> float:
     """Train ``head(backbone(x))`` with cross-entropy for ``steps`` batches of ``(x, label)``; returns the seconds
     taken. AdamW, warmup over the first tenth of the steps then cosine to zero (see the module docstring)."""
@@ -87,7 +90,7 @@ def train_classifier(
     for step, (x, y) in zip(range(steps), batches):
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"] * schedule(step)
-        loss = F.cross_entropy(head(backbone(x)), y)
+        loss = F.cross_entropy(head(backbone(x)), y, label_smoothing=label_smoothing)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -115,7 +118,8 @@ def accuracy(backbone: nn.Module, head: nn.Module, pattern: str, transform, key:
 
 def finetune(
     path: str, train: str, val: str, num_classes: int, steps: int, batch_size: int, lr: float, weight_decay: float = 0.05,
-    layer_decay: float = 1.0, scale: tuple[float, float] = (0.3, 1.0), flip: bool = True,
+    layer_decay: float = 1.0, scale: tuple[float, float] = (0.3, 1.0), flip: bool = True, drop_path: float = 0.0,
+    label_smoothing: float = 0.0,
 ) -> dict[str, dict]:
     """{"pretrained" | "random init": {"val_acc", "seconds"}}: the exported encoder and the same architecture at
     random init, each fine-tuned the same way on the same batches."""
@@ -124,9 +128,11 @@ def finetune(
         torch.manual_seed(0)  # the random init's weights, the head's and the order of the crops
         encoder = load_encoder(path, pretrained=pretrained)
         spec, key = encoder.input, encoder.input["modality"]
+        if drop_path:
+            set_drop_path(encoder.vit_backbone(), drop_path)
         head = nn.Linear(encoder.embed_dim, num_classes)
         batches = endless(train, train_transform(spec, scale, flip), batch_size, key)
-        seconds = train_classifier(encoder, head, batches, steps, lr, weight_decay, layer_decay)
+        seconds = train_classifier(encoder, head, batches, steps, lr, weight_decay, layer_decay, label_smoothing)
         results[name] = {"val_acc": accuracy(encoder, head, val, eval_transform(spec), key), "seconds": seconds}
     return results
 
@@ -144,10 +150,12 @@ def main(argv=None) -> None:
     parser.add_argument("--layer-decay", type=float, default=1.0, help="ViT layer-wise lr decay (MAE fine-tunes ViT-B at 0.65, VideoMAE at 0.75)")
     parser.add_argument("--scale", type=float, nargs=2, default=(0.3, 1.0), help="crop area range of the training view")
     parser.add_argument("--no-flip", action="store_true", help="no horizontal flip (where left and right are classes)")
+    parser.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth at a ViT's last block (MAE's ViT-B: 0.1)")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="MAE's fine-tuning: 0.1")
     args = parser.parse_args(argv)
     results = finetune(
         args.encoder, args.train, args.val, args.num_classes, args.steps, args.batch_size, args.lr, args.weight_decay, args.layer_decay,
-        tuple(args.scale), not args.no_flip,
+        tuple(args.scale), not args.no_flip, args.drop_path, args.label_smoothing,
     )
     print(f"\n| fine-tuned ({args.encoder}, {args.steps} steps of {args.batch_size}) | val acc | time |")
     print("|---|---|---|")

@@ -153,6 +153,13 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def set_drop_path(vit: nn.Module, rate: float) -> None:
+    """Stochastic depth over a ViT's blocks, rising linearly from 0 at the first to `rate` at the last (the
+    schedule of DeiT, DINO and MAE's fine-tuning); 0 turns it off."""
+    for block, r in zip(vit.blocks, torch.linspace(0, rate, len(vit.blocks)).tolist()):
+        block.drop_path_rate = r
+
+
 class ViT(nn.Module):
     """A ViT encoder. `forward(x)` gives one embedding per input, (B, dim); `tokens(x, keep_idx)` the tokens.
 
@@ -195,8 +202,8 @@ class ViT(nn.Module):
         self.grid, self.num_patches = self.patch_embed.grid, self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", sincos_pos_embed(self.grid, dim).unsqueeze(0), persistent=False)
-        rates = torch.linspace(0, drop_path, depth).tolist()
-        self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio, rate) for rate in rates])
+        self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio) for _ in range(depth)])
+        set_drop_path(self, drop_path)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         init_weights(self)
         nn.init.normal_(self.cls_token, std=0.02)

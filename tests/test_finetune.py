@@ -88,3 +88,20 @@ def test_finetune_learns_and_treats_both_encoders_alike(tmp_path, capsys, one_th
 def test_finetune_needs_the_number_of_classes(tmp_path):
     with pytest.raises(SystemExit):
         finetune_main([str(tmp_path), "--train", "x", "--val", "y", "--steps", "1"])
+
+
+def test_finetune_hands_stochastic_depth_and_label_smoothing_to_both_runs(tmp_path, capsys, monkeypatch):
+    import core.finetune
+
+    seen = []
+
+    def train(backbone, head, batches, steps, lr, weight_decay, layer_decay, label_smoothing):
+        seen.append(([round(b.drop_path_rate, 6) for b in backbone.vit_backbone().blocks], label_smoothing))
+        return 0.0
+
+    monkeypatch.setattr(core.finetune, "train_classifier", train)
+    shards = tone_shards(tmp_path)
+    finetune_main([export_vit(tmp_path, 0), *shards, "--num-classes", "2", "--steps", "1", "--drop-path", "0.2", "--label-smoothing", "0.1"])
+    rates = torch.linspace(0, 0.2, VIT_8PX["depth"]).tolist()
+    assert seen == [([round(r, 6) for r in rates], 0.1)] * 2  # pretrained and random init alike
+    assert rates[-1] == pytest.approx(0.2)

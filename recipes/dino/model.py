@@ -25,7 +25,7 @@ from core.momentum import cosine_momentum, momentum_copy, update_momentum
 from core.optim import param_groups, scaled_lr
 from core.probe import log_embedding_std
 from core.schedules import WarmupCosine, step_scheduler, warmup_and_total_steps
-from core.vit import ViT
+from core.vit import ViT, set_drop_path
 
 
 class DINOHead(nn.Module):
@@ -139,8 +139,8 @@ class DINO(L.LightningModule):
         self.backbone = backbone
         self.head = DINOHead(embed_dim, out_dim, hidden_dim, bottleneck_dim)
         self.teacher_backbone = momentum_copy(self.backbone)
-        for block in getattr(self.teacher_backbone, "blocks", []):
-            block.drop_path_rate = 0.0
+        if isinstance(self.teacher_backbone, ViT):
+            set_drop_path(self.teacher_backbone, 0.0)
         self.teacher_head = momentum_copy(self.head)
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.teacher_means: list[torch.Tensor] = []  # (1, K) per micro-batch of this optimizer step
