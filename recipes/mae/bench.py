@@ -28,6 +28,7 @@ import json
 import multiprocessing
 import resource
 import time
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -137,8 +138,8 @@ def copy_weights(model: MAE, ref: ReferenceMAE) -> None:
         raise RuntimeError(f"reference parameters without a counterpart: {sorted(unset)}")
 
 
-def build(impl: str, args) -> tuple[nn.Module, callable]:
-    """The model and its training loss on a batch of images."""
+def build(impl: str, args) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+    """The model and its training loss on a batch of images; the reference starts from our weights."""
     ours = MAE(
         image_size=args.image_size, patch_size=args.patch_size, size=args.size, encoder_depth=args.depth,
         decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads,
@@ -146,6 +147,7 @@ def build(impl: str, args) -> tuple[nn.Module, callable]:
     if impl == "ours":
         return ours, lambda images: ours.reconstruct(images)[0]
     ref = reference_for(ours)
+    copy_weights(ours, ref)
     return ref, lambda images: ref(images)[0]
 
 
