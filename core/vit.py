@@ -122,15 +122,15 @@ def drop_path(branch: torch.Tensor, rate: float, training: bool) -> torch.Tensor
 
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)); each branch dropped per sample
-    with probability `drop_path_rate` in training (stochastic depth)."""
+    with probability `drop_path_rate` in training (stochastic depth, 0 unless `set_drop_path` sets it)."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = mlp(dim, mlp_ratio)
-        self.drop_path_rate = drop_path_rate
+        self.drop_path_rate = 0.0
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + drop_path(self.attn(self.norm1(x), attn_mask), self.drop_path_rate, self.training)
