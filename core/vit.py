@@ -61,9 +61,13 @@ class PatchEmbed(nn.Module):
         conv = nn.Conv2d if len(input_size) == 2 else nn.Conv3d
         self.proj = conv(in_chans, dim, kernel_size=patch_size, stride=patch_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[2:]) != self.input_size:
-            raise ValueError(f"expected input of spatial size {self.input_size}, got {tuple(x.shape[2:])}")
+    def forward(self, x: torch.Tensor, any_size: bool = False) -> torch.Tensor:
+        """any_size: take inputs of other sizes than input_size too, as long as the patches tile them."""
+        sizes = tuple(x.shape[2:])
+        if not any_size and sizes != self.input_size:
+            raise ValueError(f"expected input of spatial size {self.input_size}, got {sizes}")
+        if any(s % p for s, p in zip(sizes, self.patch_size)):
+            raise ValueError(f"input of size {sizes} is not divisible by the patch size {self.patch_size}")
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, dim, *grid) -> (B, N, dim)
 
 
@@ -208,12 +212,26 @@ class ViT(nn.Module):
         init_weights(self)
         nn.init.normal_(self.cls_token, std=0.02)
 
-    def tokens(self, x: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def positions(self, grid: tuple[int, ...]) -> torch.Tensor:
+        """The position table (1, N, dim) of a patch grid: the ViT's own, or for another grid of a 2D input
+        (a smaller crop) the table resized to it by bicubic interpolation, as DINO's `interpolate_pos_encoding`."""
+        if grid == self.grid:
+            return self.pos_embed
+        if len(grid) != 2:
+            raise ValueError(f"positions for a {grid} grid: only 2D position tables are resized, this ViT's grid is {self.grid}")
+        table = self.pos_embed.reshape(1, *self.grid, -1).permute(0, 3, 1, 2)  # (1, dim, gh, gw)
+        table = F.interpolate(table, size=grid, mode="bicubic", align_corners=False)  # (1, dim, h, w)
+        return table.flatten(2).transpose(1, 2)  # (1, h * w, dim)
+
+    def tokens(self, x: torch.Tensor, keep_idx: torch.Tensor | None = None, any_size: bool = False) -> torch.Tensor:
         """Encode (B, C, *input_size) inputs to (B, 1 + K, dim): the class token then the K kept patches.
 
         keep_idx: (B, K) indices of the patches to encode (see core.masking); None keeps all N patches.
+        any_size: also take 2D inputs of another size that the patches tile (DINO's local crops), their
+        patches given the position table resized to their grid.
         """
-        x = self.patch_embed(x) + self.pos_embed  # (B, N, dim)
+        grid = tuple(s // p for s, p in zip(x.shape[2:], self.patch_embed.patch_size))
+        x = self.patch_embed(x, any_size) + self.positions(grid)  # (B, N, dim)
         if keep_idx is not None:
             x = torch.gather(x, 1, keep_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, K, dim)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + K, dim)

@@ -238,3 +238,22 @@ def test_vit_stochastic_depth_rises_over_the_blocks_and_is_off_at_evaluation():
     torch.testing.assert_close(vit(x), vit(x))
     with pytest.raises(ValueError, match="drop_path"):
         ViT(input_size=(8, 8), patch_size=(4, 4), **TINY, drop_path=1.0)
+
+
+def test_tokens_of_other_sizes_only_when_asked_with_the_position_table_resized():
+    torch.manual_seed(0)
+    vit = ViT(input_size=(16, 16), patch_size=(4, 4), **TINY)
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(vit.tokens(x, any_size=True), vit.tokens(x))  # its own size: its own table
+    assert vit.tokens(torch.randn(2, 3, 8, 12), any_size=True).shape == (2, 1 + 2 * 3, 16)
+    # A table that varies along the width only stays so when resized: the rows of the small grid are equal.
+    vit.pos_embed.copy_(torch.linspace(0, 1, 4).repeat(4).view(1, 16, 1).expand(1, 16, 16))
+    small = vit.positions((2, 3)).view(2, 3, 16)
+    torch.testing.assert_close(small[0], small[1])
+    with pytest.raises(ValueError, match="expected input of spatial size"):
+        vit.tokens(torch.randn(2, 3, 8, 8))  # a masked autoencoder's wrong data size still fails
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        vit.tokens(torch.randn(2, 3, 10, 10), any_size=True)
+    clip = ViT(input_size=(4, 8, 8), patch_size=(2, 4, 4), **TINY)
+    with pytest.raises(ValueError, match="only 2D position tables"):
+        clip.tokens(torch.randn(1, 3, 4, 4, 4), any_size=True)

@@ -59,23 +59,11 @@ class DINOHead(nn.Module):
 
 def encode(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """backbone(images) -> (B, D), also for a ViT on crops smaller than its input size (the local crops):
-    their patches get the ViT's position table resized to their grid by bicubic interpolation, as DINO's
+    their patches get the ViT's position table resized to their grid (`ViT.positions`), as DINO's
     `interpolate_pos_encoding` does. A ResNet takes any size as it is."""
-    if not isinstance(backbone, ViT) or tuple(images.shape[-2:]) == backbone.patch_embed.input_size:
-        return backbone(images)
-    patch = backbone.patch_embed.patch_size
-    if images.shape[-2] % patch[0] or images.shape[-1] % patch[1]:
-        raise ValueError(f"crops of {tuple(images.shape[-2:])} pixels are not divisible by the ViT's patch size {patch}")
-    x = backbone.patch_embed.proj(images)  # (B, dim, h, w)
-    h, w = x.shape[-2:]
-    gh, gw = backbone.grid
-    table = backbone.pos_embed.reshape(1, gh, gw, -1).permute(0, 3, 1, 2)  # (1, dim, gh, gw)
-    pos = F.interpolate(table, size=(h, w), mode="bicubic", align_corners=False)  # (1, dim, h, w)
-    x = (x + pos).flatten(2).transpose(1, 2)  # (B, h * w, dim)
-    x = torch.cat([backbone.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + h * w, dim)
-    for block in backbone.blocks:
-        x = block(x)
-    return backbone.pool_tokens(backbone.norm(x))
+    if isinstance(backbone, ViT):
+        return backbone.pool_tokens(backbone.tokens(images, any_size=True))
+    return backbone(images)
 
 
 class DINO(L.LightningModule):
