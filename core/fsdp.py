@@ -3,7 +3,7 @@
 With `--trainer.strategy=ModelParallelStrategy`, Lightning starts the processes and calls the recipe's
 `configure_model`, which hands the model to `shard_blocks`. Each rank then holds 1/world of every parameter,
 gradient and optimizer state, and gathers a block's full parameters just before the block runs. Gradients
-are averaged over ranks as under DDP, so a run trains as it would under DDP (tests/test_mae_distributed.py
+are averaged over ranks as under DDP, so a run trains as it would under DDP (tests/test_recipes_distributed.py
 compares the two step by step). Lightning's FSDPStrategy (FSDP1, CUDA only) is not needed for this.
 """
 
@@ -26,8 +26,8 @@ def shard_blocks(model: L.LightningModule) -> None:
     """Shard `model` over every rank for FSDP2 when the strategy gave it a device mesh (nothing happens
     otherwise: one process, DDP). Every entry of an `nn.ModuleList` (the transformer blocks of an encoder or a
     decoder) becomes a unit of its own, then each child of the model with parameters (the encoder, the
-    decoder) holds the rest: patch embedding, class and mask tokens, final norms, heads. Calling it again
-    does nothing."""
+    decoder; DINO's student, teacher and heads) holds the rest: patch embedding, class and mask tokens, final
+    norms, heads. Calling it again does nothing."""
     if isinstance(model.trainer.strategy, FSDPStrategy):
         # FSDP1 wraps the whole module in one unit whose parameters exist whole only inside its forward; the
         # online probe calls `embed` from a callback, outside it.
@@ -46,7 +46,10 @@ def shard_blocks(model: L.LightningModule) -> None:
         for blocks in (m for m in part.modules() if isinstance(m, nn.ModuleList)):
             for block in blocks:
                 fully_shard(block, mesh=mesh)
-        fully_shard(part, mesh=mesh)
+        # FSDP leaves a root unit's parameters gathered after its forward, for the backward that follows; a
+        # part that is never trained (DINO's teacher) has no backward and would stay gathered, whole, on every rank.
+        frozen = not any(p.requires_grad for p in part.parameters())
+        fully_shard(part, mesh=mesh, reshard_after_forward=True if frozen else None)
         for method in FORWARD_METHODS:
             if hasattr(part, method):
                 register_fsdp_forward_method(part, method)

@@ -19,6 +19,7 @@ from torch import nn
 
 from core.augment import IMAGENET_MEAN, IMAGENET_STD, batch_views
 from core.export import describe_encoder
+from core.fsdp import shard_blocks
 from core.heads import feature_dim
 from core.losses import dino_center, dino_collapse_diagnostics, dino_loss, dino_targets
 from core.momentum import cosine_momentum, momentum_copy, update_momentum
@@ -208,6 +209,9 @@ class DINO(L.LightningModule):
         """The representation: the teacher's encoder on clean images, (B, embed_dim). The paper evaluates
         the teacher, which is better than the student throughout training."""
         return self.teacher_backbone(batch["image"])
+
+    def configure_model(self):
+        shard_blocks(self)  # FSDP2 under ModelParallelStrategy; nothing under DDP or in one process
 
     def configure_optimizers(self):
         h = self.hparams
