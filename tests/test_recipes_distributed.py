@@ -31,9 +31,10 @@ STRATEGIES = {
 
 
 MASKED = ["--model.pictures_every_n_steps=1", "--model.encoder_depth=1"]
+# DINO with a ViT, its per-parameter gradient clipping on (on the shards under FSDP).
 VIT = ["--model.backbone.class_path=core.vit.ViT", "--model.backbone.init_args.input_size=[32,32]", "--model.backbone.init_args.patch_size=[4,4]",
        "--model.backbone.init_args.size=tiny", "--model.backbone.init_args.depth=1",
-       "--model.clip_grad=0.001"]  # fmt: skip  (DINO's per-parameter clipping, on the shards under FSDP)
+       "--model.clip_grad=0.001"]  # fmt: skip
 # name: (recipe, its arguments)
 RECIPES = {"mae": ("mae", MASKED), "videomae": ("videomae", MASKED), "audiomae": ("audiomae", MASKED), "cropmae": ("cropmae", MASKED),
            "dino-vit": ("dino", VIT)}  # fmt: skip
