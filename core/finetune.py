@@ -51,11 +51,12 @@ def train_transform(spec: dict, scale: tuple[float, float], flip: bool = True):
 
 def layer_decay_groups(backbone: nn.Module, head: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
     """Parameter groups with an ``lr_scale`` each. For a ViT (a module with ``blocks``; an exported encoder's
-    backbone), the patch embedding and class token count as layer 0 (the positions are fixed), block i as
+    backbone), the patch embedding, class token and positions count as layer 0, block i as
     layer i + 1, the final norm and the head as layer L + 1, and layer l trains at layer_decay^(L + 1 - l) x lr
     (BEiT, Bao et al. 2022; MAE's fine-tuning); other backbones train every parameter at lr.
     Weight decay skips biases and norms (``core.optim.decayed``) and, as MAE's fine-tuning does, the class
-    token (its pretraining decays it: timm's ``add_weight_decay`` goes by dimensions alone)."""
+    token and a learned position table (its pretraining decays them: timm's ``add_weight_decay`` goes by
+    dimensions alone)."""
     vit = getattr(backbone, "backbone", backbone)  # core.export.Encoder wraps the ViT
     blocks = getattr(vit, "blocks", None)
     if blocks is None:
@@ -70,7 +71,7 @@ def layer_decay_groups(backbone: nn.Module, head: nn.Module, weight_decay: float
     named = [(layer(n), n, p) for n, p in vit.named_parameters()] + [(last, "head", p) for p in head.parameters()]
     groups: dict[tuple[float, bool], dict] = {}
     for depth, name, p in named:
-        scale, decay = layer_decay ** (last - depth), decayed(p) and name != "cls_token"
+        scale, decay = layer_decay ** (last - depth), decayed(p) and name not in ("cls_token", "pos_embed")
         group = groups.setdefault((scale, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale})
         group["params"].append(p)
     return list(groups.values())

@@ -157,6 +157,19 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def init_trunc_normal(module: nn.Module) -> None:
+    """DeiT's and DINO's initialisation: truncated-normal linears (std 0.02, zero biases; cut at +-2, their
+    codes' bound, so in effect a normal), unit norms; patch projections keep PyTorch's default."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def set_drop_path(vit: nn.Module, rate: float) -> None:
     """Stochastic depth over a ViT's blocks, rising linearly from 0 at the first to `rate` at the last (the
     schedule of DeiT, DINO and MAE's fine-tuning); 0 turns it off."""
@@ -173,6 +186,8 @@ class ViT(nn.Module):
     pool: "cls" (the class token, as MAE's linear probe uses) or "mean" (average of patch tokens).
     drop_path: stochastic depth, rising linearly over the blocks from 0 to this rate at the last one
     (DeiT's and DINO's schedule; DINO's ViT-S: 0.1). 0 (the default) in masked-autoencoder pretraining.
+    pos_embed: "sincos" (fixed, MAE's) or "learned" (a trained table, DeiT's and DINO's).
+    init: "mae" (xavier-uniform linears, `init_weights`) or "trunc_normal" (DeiT's and DINO's, `init_trunc_normal`).
     """
 
     def __init__(
@@ -187,6 +202,8 @@ class ViT(nn.Module):
         mlp_ratio: float = 4.0,
         pool: str = "cls",
         drop_path: float = 0.0,
+        pos_embed: str = "sincos",
+        init: str = "mae",
     ):
         super().__init__()
         if size not in VIT_SIZES:
@@ -195,22 +212,34 @@ class ViT(nn.Module):
             raise ValueError(f"pool={pool!r} must be 'cls' or 'mean'")
         if not 0.0 <= drop_path < 1.0:
             raise ValueError(f"drop_path={drop_path} must be in [0, 1)")
+        if pos_embed not in ("sincos", "learned"):
+            raise ValueError(f"pos_embed={pos_embed!r} must be 'sincos' or 'learned'")
+        if init not in ("mae", "trunc_normal"):
+            raise ValueError(f"init={init!r} must be 'mae' or 'trunc_normal'")
         width, n_blocks, n_heads = VIT_SIZES[size]
         dim, depth, heads = dim or width, depth or n_blocks, heads or n_heads
         self.config = dict(
             input_size=list(input_size), patch_size=list(patch_size), in_chans=in_chans, size=size,
             dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio, pool=pool, drop_path=drop_path,
+            pos_embed=pos_embed, init=init,
         )
         self.embed_dim, self.pool = dim, pool
         self.patch_embed = PatchEmbed(tuple(input_size), tuple(patch_size), in_chans, dim)
         self.grid, self.num_patches = self.patch_embed.grid, self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.register_buffer("pos_embed", sincos_pos_embed(self.grid, dim).unsqueeze(0), persistent=False)
+        if pos_embed == "sincos":
+            self.register_buffer("pos_embed", sincos_pos_embed(self.grid, dim).unsqueeze(0), persistent=False)
+        else:  # the patches' rows only: a class token's row would just add to the learned class token
+            self.pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, self.num_patches, dim), std=0.02))
         self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio) for _ in range(depth)])
         set_drop_path(self, drop_path)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        init_weights(self)
-        nn.init.normal_(self.cls_token, std=0.02)
+        if init == "mae":
+            init_weights(self)
+            nn.init.normal_(self.cls_token, std=0.02)
+        else:
+            init_trunc_normal(self)
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
 
     def positions(self, grid: tuple[int, ...]) -> torch.Tensor:
         """The position table (1, N, dim) of a patch grid: the ViT's own, or for another grid of a 2D input

@@ -41,6 +41,10 @@ def test_layer_decay_scales_each_block_and_skips_decay_on_biases_and_norms():
     # without layer decay a ViT's groups differ only in weight decay, the class token still undecayed
     flat = layer_decay_groups(vit, head, 0.05, 1.0)
     assert len(flat) == 2 and any(p is vit.cls_token for g in flat if g["weight_decay"] == 0.0 for p in g["params"])
+    # a learned position table is layer 0 and undecayed, as in MAE's fine-tuning
+    learned = ViT(**VIT_8PX, pos_embed="learned")
+    (group,) = [g for g in layer_decay_groups(learned, head, 0.05, 0.5) if any(p is learned.pos_embed for p in g["params"])]
+    assert group["lr_scale"] == 0.5**4 and group["weight_decay"] == 0.0
 
 
 def tone_shards(tmp_path) -> list[str]:

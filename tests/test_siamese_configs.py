@@ -76,4 +76,5 @@ def test_paper_config_holds_the_papers_settings(path, capsys):
         assert backbone["init_args"]["width"] == 64  # the paper's full width
     else:
         assert backbone["init_args"]["size"] == "small" and backbone["init_args"]["patch_size"] == [16, 16]
-        assert backbone["init_args"]["drop_path"] == 0.1  # DINO's ViT-S student
+        # DINO's ViT-S student: stochastic depth, learned positions, DeiT's initialisation
+        assert {k: backbone["init_args"][k] for k in ("drop_path", "pos_embed", "init")} == {"drop_path": 0.1, "pos_embed": "learned", "init": "trunc_normal"}

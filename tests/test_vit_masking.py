@@ -257,3 +257,20 @@ def test_tokens_of_other_sizes_only_when_asked_with_the_position_table_resized()
     clip = ViT(input_size=(4, 8, 8), patch_size=(2, 4, 4), **TINY)
     with pytest.raises(ValueError, match="only 2D position tables"):
         clip.tokens(torch.randn(1, 3, 4, 4, 4), any_size=True)
+
+
+def test_a_learned_position_table_trains_exports_and_is_resized_for_smaller_crops(tmp_path):
+    torch.manual_seed(0)
+    vit = ViT(input_size=(16, 16), patch_size=(4, 4), **TINY, pos_embed="learned", init="trunc_normal")
+    assert isinstance(vit.pos_embed, torch.nn.Parameter) and vit.pos_embed.shape == (1, 16, 16)
+    assert "pos_embed" in vit.state_dict()  # so an export carries it
+    vit.tokens(torch.randn(2, 3, 8, 8), any_size=True).sum().backward()  # a local crop, through the resized table
+    assert vit.pos_embed.grad is not None and vit.pos_embed.grad.abs().sum() > 0
+    assert 0.015 < vit.blocks[0].mlp[0].weight.std() < 0.025 and vit.blocks[0].mlp[0].bias.abs().max() == 0
+    fixed = ViT(input_size=(16, 16), patch_size=(4, 4), **TINY)
+    assert "pos_embed" not in fixed.state_dict()
+    assert fixed.blocks[0].mlp[0].weight.std() > 0.1  # xavier-uniform: sqrt(2 / (16 + 64)) = 0.16
+    with pytest.raises(ValueError, match="pos_embed"):
+        ViT(input_size=(16, 16), patch_size=(4, 4), **TINY, pos_embed="rope")
+    with pytest.raises(ValueError, match="init"):
+        ViT(input_size=(16, 16), patch_size=(4, 4), **TINY, init="xavier")
