@@ -124,7 +124,8 @@ class RecipeCLI(LightningCLI):
         # and refuses ("invalid strategy name"); a strategy class named by its class name is what was meant.
         config = self.config[self.subcommand] if self.subcommand else self.config
         name = config.get("trainer.strategy")
-        if isinstance(name, str) and isinstance(getattr(strategies, name, None), type) and issubclass(getattr(strategies, name), strategies.Strategy):
+        named = getattr(strategies, name, None) if isinstance(name, str) else None
+        if isinstance(named, type) and issubclass(named, strategies.Strategy):
             config["trainer.strategy"] = Namespace(class_path=f"lightning.pytorch.strategies.{name}", init_args=Namespace())
 
 

@@ -26,7 +26,7 @@ from core.momentum import cosine_momentum, momentum_copy, update_momentum
 from core.optim import param_groups, scaled_lr
 from core.probe import log_embedding_std
 from core.schedules import WarmupCosine, step_scheduler, warmup_and_total_steps
-from core.vit import ViT, set_drop_path
+from core.vit import ViT, init_trunc_normal, set_drop_path
 
 
 class DINOHead(nn.Module):
@@ -42,10 +42,7 @@ class DINOHead(nn.Module):
             nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
             nn.Linear(hidden_dim, bottleneck_dim),
         )  # fmt: skip
-        for m in self.mlp:
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        init_trunc_normal(self.mlp)
         self.prototypes = nn.Parameter(torch.empty(out_dim, bottleneck_dim))
         nn.init.trunc_normal_(self.prototypes, std=0.02)
 

@@ -35,7 +35,6 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from core.losses import masked_patch_loss
 from core.masking import patchify
 from recipes.mae.model import MAE
 
