@@ -34,6 +34,27 @@ def flat(module: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in module.parameters()]).clone()
 
 
+def assert_same_gradients(model: torch.nn.Module, reference: torch.nn.Module, reference_name, scale: float = 1.0, **tolerance) -> None:
+    """Every gradient of ``model`` equals ``scale`` times the reference's parameter named ``reference_name(name)``
+    (a recipe's benchmark reference, recipes/<name>/bench.py); parameters without a gradient have none there either."""
+    ref_params = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        ref = ref_params[reference_name(name)]
+        if p.grad is None:
+            assert ref.grad is None, name
+        else:
+            torch.testing.assert_close(p.grad, scale * ref.grad, msg=name, **tolerance)
+
+
+def bench_steps(bench, argv: list[str]) -> None:
+    """Two steps of each implementation of a recipe's benchmark (recipes/<name>/bench.py), in this process."""
+    args = bench.parser().parse_args(argv)
+    for impl in ("reference", "ours"):
+        step = bench.build(impl, args)
+        step()
+        step()
+
+
 def patch_pixels(mask: torch.Tensor) -> torch.Tensor:
     """(B, 16) patch mask of a 4x4 grid -> (B, 3, 16, 16) pixel mask."""
     grid = mask.view(-1, 1, 4, 4).float()

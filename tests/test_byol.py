@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from core.augment import ImageEval, TwoViews
+from core.bench import copy_renamed
 from core.data import ShardDataModule
-from core.momentum import cosine_momentum, update_momentum
+from core.momentum import cosine_momentum
 from core.resnet import ResNet
+from recipes.byol import bench
 from recipes.byol.model import BYOL
 from conftest import flat, noisy_views
 
@@ -82,8 +84,7 @@ def test_loss_goes_down_on_a_fixed_batch():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        update_momentum(model.backbone, model.target_backbone, 0.99)
-        update_momentum(model.projector, model.target_projector, 0.99)
+        model.update_target(0.99)
         losses.append(loss.item())
     assert 0 < losses[-1] < 0.5 * losses[0]
 
@@ -100,6 +101,39 @@ def test_target_gets_no_gradient_and_the_loss_is_symmetric():
     torch.testing.assert_close(model.training_step(swapped, 0), loss)
     # Each direction is 2 - 2 cos, so the sum of two lies in [0, 8].
     assert 0 <= loss.item() <= 8
+
+
+def test_same_loss_gradients_and_target_step_as_lightlys_byol():
+    """The recipe's BYOL against lightly's example on the same backbone (recipes/byol/bench.py), from the same
+    weights: the benchmark compares one method done two ways."""
+    model = tiny_byol()
+    reference = bench.reference_for(model)
+    copy_renamed(model, reference, bench.reference_name)
+    batch = views()
+    x1, x2 = batch["views"]
+    torch.testing.assert_close(reference(x1), model.predictor(model.projector(model.backbone(x1))))
+    torch.testing.assert_close(reference.forward_momentum(x2), model.target_projector(model.target_backbone(x2)))
+    loss, ref_loss = model.training_step(batch, 0), reference.loss(x1, x2)
+    torch.testing.assert_close(loss, 4 + 4 * ref_loss)  # the sum of 2 - 2 cos against the mean of -cos
+    loss.backward()
+    ref_loss.backward()
+    ref_params = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, 4 * ref_params[bench.reference_name(name)].grad, msg=name)
+    with torch.no_grad():  # move the online weights, then both targets take one EMA step
+        for p in [*model.parameters(), *reference.parameters()]:
+            if p.grad is not None:
+                p.sub_(0.1 * p.grad.sign())
+    model.update_target(0.9)
+    reference.update_momentum(0.9)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, ref_params[bench.reference_name(name)], msg=name)
+    assert not torch.equal(flat(model.target_projector), flat(tiny_byol().target_projector))
+    for impl in ("reference", "ours"):  # both benchmark steps train
+        step = bench.build(impl, bench.parser().parse_args(["--width", "4", "--projector-hidden", "16", "--projection-dim", "8", "--predictor-hidden", "16", "--batch", "4"]))
+        step()
+        step()
 
 
 def test_collapsed_embeddings_are_reported():

@@ -14,6 +14,7 @@ from core.data import ShardDataModule
 from core.momentum import cosine_momentum, update_momentum
 from core.resnet import ResNet
 from core.vit import ViT
+from recipes.dino import bench
 from recipes.dino.model import DINO, encode
 from conftest import flat
 
@@ -197,6 +198,51 @@ def test_loss_goes_down_on_a_fixed_batch():
         update_momentum(model.head, model.teacher_head, 0.9)
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_same_loss_clipped_gradients_teacher_and_center_as_dinos_code():
+    """The recipe's DINO against the official code's training step (recipes/dino/bench.py) on the same
+    backbone, from the same weights and crops: the benchmark compares one method done two ways."""
+    backbone = ViT((16, 16), (4, 4), dim=16, depth=2, heads=2, drop_path=0.0, pos_embed="learned", init="trunc_normal")
+    torch.manual_seed(0)
+    model = DINO(backbone, global_size=16, local_size=8, out_dim=32, hidden_dim=16, bottleneck_dim=8, clip_grad=0.05, teacher_temp=0.07)
+    torch.nn.init.normal_(model.center, std=0.1)  # a center that has moved, as after a few steps
+    reference = bench.reference_for(model, n_local=2)
+    bench.copy_weights(model, reference)
+    reference.dino_loss.center.copy_(model.center)
+    batch = crops()
+    images = batch["global_views"] + batch["local_views"]
+    loss, ref_loss = model.training_step(batch, 0), reference.loss(images)
+    torch.testing.assert_close(loss, ref_loss)
+    loss.backward()
+    ref_loss.backward()
+    model.on_before_optimizer_step(None)
+    bench.clip_gradients(reference.student, 0.05)
+    bench.cancel_gradients_last_layer(0, reference.student, 1)
+    ref_params = dict(reference.named_parameters())
+    clipped = 0
+    for name, p in model.named_parameters():
+        ref = ref_params[bench.reference_name(name)]
+        if p.grad is None:  # the teacher's, and the prototypes' in the first epoch
+            assert ref.grad is None, name
+            continue
+        torch.testing.assert_close(p.grad, ref.grad, msg=name)
+        clipped += bool(torch.isclose(p.grad.norm(), torch.tensor(0.05)))
+    assert clipped > 3  # the clip acted on several parameters
+    with torch.no_grad():  # move the student, then both teachers and centers take their EMA step
+        for p in [*model.parameters(), *reference.parameters()]:
+            if p.grad is not None:
+                p.sub_(p.grad)
+    model.update_teacher(0.9)
+    reference.update_teacher(0.9)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, ref_params[bench.reference_name(name)], msg=name)
+    torch.testing.assert_close(model.center, reference.dino_loss.center)
+    for impl in ("reference", "ours"):  # both benchmark steps train
+        args = ["--size", "tiny", "--patch-size", "8", "--global-size", "16", "--local-size", "8", "--local-crops", "2", "--out-dim", "64", "--batch", "4"]
+        step = bench.build(impl, bench.parser().parse_args(args))
+        step()
+        step()
 
 
 def test_bad_input_fails_clearly():

@@ -9,6 +9,7 @@ from core import load_encoder
 from core.export import export_checkpoint
 from core.losses import masked_patch_loss
 from core.masking import patchify, whole
+from recipes.videomae import bench
 from recipes.videomae.model import VideoMAE, tubelet_targets
 from conftest import mae_demo_run
 
@@ -138,6 +139,41 @@ def test_clip_of_the_wrong_length_is_named():
     model = VideoMAE(**TINY)
     with pytest.raises(ValueError, match=r"num_frames.* = \(B, 3, 4, 16, 16\), got \(3, 3, 2, 16, 16\)"):
         model.reconstruct(torch.randn(3, 3, 2, 16, 16))
+
+
+def test_same_loss_and_gradients_as_the_official_videomae_structure():
+    """The recipe's VideoMAE against the official code's model on timm's blocks (recipes/videomae/bench.py),
+    given a class token as this recipe has, from the same weights and mask: the benchmark compares one
+    method done two ways."""
+    torch.manual_seed(0)
+    model = VideoMAE(**TINY)
+    reference = bench.reference_for(model, class_token=True)
+    bench.copy_weights(model, reference)
+    videos = clips()
+    loss, pred, mask, _ = model.reconstruct(videos, torch.Generator().manual_seed(1))
+    ref_loss, ref_pred = reference(videos, mask)
+    torch.testing.assert_close(ref_pred, pred[mask].view(3, -1, pred.shape[-1]))  # the hidden tubelets, in order
+    torch.testing.assert_close(ref_loss, loss)
+    loss.backward()
+    ref_loss.backward()
+    ref_params = dict(reference.named_parameters())
+    assert model.decoder.embed.bias.grad.abs().max() > 0  # trained here; the reference has no such bias
+    for name, p in model.named_parameters():
+        if name != "decoder.embed.bias":
+            torch.testing.assert_close(ref_params[bench.reference_name(name)].grad, p.grad, msg=name)
+    # A reference that differed where it counts would show: another mask gives another loss.
+    other = model.mask(3, "cpu", torch.Generator().manual_seed(2))[1]
+    assert not torch.isclose(reference(videos, other)[0], loss)
+    # The benchmark runs the reference as VideoMAE builds it, without a class token; both steps train.
+    args = ["--size", "tiny", "--depth", "1", "--frames", "4", "--image-size", "16", "--patch-size", "4", "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2", "--batch", "2"]
+    parsed = bench.parser().parse_args(args)
+    for impl in ("reference", "ours"):
+        step = bench.build(impl, parsed)
+        step()
+        step()
+    with pytest.raises(ValueError, match="decoder.embed.bias"):
+        torch.nn.init.ones_(model.decoder.embed.bias)
+        bench.copy_weights(model, bench.reference_for(model))
 
 
 def test_demo_config_trains_logs_pictures_and_exports_an_unmasked_encoder(tmp_path):

@@ -84,9 +84,12 @@ class BYOL(L.LightningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         # global_step does not count this step yet: k = 0 for the first, as in the paper's schedule.
         m = cosine_momentum(self.trainer.global_step, self.trainer.estimated_stepping_batches, self.hparams.base_momentum)
+        self.update_target(m)
+        self.log("train/momentum", m)
+
+    def update_target(self, m: float) -> None:
         update_momentum(self.backbone, self.target_backbone, m)
         update_momentum(self.projector, self.target_projector, m)
-        self.log("train/momentum", m)
 
     def validation_step(self, batch, batch_idx):
         """Validation batches are clean images for the online probe (core.probe.OnlineProbe calls `embed`);

@@ -7,12 +7,8 @@ that structure out on timm's blocks (timm is a dev extra). `copy_weights` loads 
 it; with the same noise both compute the same loss and gradients (tests/test_mae.py), so what the
 benchmark compares is one computation done two ways.
 
-The benchmark times training steps (forward, backward, AdamW) of each model on random images, each in a
-process of its own so that its peak memory is its own: peak CUDA memory allocated on a GPU, the rise of
-the process's peak resident memory over what it held before building the model on a CPU. The rounds
-alternate (reference, ours, reference, ours, ...) and each keeps its best round, so that a machine that
-slows down during the run slows both alike. FLOPs per step are counted by torch's FlopCounterMode (matrix
-products and attention, forward and backward); MFU is achieved FLOP/s over the device's peak, when given.
+The benchmark (core.bench) times training steps (forward, backward, AdamW) of each model on random
+images, each in a process of its own, in alternating rounds, with FLOPs and peak memory.
 
     python -m recipes.mae.bench --size base --batch 8                                   # ViT-B/16, 224 px: the paper's model
     python -m recipes.mae.bench --size base --batch 256 --device cuda --precision bf16-mixed --peak-tflops 989
@@ -24,17 +20,12 @@ code ran on timm 0.3.2, which computed softmax(QK^T)V by hand (`TIMM_FUSED_ATTN=
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing
-import resource
-import time
-from collections.abc import Callable
 from functools import partial
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from core import bench
 from core.masking import patchify
 from recipes.mae.model import MAE
 
@@ -108,9 +99,7 @@ RENAMES = [
 
 
 def reference_name(name: str) -> str:
-    for old, new in RENAMES:
-        name = name.replace(old, new)
-    return name
+    return bench.rename(name, RENAMES)
 
 
 def reference_for(model: MAE) -> ReferenceMAE:
@@ -125,127 +114,26 @@ def reference_for(model: MAE) -> ReferenceMAE:
 @torch.no_grad()
 def copy_weights(model: MAE, ref: ReferenceMAE) -> None:
     """Load `model`'s weights and position tables into `ref`; every reference parameter gets one."""
-    params = dict(ref.named_parameters())
-    unset = set(params)
-    for name, value in model.named_parameters():
-        params[reference_name(name)].copy_(value)
-        unset.discard(reference_name(name))
-    for table, source in (("pos_embed", model.encoder.pos_embed), ("decoder_pos_embed", model.decoder.pos_embed)):
-        params[table][:, 1:].copy_(source)  # the class token's row stays zero
-        unset.discard(table)
-    if unset:
-        raise RuntimeError(f"reference parameters without a counterpart: {sorted(unset)}")
+    bench.copy_renamed(model, ref, reference_name, unmatched={"pos_embed", "decoder_pos_embed"})
+    ref.pos_embed[:, 1:].copy_(model.encoder.pos_embed)  # the class token's row stays zero
+    ref.decoder_pos_embed[:, 1:].copy_(model.decoder.pos_embed)
 
 
-def build(impl: str, args) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
-    """The model and its training loss on a batch of images; the reference starts from our weights."""
+def build(impl: str, args):
+    """One training step (forward, backward, AdamW) of either model on a fixed batch of random images; the
+    reference starts from our weights."""
     ours = MAE(
         image_size=args.image_size, patch_size=args.patch_size, size=args.size, encoder_depth=args.depth,
         decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads,
     )
-    if impl == "ours":
-        return ours, lambda images: ours.reconstruct(images)[0]
-    ref = reference_for(ours)
-    copy_weights(ours, ref)
-    return ref, lambda images: ref(images)[0]
-
-
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def measure(impl: str, args) -> dict:
-    """Time `args.steps` training steps of one implementation after `args.warmup`; runs in its own process."""
-    torch.manual_seed(0)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    before = resident_bytes()
-    model, loss_of = build(impl, args)
-    model.to(device)
+    model = ours if impl == "ours" else reference_for(ours)
+    if impl == "reference":
+        copy_weights(ours, model)
+    model.to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
-    images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
-
-    def step():
-        with autocast:
-            loss = loss_of(images)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    with FlopCounterMode(display=False) as counter:
-        step()
-    for _ in range(args.warmup):
-        step()
-    sync()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync()
-    seconds = (time.perf_counter() - start) / args.steps
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:  # ru_maxrss is in KiB on Linux
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    return {"impl": impl, "seconds_per_step": seconds, "flops_per_step": counter.get_total_flops(), "peak_memory_bytes": peak}
-
-
-def run_isolated(impl: str, args) -> dict:
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(measure, (impl, args))
-
-
-def compare(args) -> dict:
-    """Best round of each implementation, and ours over the reference."""
-    best, rounds = {}, {"reference": [], "ours": []}
-    for _ in range(args.rounds):
-        for impl in rounds:
-            result = run_isolated(impl, args)
-            rounds[impl].append(result["seconds_per_step"])
-            if impl not in best or result["seconds_per_step"] < best[impl]["seconds_per_step"]:
-                best[impl] = result
-    for impl, result in best.items():
-        result["rounds_seconds_per_step"] = rounds[impl]
-        result["images_per_second"] = args.batch / result["seconds_per_step"]
-        result["tflops"] = result["flops_per_step"] / result["seconds_per_step"] / 1e12
-        result["mfu"] = result["tflops"] / args.peak_tflops if args.peak_tflops else None
-    ours, ref = best["ours"], best["reference"]
-    ratios = {
-        "time": ours["seconds_per_step"] / ref["seconds_per_step"],
-        "memory": ours["peak_memory_bytes"] / ref["peak_memory_bytes"],
-        "flops": ours["flops_per_step"] / ref["flops_per_step"],
-    }
-    return {"setup": vars(args), "reference": ref, "ours": ours, "ours_over_reference": ratios}
-
-
-def table(report: dict) -> str:
-    s = report["setup"]
-    memory = "peak CUDA memory" if s["device"].startswith("cuda") else "peak RSS rise"
-    lines = [
-        f"MAE ViT-{s['size']} (depth {s['depth'] or 'default'}) on {s['image_size']} px, patch {s['patch_size']}, decoder "
-        f"{s['decoder_dim']}x{s['decoder_depth']}, batch {s['batch']}, {s['precision']}, {s['device']}; best of "
-        f"{s['rounds']} rounds of {s['steps']} steps",
-        f"| model | s/step | images/s | GFLOP/step | TFLOP/s | MFU | {memory} (GB) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name in ("reference", "ours"):
-        r = report[name]
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        lines.append(
-            f"| {name} | {r['seconds_per_step']:.3f} | {r['images_per_second']:.1f} | {r['flops_per_step'] / 1e9:.1f} | "
-            f"{r['tflops']:.2f} | {mfu} | {r['peak_memory_bytes'] / 1e9:.2f} |"
-        )
-    spread = "; ".join(f"{name} " + ", ".join(f"{t:.3f}" for t in report[name]["rounds_seconds_per_step"]) for name in ("reference", "ours"))
-    lines.append(f"s/step by round: {spread}")
-    q = report["ours_over_reference"]
-    lines.append(f"ours / reference: time {q['time']:.2f}x, memory {q['memory']:.2f}x, FLOPs {q['flops']:.2f}x")
-    return "\n".join(lines)
+    images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=args.device)
+    loss = (lambda: ours.reconstruct(images)[0]) if impl == "ours" else (lambda: model(images)[0])
+    return bench.training_step(loss, optimizer, args)
 
 
 def main(argv=None) -> None:
@@ -257,20 +145,13 @@ def main(argv=None) -> None:
     parser.add_argument("--decoder-dim", type=int, default=512)
     parser.add_argument("--decoder-depth", type=int, default=8)
     parser.add_argument("--decoder-heads", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak at this precision, for MFU (H100/H200 SXM bf16 dense: 989)")
-    parser.add_argument("--json", help="also write the report here")
+    bench.add_arguments(parser, batch=8)
     args = parser.parse_args(argv)
-    report = compare(args)
-    print(table(report))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    title = (
+        f"MAE ViT-{args.size} (depth {args.depth or 'default'}) on {args.image_size} px, patch {args.patch_size}, "
+        f"decoder {args.decoder_dim}x{args.decoder_depth}"
+    )
+    bench.run(build, args, title)
 
 
 if __name__ == "__main__":
