@@ -81,12 +81,25 @@ def resnet_and_views(args) -> tuple[torch.nn.Module, list[torch.Tensor]]:
     return ResNet(depth=args.depth, width=args.width, small_images=args.small_images), views
 
 
+def resnet_title(args) -> str:
+    stem = "CIFAR stem" if args.small_images else "ImageNet stem"
+    return f"ResNet-{args.depth} of width {args.width} ({stem}) on {args.image_size} px"
+
+
 def recipe_step(module, batch: dict, make_optimizer: Callable, args, **hooks) -> Callable[[], None]:
     """A recipe's own `training_step(batch, 0)` as the loss of `training_step`, outside a Trainer (its
     `self.log` calls are dropped); `make_optimizer(module)` builds the optimizer once it is on the device."""
     warnings.filterwarnings("ignore", message=".*self.log.*")
     module.to(args.device)
     return training_step(lambda: module.training_step(batch, 0), make_optimizer(module), args, **hooks)
+
+
+def reference_step(reference, ours, reference_name: Callable[[str], str], loss: Callable, make_optimizer: Callable, args, **hooks) -> Callable[[], None]:
+    """The reference's step from `ours`'s weights (`copy_renamed`): `loss(reference)` as the loss of
+    `training_step`; `make_optimizer(reference)` builds the optimizer once it is on the device."""
+    copy_renamed(ours, reference, reference_name)
+    reference.to(args.device)
+    return training_step(lambda: loss(reference), make_optimizer(reference), args, **hooks)
 
 
 def rename(name: str, renames: list[tuple[str, str]]) -> str:

@@ -46,6 +46,20 @@ def assert_same_gradients(model: torch.nn.Module, reference: torch.nn.Module, re
             torch.testing.assert_close(p.grad, scale * ref.grad, msg=name, **tolerance)
 
 
+def assert_same_as_reference(model, bench, batch: dict, **tolerance) -> None:
+    """A siamese recipe's model and its benchmark's reference (recipes/<name>/bench.py, lightly's method on a
+    copy of the backbone), from the same weights: the same loss and gradients on the two views of `batch`."""
+    from core.bench import copy_renamed
+
+    reference = bench.reference_for(model)
+    copy_renamed(model, reference, bench.reference_name)
+    loss, ref_loss = model.training_step(batch, 0), reference.loss(*batch["views"])
+    torch.testing.assert_close(loss, ref_loss, **tolerance)
+    loss.backward()
+    ref_loss.backward()
+    assert_same_gradients(model, reference, bench.reference_name, **tolerance)
+
+
 def bench_steps(bench, argv: list[str]) -> None:
     """Two steps of each implementation of a recipe's benchmark (recipes/<name>/bench.py), in this process."""
     args = bench.parser().parse_args(argv)

@@ -12,10 +12,9 @@ from core.data import ShardDataModule
 from core.losses import barlow_twins_loss
 from core.optim import LARS
 from core.resnet import ResNet
-from core.bench import copy_renamed
 from recipes.barlowtwins import bench
 from recipes.barlowtwins.model import BarlowTwins
-from conftest import assert_same_gradients, bench_steps, noisy_views
+from conftest import assert_same_as_reference, bench_steps, noisy_views
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")]
@@ -124,15 +123,7 @@ def test_same_loss_and_gradients_as_lightlys_barlow_twins(monkeypatch):
     import lightly.loss.barlow_twins_loss as lightly_barlow
 
     monkeypatch.setattr(lightly_barlow, "_normalize", lambda z: torch.nn.functional.batch_norm(z, None, None, training=True, eps=1e-12))
-    model = tiny_barlow(projector_dims=[32, 32, 16])
-    reference = bench.reference_for(model)
-    copy_renamed(model, reference, bench.reference_name)
-    batch = views()
-    loss, ref_loss = model.training_step(batch, 0), reference.loss(*batch["views"])
-    torch.testing.assert_close(loss, ref_loss)
-    loss.backward()
-    ref_loss.backward()
-    assert_same_gradients(model, reference, bench.reference_name)
+    assert_same_as_reference(tiny_barlow(projector_dims=[32, 32, 16]), bench, views())
     with pytest.raises(ValueError, match="projector_dims"):
         bench.reference_for(tiny_barlow())  # [32, 16]: lightly's head has 3 layers
     bench_steps(bench, ["--width", "4", "--projector", "16", "--batch", "4"])

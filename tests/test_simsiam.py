@@ -11,10 +11,9 @@ import torch.nn.functional as F
 from core.augment import ImageEval, TwoViews
 from core.data import ShardDataModule
 from core.resnet import ResNet
-from core.bench import copy_renamed
 from recipes.simsiam import bench
 from recipes.simsiam.model import SimSiam
-from conftest import assert_same_gradients, bench_steps, noisy_views
+from conftest import assert_same_as_reference, bench_steps, noisy_views
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")]
@@ -108,13 +107,5 @@ def test_bad_input_fails_clearly():
 def test_same_loss_and_gradients_as_lightlys_simsiam():
     """The recipe's SimSiam against lightly's example on the same backbone (recipes/simsiam/bench.py), from the
     same weights: the benchmark compares one method done two ways."""
-    model = tiny_simsiam()
-    reference = bench.reference_for(model)
-    copy_renamed(model, reference, bench.reference_name)
-    batch = views()
-    loss, ref_loss = model.training_step(batch, 0), reference.loss(*batch["views"])
-    torch.testing.assert_close(loss, ref_loss)
-    loss.backward()
-    ref_loss.backward()
-    assert_same_gradients(model, reference, bench.reference_name)
+    assert_same_as_reference(tiny_simsiam(), bench, views())
     bench_steps(bench, ["--width", "4", "--projection-dim", "16", "--predictor-hidden", "8", "--batch", "4"])

@@ -6,10 +6,9 @@ import torch
 
 from core.losses import vicreg_loss
 from core.resnet import ResNet
-from core.bench import copy_renamed
 from recipes.vicreg import bench
 from recipes.vicreg.model import VICReg
-from conftest import assert_same_gradients, bench_steps, noisy_views
+from conftest import assert_same_as_reference, bench_steps, noisy_views
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")]
 
@@ -63,15 +62,7 @@ def test_bad_input_fails_clearly():
 def test_same_loss_and_gradients_as_lightlys_vicreg():
     """The recipe's VICReg against lightly's example on the same backbone (recipes/vicreg/bench.py), from the
     same weights: the benchmark compares one method done two ways."""
-    model = tiny_vicreg(projector_dims=[32, 32, 32])
-    reference = bench.reference_for(model)
-    copy_renamed(model, reference, bench.reference_name)
-    batch = views()
-    loss, ref_loss = model.training_step(batch, 0), reference.loss(*batch["views"])
-    torch.testing.assert_close(loss, ref_loss)
-    loss.backward()
-    ref_loss.backward()
-    assert_same_gradients(model, reference, bench.reference_name)
+    assert_same_as_reference(tiny_vicreg(projector_dims=[32, 32, 32]), bench, views())
     with pytest.raises(ValueError, match="projector_dims"):
         bench.reference_for(tiny_vicreg())  # [32, 16]: lightly's head has one width
     bench_steps(bench, ["--width", "4", "--expander", "16", "--batch", "4"])

@@ -18,6 +18,9 @@ from __future__ import annotations
 import argparse
 import copy
 
+from lightly.loss import BarlowTwinsLoss
+from lightly.models.modules import BarlowTwinsProjectionHead
+from lightly.utils.lars import LARS as LightlyLARS
 from torch import nn
 
 from core import bench
@@ -30,9 +33,6 @@ class ReferenceBarlowTwins(nn.Module):
 
     def __init__(self, backbone: nn.Module, embed_dim: int, hidden: int, out: int, lambd: float):
         super().__init__()
-        from lightly.loss import BarlowTwinsLoss
-        from lightly.models.modules import BarlowTwinsProjectionHead
-
         self.backbone = backbone
         self.projection_head = BarlowTwinsProjectionHead(embed_dim, hidden, out)
         self.criterion = BarlowTwinsLoss(lambda_param=lambd)
@@ -69,12 +69,8 @@ def build(impl: str, args):
 
     if impl == "ours":
         return bench.recipe_step(ours, {"views": views}, lars, args)
-    from lightly.utils.lars import LARS as LightlyLARS
 
-    model = reference_for(ours)
-    bench.copy_renamed(ours, model, reference_name)
-    model.to(args.device)
-    return bench.training_step(lambda: model.loss(*views), lars(model, LightlyLARS), args)
+    return bench.reference_step(reference_for(ours), ours, reference_name, lambda m: m.loss(*views), lambda m: lars(m, LightlyLARS), args)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -87,8 +83,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    stem = "CIFAR stem" if args.small_images else "ImageNet stem"
-    bench.run(build, args, f"Barlow Twins ResNet-{args.depth} of width {args.width} ({stem}) on {args.image_size} px, projector {args.projector} x 3")
+    bench.run(build, args, f"Barlow Twins {bench.resnet_title(args)}, projector {args.projector} x 3")
 
 
 if __name__ == "__main__":

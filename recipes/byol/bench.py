@@ -22,7 +22,10 @@ from __future__ import annotations
 import argparse
 import copy
 
-import torch
+from lightly.loss import NegativeCosineSimilarity
+from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+from lightly.models.utils import deactivate_requires_grad, update_momentum
+from lightly.utils.lars import LARS as LightlyLARS
 from torch import nn
 
 from core import bench
@@ -35,10 +38,6 @@ class ReferenceBYOL(nn.Module):
 
     def __init__(self, backbone: nn.Module, embed_dim: int, projector_hidden: int, projection_dim: int, predictor_hidden: int):
         super().__init__()
-        from lightly.loss import NegativeCosineSimilarity
-        from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
-        from lightly.models.utils import deactivate_requires_grad
-
         self.backbone = backbone
         self.projection_head = BYOLProjectionHead(embed_dim, projector_hidden, projection_dim)
         self.prediction_head = BYOLPredictionHead(projection_dim, predictor_hidden, projection_dim)
@@ -61,9 +60,7 @@ class ReferenceBYOL(nn.Module):
         p1, z1 = self(x1), self.forward_momentum(x1)
         return 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))
 
-    def update_momentum(self, m: float) -> None:
-        from lightly.models.utils import update_momentum
-
+    def update_target(self, m: float) -> None:
         update_momentum(self.backbone, self.backbone_momentum, m=m)
         update_momentum(self.projection_head, self.projection_head_momentum, m=m)
 
@@ -97,14 +94,13 @@ def build(impl: str, args):
             return LARS(param_groups(nn.ModuleList([m.backbone, m.projector, m.predictor]), 1e-5), lr=0.5, trust_coefficient=0.02)
 
         return bench.recipe_step(ours, {"views": views}, lars, args, after=lambda: ours.update_target(0.99))
-    from lightly.utils.lars import LARS as LightlyLARS
+
+    def lightly_lars(m):
+        online = nn.ModuleList([m.backbone, m.projection_head, m.prediction_head])
+        return LightlyLARS(param_groups(online, 1e-5), lr=0.5, momentum=0.9, trust_coefficient=0.02)
 
     model = reference_for(ours)
-    bench.copy_renamed(ours, model, reference_name)
-    model.to(args.device)
-    online = nn.ModuleList([model.backbone, model.projection_head, model.prediction_head])
-    optimizer = LightlyLARS(param_groups(online, 1e-5), lr=0.5, momentum=0.9, trust_coefficient=0.02)
-    return bench.training_step(lambda: model.loss(*views), optimizer, args, after=lambda: model.update_momentum(0.99))
+    return bench.reference_step(model, ours, reference_name, lambda m: m.loss(*views), lightly_lars, args, after=lambda: model.update_target(0.99))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -119,11 +115,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    stem = "CIFAR stem" if args.small_images else "ImageNet stem"
-    title = (
-        f"BYOL ResNet-{args.depth} of width {args.width} ({stem}) on {args.image_size} px, projector "
-        f"{args.projector_hidden}->{args.projection_dim}, predictor {args.predictor_hidden}"
-    )
+    title = f"BYOL {bench.resnet_title(args)}, projector {args.projector_hidden}->{args.projection_dim}, predictor {args.predictor_hidden}"
     bench.run(build, args, title)
 
 

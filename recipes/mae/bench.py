@@ -23,6 +23,8 @@ import argparse
 from functools import partial
 
 import torch
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
 from torch import nn
 
 from core import bench
@@ -37,9 +39,6 @@ class ReferenceMAE(nn.Module):
 
     def __init__(self, image_size, patch_size, dim, depth, heads, decoder_dim, decoder_depth, decoder_heads, mask_ratio=0.75, norm_pix_loss=True):
         super().__init__()
-        from timm.layers import PatchEmbed
-        from timm.models.vision_transformer import Block
-
         block = partial(Block, mlp_ratio=4.0, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
         self.patch_size, self.mask_ratio, self.norm_pix_loss = patch_size, mask_ratio, norm_pix_loss
         self.patch_embed = PatchEmbed(image_size, patch_size, 3, dim)

@@ -18,6 +18,8 @@ import argparse
 import copy
 
 import torch
+from lightly.loss import NegativeCosineSimilarity
+from lightly.models.modules import SimSiamPredictionHead, SimSiamProjectionHead
 from torch import nn
 
 from core import bench
@@ -29,9 +31,6 @@ class ReferenceSimSiam(nn.Module):
 
     def __init__(self, backbone: nn.Module, embed_dim: int, projection_dim: int, predictor_hidden: int):
         super().__init__()
-        from lightly.loss import NegativeCosineSimilarity
-        from lightly.models.modules import SimSiamPredictionHead, SimSiamProjectionHead
-
         self.backbone = backbone
         self.projection_head = SimSiamProjectionHead(embed_dim, projection_dim, projection_dim)
         self.prediction_head = SimSiamPredictionHead(projection_dim, predictor_hidden, projection_dim)
@@ -67,10 +66,7 @@ def build(impl: str, args):
 
     if impl == "ours":
         return bench.recipe_step(ours, {"views": views}, sgd, args)
-    model = reference_for(ours)
-    bench.copy_renamed(ours, model, reference_name)
-    model.to(args.device)
-    return bench.training_step(lambda: model.loss(*views), sgd(model), args)
+    return bench.reference_step(reference_for(ours), ours, reference_name, lambda m: m.loss(*views), sgd, args)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -84,9 +80,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    stem = "CIFAR stem" if args.small_images else "ImageNet stem"
-    title = f"SimSiam ResNet-{args.depth} of width {args.width} ({stem}) on {args.image_size} px, projector {args.projection_dim}, predictor {args.predictor_hidden}"
-    bench.run(build, args, title)
+    bench.run(build, args, f"SimSiam {bench.resnet_title(args)}, projector {args.projection_dim}, predictor {args.predictor_hidden}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ from __future__ import annotations
 import argparse
 import copy
 
+from lightly.loss import VICRegLoss
+from lightly.models.modules.heads import VICRegProjectionHead
+from lightly.utils.lars import LARS as LightlyLARS
 from torch import nn
 
 from core import bench
@@ -30,9 +33,6 @@ class ReferenceVICReg(nn.Module):
 
     def __init__(self, backbone: nn.Module, embed_dim: int, expander: int):
         super().__init__()
-        from lightly.loss import VICRegLoss
-        from lightly.models.modules.heads import VICRegProjectionHead
-
         self.backbone = backbone
         self.projection_head = VICRegProjectionHead(input_dim=embed_dim, hidden_dim=expander, output_dim=expander, num_layers=3)
         self.criterion = VICRegLoss()
@@ -67,12 +67,8 @@ def build(impl: str, args):
 
     if impl == "ours":
         return bench.recipe_step(ours, {"views": views}, lars, args)
-    from lightly.utils.lars import LARS as LightlyLARS
 
-    model = reference_for(ours)
-    bench.copy_renamed(ours, model, reference_name)
-    model.to(args.device)
-    return bench.training_step(lambda: model.loss(*views), lars(model, LightlyLARS), args)
+    return bench.reference_step(reference_for(ours), ours, reference_name, lambda m: m.loss(*views), lambda m: lars(m, LightlyLARS), args)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -85,8 +81,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    stem = "CIFAR stem" if args.small_images else "ImageNet stem"
-    bench.run(build, args, f"VICReg ResNet-{args.depth} of width {args.width} ({stem}) on {args.image_size} px, expander {args.expander} x 3")
+    bench.run(build, args, f"VICReg {bench.resnet_title(args)}, expander {args.expander} x 3")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import Block
 from torch import nn
 
 from core import bench
@@ -40,8 +41,6 @@ class ReferenceVideoMAE(nn.Module):
 
     def __init__(self, num_frames, image_size, patch_size, tubelet_size, dim, depth, heads, decoder_dim, decoder_depth, decoder_heads, class_token=False):
         super().__init__()
-        from timm.models.vision_transformer import Block
-
         block = partial(Block, mlp_ratio=4.0, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
         self.patch = (tubelet_size, patch_size, patch_size)
         n = (num_frames // tubelet_size) * (image_size // patch_size) ** 2
