@@ -9,6 +9,9 @@ before building the model on a CPU. The rounds alternate (reference, ours, refer
 implementation keeps its best round, so that a machine that slows down during the run slows both alike.
 FLOPs per step are counted by torch's FlopCounterMode (matrix products, convolutions and attention, forward
 and backward); MFU is achieved FLOP/s over the device's peak, when given.
+
+A bench module imports its reference's packages (timm, lightly) at module level: both processes then hold
+them before the memory baseline, which would otherwise charge their import (20-odd MB) to the reference.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from collections.abc import Callable, Collection
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from core.resnet import ResNet
 
 IMPLS = ("reference", "ours")
 Build = Callable[[str, argparse.Namespace], Callable[[], None]]
@@ -75,8 +80,6 @@ def add_resnet_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resnet_and_views(args) -> tuple[torch.nn.Module, list[torch.Tensor]]:
     """A core.resnet.ResNet as `add_resnet_arguments` set it, and a fixed pair of random views on the device."""
-    from core.resnet import ResNet
-
     views = [torch.randn(args.batch, 3, args.image_size, args.image_size, device=args.device) for _ in range(2)]
     return ResNet(depth=args.depth, width=args.width, small_images=args.small_images), views
 
