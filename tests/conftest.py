@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from core.bench import copy_renamed
 from core.data.shards import local_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,8 +50,6 @@ def assert_same_gradients(model: torch.nn.Module, reference: torch.nn.Module, re
 def assert_same_as_reference(model, bench, batch: dict, **tolerance) -> None:
     """A siamese recipe's model and its benchmark's reference (recipes/<name>/bench.py, lightly's method on a
     copy of the backbone), from the same weights: the same loss and gradients on the two views of `batch`."""
-    from core.bench import copy_renamed
-
     reference = bench.reference_for(model)
     copy_renamed(model, reference, bench.reference_name)
     loss, ref_loss = model.training_step(batch, 0), reference.loss(*batch["views"])

@@ -14,7 +14,7 @@ from core.momentum import cosine_momentum
 from core.resnet import ResNet
 from recipes.byol import bench
 from recipes.byol.model import BYOL
-from conftest import flat, noisy_views
+from conftest import assert_same_gradients, bench_steps, flat, noisy_views
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")]
@@ -117,23 +117,18 @@ def test_same_loss_gradients_and_target_step_as_lightlys_byol():
     torch.testing.assert_close(loss, 4 + 4 * ref_loss)  # the sum of 2 - 2 cos against the mean of -cos
     loss.backward()
     ref_loss.backward()
-    ref_params = dict(reference.named_parameters())
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, 4 * ref_params[bench.reference_name(name)].grad, msg=name)
+    assert_same_gradients(model, reference, bench.reference_name, scale=4)
     with torch.no_grad():  # move the online weights, then both targets take one EMA step
         for p in [*model.parameters(), *reference.parameters()]:
             if p.grad is not None:
                 p.sub_(0.1 * p.grad.sign())
     model.update_target(0.9)
     reference.update_target(0.9)
+    ref_params = dict(reference.named_parameters())
     for name, p in model.named_parameters():
         torch.testing.assert_close(p, ref_params[bench.reference_name(name)], msg=name)
     assert not torch.equal(flat(model.target_projector), flat(tiny_byol().target_projector))
-    for impl in ("reference", "ours"):  # both benchmark steps train
-        step = bench.build(impl, bench.parser().parse_args(["--width", "4", "--projector-hidden", "16", "--projection-dim", "8", "--predictor-hidden", "16", "--batch", "4"]))
-        step()
-        step()
+    bench_steps(bench, ["--width", "4", "--projector-hidden", "16", "--projection-dim", "8", "--predictor-hidden", "16", "--batch", "4"])
 
 
 def test_collapsed_embeddings_are_reported():

@@ -11,7 +11,7 @@ from core.losses import masked_patch_loss
 from core.masking import patchify, whole
 from recipes.videomae import bench
 from recipes.videomae.model import VideoMAE, tubelet_targets
-from conftest import mae_demo_run
+from conftest import bench_steps, mae_demo_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -165,12 +165,8 @@ def test_same_loss_and_gradients_as_the_official_videomae_structure():
     other = model.mask(3, "cpu", torch.Generator().manual_seed(2))[1]
     assert not torch.isclose(reference(videos, other)[0], loss)
     # The benchmark runs the reference as VideoMAE builds it, without a class token; both steps train.
-    args = ["--size", "tiny", "--depth", "1", "--frames", "4", "--image-size", "16", "--patch-size", "4", "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2", "--batch", "2"]
-    parsed = bench.parser().parse_args(args)
-    for impl in ("reference", "ours"):
-        step = bench.build(impl, parsed)
-        step()
-        step()
+    tiny = "--size tiny --depth 1 --frames 4 --image-size 16 --patch-size 4 --decoder-dim 32 --decoder-depth 1 --decoder-heads 2 --batch 2"
+    bench_steps(bench, tiny.split())
     with pytest.raises(ValueError, match="decoder.embed.bias"):
         torch.nn.init.ones_(model.decoder.embed.bias)
         bench.copy_weights(model, bench.reference_for(model))
