@@ -59,6 +59,23 @@ def assert_same_as_reference(model, bench, batch: dict, **tolerance) -> None:
     assert_same_gradients(model, reference, bench.reference_name, **tolerance)
 
 
+def same_reconstruction_as_reference(model, reference, *inputs: torch.Tensor) -> torch.Tensor:
+    """A masked autoencoder's `reconstruct(*inputs, generator)` and its benchmark's reference built on
+    core.mae_reference (`reference(*inputs, noise)`), the noise drawn from the same seed: the same mask,
+    predictions and loss. Backpropagates both losses and returns the recipe's, for the gradients' check."""
+    loss, pred, mask = model.reconstruct(*inputs, torch.Generator().manual_seed(1))
+    noise = torch.rand(*mask.shape, generator=torch.Generator().manual_seed(1))
+    ref_loss, ref_pred, ref_mask = reference(*inputs, noise)
+    torch.testing.assert_close(ref_mask.bool(), mask)
+    torch.testing.assert_close(ref_pred, pred)
+    torch.testing.assert_close(ref_loss, loss)
+    loss.backward()
+    ref_loss.backward()
+    # A reference that differed where it counts would show: another mask gives another loss.
+    assert not torch.isclose(reference(*inputs)[0], loss)
+    return loss
+
+
 def bench_steps(bench, argv: list[str]) -> None:
     """Two steps of each implementation of a recipe's benchmark (recipes/<name>/bench.py), in this process."""
     args = bench.parser().parse_args(argv)

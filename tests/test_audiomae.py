@@ -11,9 +11,11 @@ from core import load_encoder
 from core.augment import log_mel
 from core.export import export_checkpoint
 from core.finetune import finetune
+from core.mae_reference import copy_weights, reference_name
 from core.masking import whole
+from recipes.audiomae import bench
 from recipes.audiomae.model import AudioMAE, roll_and_scale
-from conftest import ROOT, mae_demo_run
+from conftest import ROOT, assert_same_gradients, bench_steps, mae_demo_run, same_reconstruction_as_reference
 
 # 0.25 s at 8 kHz: 23 Kaldi frames, cropped to 16; 32 mel bins; 8x8 patches: a (4, 2) grid.
 TINY = dict(
@@ -62,6 +64,20 @@ def test_loss_ignores_visible_patches():
     grad = pred.grad.abs().sum(-1)  # (B, N)
     assert torch.all(grad[~mask] == 0)
     assert torch.all(grad[mask] > 0)
+
+
+def test_same_loss_and_gradients_as_the_official_audio_mae_structure():
+    """The recipe's AudioMAE against the official code's model with its global decoder (core/mae_reference.py on
+    one-channel spectrograms, recipes/audiomae/bench.py), from the same weights and the same noise: the benchmark
+    compares one computation done two ways."""
+    torch.manual_seed(0)
+    model = AudioMAE(**{**TINY, "decoder_depth": 2})
+    reference = bench.reference_for(model)
+    copy_weights(model, reference)
+    spec = model.spectrogram(waves())  # (3, 1, 32, 16): a (4, 2) grid, 80% of its 8 patches hidden: 7
+    same_reconstruction_as_reference(model, reference, spec)
+    assert_same_gradients(model, reference, reference_name)
+    bench_steps(bench, "--size tiny --depth 1 --n-mels 32 --frames 16 --patch-size 8 --decoder-dim 32 --decoder-depth 1 --decoder-heads 2 --batch 2".split())
 
 
 def test_roll_and_scale_rolls_each_waveform_and_scales_it_between_half_and_one_and_a_half():

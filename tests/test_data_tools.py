@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from core.data import read_batches
 from core.data.inspect import main as inspect_main

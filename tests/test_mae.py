@@ -9,10 +9,11 @@ import torch
 from core import load_encoder
 from core.export import export_checkpoint
 from core.visualize import pictures_due
-from recipes.mae.bench import copy_weights, reference_for, reference_name
+from core.mae_reference import copy_weights, reference_name
 from recipes.mae.bench import main as bench_main
+from recipes.mae.bench import reference_for
 from recipes.mae.model import MAE
-from conftest import mae_demo_run, patch_pixels
+from conftest import assert_same_gradients, mae_demo_run, patch_pixels, same_reconstruction_as_reference
 
 
 def small_mae(**kw):
@@ -82,26 +83,15 @@ def test_pictures_are_saved_once_per_picture_step_under_gradient_accumulation():
 
 
 def test_same_loss_and_gradients_as_the_official_mae_structure():
-    """The recipe's MAE against the official code's model on timm's blocks (recipes/mae/bench.py), from the
+    """The recipe's MAE against the official code's model on timm's blocks (core/mae_reference.py), from the
     same weights and the same noise: the benchmark compares one computation done two ways."""
     torch.manual_seed(0)
     model = small_mae(image_size=32, patch_size=8, decoder_depth=2)
     reference = reference_for(model)
     copy_weights(model, reference)
     images = torch.randn(3, 3, 32, 32)
-    loss, pred, mask = model.reconstruct(images, torch.Generator().manual_seed(1))
-    ref_loss, ref_pred, ref_mask = reference(images, torch.rand(3, 16, generator=torch.Generator().manual_seed(1)))
-    assert mask.sum().item() == 3 * 12  # 75% of 16 patches hidden, the same ones in both
-    torch.testing.assert_close(ref_mask.bool(), mask)
-    torch.testing.assert_close(ref_pred, pred)
-    torch.testing.assert_close(ref_loss, loss)
-    loss.backward()
-    ref_loss.backward()
-    ref_params = dict(reference.named_parameters())
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(ref_params[reference_name(name)].grad, p.grad, msg=name)
-    # A reference that differed where it counts would show: another mask gives another loss.
-    assert not torch.isclose(reference(images)[0], loss)
+    same_reconstruction_as_reference(model, reference, images)
+    assert_same_gradients(model, reference, reference_name)
 
 
 def test_bench_times_both_models_in_their_own_processes(tmp_path, capsys):
