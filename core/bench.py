@@ -70,23 +70,30 @@ def training_step(
     return step
 
 
-def add_resnet_arguments(parser: argparse.ArgumentParser) -> None:
-    """The backbone options of the siamese benchmarks; the defaults are the demos' ResNet-18 of width 32."""
+def add_resnet_arguments(parser: argparse.ArgumentParser, image_size: bool = True) -> None:
+    """The backbone options of the siamese benchmarks; the defaults are the demos' ResNet-18 of width 32.
+    image_size: also the views' side (DINO's benchmark has its crop sizes instead)."""
     parser.add_argument("--depth", type=int, default=18, help="ResNet depth (18, 34, 50)")
     parser.add_argument("--width", type=int, default=32, help="channels of the ResNet's first stage (paper: 64)")
     parser.add_argument("--small-images", action="store_true", help="the CIFAR stem (3x3 conv, no max-pool)")
-    parser.add_argument("--image-size", type=int, default=32)
+    if image_size:
+        parser.add_argument("--image-size", type=int, default=32)
 
 
 def resnet_and_views(args) -> tuple[torch.nn.Module, list[torch.Tensor]]:
     """A core.resnet.ResNet as `add_resnet_arguments` set it, and a fixed pair of random views on the device."""
     views = [torch.randn(args.batch, 3, args.image_size, args.image_size, device=args.device) for _ in range(2)]
-    return ResNet(depth=args.depth, width=args.width, small_images=args.small_images), views
+    return resnet(args), views
 
 
-def resnet_title(args) -> str:
+def resnet(args) -> ResNet:
+    return ResNet(depth=args.depth, width=args.width, small_images=args.small_images)
+
+
+def resnet_title(args, pixels: str | None = None) -> str:
+    """`pixels`: what the views are, when not `args.image_size`."""
     stem = "CIFAR stem" if args.small_images else "ImageNet stem"
-    return f"ResNet-{args.depth} of width {args.width} ({stem}) on {args.image_size} px"
+    return f"ResNet-{args.depth} of width {args.width} ({stem}) on {pixels or f'{args.image_size} px'}"
 
 
 def recipe_step(module, batch: dict, make_optimizer: Callable, args, **hooks) -> Callable[[], None]:

@@ -200,10 +200,14 @@ def test_loss_goes_down_on_a_fixed_batch():
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_same_loss_clipped_gradients_teacher_and_center_as_dinos_code():
+@pytest.mark.parametrize("network", ["vit", "resnet"])
+def test_same_loss_clipped_gradients_teacher_and_center_as_dinos_code(network):
     """The recipe's DINO against the official code's training step (recipes/dino/bench.py) on the same
     backbone, from the same weights and crops: the benchmark compares one method done two ways."""
-    backbone = ViT((16, 16), (4, 4), dim=16, depth=2, heads=2, drop_path=0.0, pos_embed="learned", init="trunc_normal")
+    if network == "vit":
+        backbone = ViT((16, 16), (4, 4), dim=16, depth=2, heads=2, drop_path=0.0, pos_embed="learned", init="trunc_normal")
+    else:  # the demo's kind; BatchNorm in training mode in both students and teachers
+        backbone = ResNet(depth=18, width=4)
     torch.manual_seed(0)
     model = DINO(backbone, global_size=16, local_size=8, out_dim=32, hidden_dim=16, bottleneck_dim=8, clip_grad=0.05, teacher_temp=0.07)
     torch.nn.init.normal_(model.center, std=0.1)  # a center that has moved, as after a few steps
@@ -233,7 +237,9 @@ def test_same_loss_clipped_gradients_teacher_and_center_as_dinos_code():
     for name, p in model.named_parameters():
         torch.testing.assert_close(p, ref_params[bench.reference_name(name)], msg=name)
     torch.testing.assert_close(model.center, reference.dino_loss.center)
-    bench_steps(bench, ["--size", "tiny", "--patch-size", "8", "--global-size", "16", "--local-size", "8", "--local-crops", "2", "--out-dim", "64", "--batch", "4"])
+    sizes = ["--global-size", "16", "--local-size", "8", "--local-crops", "2", "--out-dim", "64", "--hidden-dim", "32", "--bottleneck-dim", "16", "--batch", "4"]
+    backbone_args = ["--size", "tiny", "--patch-size", "8"] if network == "vit" else ["--backbone", "resnet", "--width", "4"]
+    bench_steps(bench, sizes + backbone_args)
 
 
 def test_bad_input_fails_clearly():

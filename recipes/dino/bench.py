@@ -9,7 +9,9 @@ gradient clipped on its own, reading each norm back to the host with `.item()`),
 `cancel_gradients_last_layer`, and the teacher's EMA as a loop over the parameters. Both train the same
 backbone (a core.vit.ViT with DINO's learned positions and initialisation, resized position table for the
 local crops: DINO's `interpolate_pos_encoding` samples at a scale factor nudged by 0.1, a few points off
-the exact grid, at the same cost), so what the benchmark compares is everything around it. From the same
+the exact grid, at the same cost; or, `--backbone resnet`, the demo's core.resnet.ResNet, which DINO's code
+would take from torchvision with its classifier removed), so what the benchmark compares is everything
+around it. From the same
 weights and crops, the two give the same loss, clipped gradients, teacher step and center
 (tests/test_dino.py). Each step here is the whole of a training step at epoch 0 (the prototypes frozen, as
 in DINO's first epoch): the teacher on the global crops, the student on all of them, the loss, backward,
@@ -17,6 +19,8 @@ clipping, AdamW, the teacher's and the center's EMA steps; ours also computes th
 KL and the embedding std it logs. The timing itself is core.bench's.
 
     python -m recipes.dino.bench --batch 8                            # the paper's ViT-S/16: 2 x 224 px + 10 x 96 px crops, 65536 prototypes
+    python -m recipes.dino.bench --backbone resnet --global-size 32 --local-size 16 --local-crops 4 \
+        --out-dim 1024 --hidden-dim 512 --bottleneck-dim 128 --batch 128      # the demo's ResNet-18 of width 32
     python -m recipes.dino.bench --batch 128 --device cuda --precision bf16-mixed --peak-tflops 989
 """
 
@@ -132,7 +136,8 @@ class ReferenceDINO(nn.Module):
         super().__init__()
         self.student = MultiCropWrapper(backbone, DINOHead(backbone.embed_dim, out_dim, hidden_dim, bottleneck_dim))
         teacher_backbone = copy.deepcopy(backbone)
-        set_drop_path(teacher_backbone, 0.0)
+        if isinstance(backbone, ViT):
+            set_drop_path(teacher_backbone, 0.0)
         self.teacher = MultiCropWrapper(teacher_backbone, DINOHead(backbone.embed_dim, out_dim, hidden_dim, bottleneck_dim))
         self.teacher.load_state_dict(self.student.state_dict())
         for p in self.teacher.parameters():
@@ -180,8 +185,14 @@ def copy_weights(model: DINO, ref: ReferenceDINO) -> None:
 def build(impl: str, args):
     """One training step of either model on fixed random crops; the reference starts from our weights, both
     take AdamW with this recipe's parameter groups, at epoch 0 (prototypes frozen) and momentum 0.996."""
-    backbone = ViT((args.global_size,) * 2, (args.patch_size,) * 2, 3, size=args.size, drop_path=0.1, pos_embed="learned", init="trunc_normal")
-    ours = DINO(backbone, args.global_size, args.local_size, args.out_dim, clip_grad=3.0, teacher_temp=0.04, freeze_last_layer_epochs=1)
+    if args.backbone == "resnet":
+        backbone = bench.resnet(args)
+    else:
+        backbone = ViT((args.global_size,) * 2, (args.patch_size,) * 2, 3, size=args.size, drop_path=0.1, pos_embed="learned", init="trunc_normal")
+    ours = DINO(
+        backbone, args.global_size, args.local_size, args.out_dim, args.hidden_dim, args.bottleneck_dim,
+        clip_grad=3.0, teacher_temp=0.04, freeze_last_layer_epochs=1,
+    )  # fmt: skip
     crops = [torch.randn(args.batch, 3, args.global_size, args.global_size, device=args.device) for _ in range(2)]
     crops += [torch.randn(args.batch, 3, args.local_size, args.local_size, device=args.device) for _ in range(args.local_crops)]
     if impl == "ours":
@@ -207,22 +218,25 @@ def build(impl: str, args):
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", choices=["vit", "resnet"], default="vit", help="paper: vit (ViT-S/16); the demo's: resnet")
     parser.add_argument("--size", default="small", help="ViT size (core.vit.VIT_SIZES); paper: small")
     parser.add_argument("--patch-size", type=int, default=16)
+    bench.add_resnet_arguments(parser, image_size=False)
     parser.add_argument("--global-size", type=int, default=224)
     parser.add_argument("--local-size", type=int, default=96)
     parser.add_argument("--local-crops", type=int, default=10)
     parser.add_argument("--out-dim", type=int, default=65536, help="prototypes K")
+    parser.add_argument("--hidden-dim", type=int, default=2048, help="the head's MLP width")
+    parser.add_argument("--bottleneck-dim", type=int, default=256, help="the head's output before the prototypes")
     bench.add_arguments(parser, batch=8)
     return parser
 
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    title = (
-        f"DINO ViT-{args.size}/{args.patch_size}, 2 x {args.global_size} px + {args.local_crops} x {args.local_size} px crops, "
-        f"{args.out_dim} prototypes"
-    )
+    crops = f"2 x {args.global_size} px + {args.local_crops} x {args.local_size} px crops"
+    network = bench.resnet_title(args, crops) if args.backbone == "resnet" else f"ViT-{args.size}/{args.patch_size} on {crops}"
+    title = f"DINO {network}, {args.out_dim} prototypes, head {args.hidden_dim} -> {args.bottleneck_dim}"
     bench.run(build, args, title)
 
 
