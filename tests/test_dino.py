@@ -14,7 +14,7 @@ from core.data import ShardDataModule
 from core.momentum import cosine_momentum, update_momentum
 from core.resnet import ResNet
 from core.vit import ViT
-from recipes.dino import bench
+from recipes.dino import bench, clip_bench
 from recipes.dino.model import DINO, encode
 from conftest import assert_same_gradients, bench_steps, flat
 
@@ -240,6 +240,13 @@ def test_same_loss_clipped_gradients_teacher_and_center_as_dinos_code(network):
     sizes = ["--global-size", "16", "--local-size", "8", "--local-crops", "2", "--out-dim", "64", "--hidden-dim", "32", "--bottleneck-dim", "16", "--batch", "4"]
     backbone_args = ["--size", "tiny", "--patch-size", "8"] if network == "vit" else ["--backbone", "resnet", "--width", "4"]
     bench_steps(bench, sizes + backbone_args)
+
+
+@pytest.mark.timeout(120)
+def test_clip_bench_times_both_clippings_on_two_ranks_and_they_agree():
+    result = clip_bench.main(["--size", "tiny", "--repeats", "1"])
+    assert result["gradients"] == 149 and result["clip_each_gradient"] > 0 and result["DTensor norms"] > 0
+    assert result["error"] < 1e-6
 
 
 def test_bad_input_fails_clearly():

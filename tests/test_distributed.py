@@ -18,10 +18,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from core.distributed import all_reduce_mean, gather_with_grad, world
 from core.losses import barlow_twins_loss, clip_loss, dino_center, siglip_loss, vicreg_loss
+from recipes.dino.model import clip_each_gradient
 
 WORLD, BATCH, IN, DIM = 2, 4, 5, 3  # per-rank batch; the reference sees WORLD * BATCH samples
 
@@ -57,6 +60,15 @@ CASES = {
     "clip": (lambda: DualEncoder(False), lambda m, z1, z2, gather: clip_loss(z1, z2, m.logit_scale, gather=gather)),
     "siglip": (lambda: DualEncoder(True), lambda m, z1, z2, gather: siglip_loss(z1, z2, m.logit_scale, m.logit_bias, gather=gather)),
 }
+
+
+CLIP = 1.0
+
+
+def clip_grads() -> list[torch.Tensor]:
+    """Gradients of norms above and below CLIP; the (1,)-shaped one leaves the second rank an empty shard."""
+    g = torch.Generator().manual_seed(7)
+    return [scale * torch.randn(*shape, generator=g, dtype=torch.float64) for shape, scale in [((3, 5), 1.0), ((1,), 0.1), ((4,), 2.0), ((5, 2), 0.05)]]
 
 
 def make_model(name: str) -> nn.Module:
@@ -103,6 +115,16 @@ def rank_results(rank: int) -> dict:
     teacher = [t[local] for t in global_batch("clip")]
     results["center"] = dino_center(torch.ones(1, IN, dtype=torch.float64), teacher, momentum=0.5)
     results["mean"] = all_reduce_mean(torch.tensor([float(rank)]))
+
+    # DINO's per-parameter clipping on gradients sharded as FSDP2 shards them (DTensors, Shard(0)).
+    mesh = init_device_mesh("cpu", (WORLD,))
+    params = []
+    for grad in clip_grads():
+        p = nn.Parameter(distribute_tensor(torch.zeros_like(grad), mesh, [Shard(0)]))
+        p.grad = distribute_tensor(grad, mesh, [Shard(0)])
+        params.append(p)
+    clip_each_gradient(params, CLIP)
+    results["clipped"] = [p.grad.full_tensor() for p in params]
 
     try:
         gather_with_grad(torch.zeros(3 if rank == 0 else 2, DIM))
@@ -177,6 +199,16 @@ def test_dino_center_and_all_reduce_mean_use_every_rank(ranks):
     for res in ranks:
         torch.testing.assert_close(res["center"], expected, rtol=1e-12, atol=1e-12)
         assert res["mean"].item() == pytest.approx(sum(range(WORLD)) / WORLD)
+
+
+def test_dino_clips_each_sharded_gradient_by_the_norm_of_the_whole(ranks):
+    """recipes.dino.model.clip_each_gradient under FSDP: each rank holds half of every gradient, and each is
+    scaled by its whole norm (one all-reduce of the shards' squares), as one process clips the full ones."""
+    expected = [g * (CLIP / (g.norm() + 1e-6)).clamp(max=1.0) for g in clip_grads()]
+    assert [bool(g.norm() > CLIP) for g in clip_grads()] == [True, False, True, False]
+    for res in ranks:
+        for got, want in zip(res["clipped"], expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
 
 
 def test_mismatched_batch_sizes_raise_on_every_rank(ranks):
