@@ -55,24 +55,27 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                update = p.grad
-                if not group["lars_exclude"]:
-                    update = update.add(p, alpha=group["weight_decay"])
-                    w_norm, u_norm = torch.norm(p), torch.norm(update)
-                    trust = group["trust_coefficient"] * w_norm / u_norm
-                    if group["clip"]:
-                        trust = (trust / group["lr"]).clamp(max=1.0)
-                    trust = torch.where((w_norm > 0) & (u_norm > 0), trust, torch.ones_like(w_norm))
-                    update = update * trust
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.clone(update).detach()
-                else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(update)
-                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            # A group's parameters in a handful of fused (foreach) kernels, not a dozen small ones each.
+            updates = [p.grad for p in params]
+            if not group["lars_exclude"]:
+                updates = torch._foreach_add(updates, params, alpha=group["weight_decay"])  # new tensors
+                w_norm = torch.stack(torch._foreach_norm(params))  # (P,)
+                u_norm = torch.stack(torch._foreach_norm(updates))
+                trust = group["trust_coefficient"] * w_norm / u_norm
+                if group["clip"]:
+                    trust = (trust / group["lr"]).clamp(max=1.0)
+                trust = torch.where((w_norm > 0) & (u_norm > 0), trust, torch.ones_like(trust))
+                torch._foreach_mul_(updates, list(trust.unbind()))
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:  # zero: after its first step it holds the first update
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            buffers = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, updates)
+            torch._foreach_add_(params, buffers, alpha=-group["lr"])
         return loss
 
 

@@ -1,5 +1,6 @@
 """Learning-rate schedules at their key steps, the EMA target network, weight-decay groups and LARS."""
 
+import copy
 import io
 import math
 
@@ -287,6 +288,31 @@ def test_lars_two_steps_against_hand_computation(clip, grad_scale, lr):
     w, b = lars_by_hand(w0, b0, grads, lr=lr, momentum=0.9, wd=0.1, eta=0.02, clip=clip)
     np.testing.assert_allclose(layer.weight.detach().numpy(), w, rtol=1e-12)
     np.testing.assert_allclose(layer.bias.detach().numpy(), b, rtol=1e-12)
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_lars_steps_each_parameter_of_a_group_as_it_would_alone(clip):
+    """The step runs a group's parameters together (foreach kernels): each must still get its own trust
+    ratio and momentum, as in a group of its own; a parameter without a gradient is left alone."""
+    torch.manual_seed(0)
+    together = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3), nn.Linear(3, 2)).double()
+    alone = copy.deepcopy(together)
+    options = dict(lr=0.3, momentum=0.9, trust_coefficient=0.02, clip=clip)
+    opt_together = LARS(param_groups(together, weight_decay=0.1), **options)
+    opt_alone = LARS([{**group, "params": [p]} for group in param_groups(alone, weight_decay=0.1) for p in group["params"]], **options)
+    unstepped = together[3].bias.detach().clone()
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        for a, b in zip(together.parameters(), alone.parameters()):
+            a.grad = (10.0 ** torch.randint(-3, 2, (), generator=g)) * torch.randn(a.shape, generator=g, dtype=torch.float64)
+            b.grad = a.grad.clone()
+        together[3].bias.grad = alone[3].bias.grad = None
+        opt_together.step()
+        opt_alone.step()
+    for (name, a), b in zip(together.named_parameters(), alone.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15, msg=name)
+    assert torch.equal(together[3].bias, unstepped)  # never a gradient: no buffer, no move
+    assert together[3].bias not in opt_together.state
 
 
 def test_lars_zero_weight_uses_unit_trust():
