@@ -67,7 +67,7 @@ def clip_each_gradient(parameters, max_norm: float) -> None:
     (torch's clip_grad_norm_ scales all of them by their total norm instead). The norms take one fused
     kernel, and under FSDP (core.fsdp: each rank holds a disjoint shard of every gradient) one all-reduce
     of the shards' squared norms, where each sharded gradient's own `.norm()` would cost a collective and a
-    dozen DTensor dispatches: for a ViT-S on 2 CPU ranks, 330 ms a step against 33 ms."""
+    dozen DTensor dispatches: for a ViT-S on 2 CPU ranks, 309 ms a step against 16 ms (clip_bench.py)."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return
