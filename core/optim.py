@@ -7,6 +7,8 @@ from collections.abc import Collection
 import torch
 from torch import nn
 
+from core.fsdp import local_tensors, whole_norms
+
 
 def decayed(p: torch.Tensor) -> bool:
     """Weight decay applies to weights of 2+ dims, not to biases and norm parameters (1 dim), as in MAE,
@@ -62,13 +64,12 @@ class LARS(torch.optim.Optimizer):
             updates = [p.grad for p in params]
             if not group["lars_exclude"]:
                 updates = torch._foreach_add(updates, params, alpha=group["weight_decay"])  # new tensors
-                w_norm = torch.stack(torch._foreach_norm(params))  # (P,)
-                u_norm = torch.stack(torch._foreach_norm(updates))
+                w_norm, u_norm = whole_norms(params), whole_norms(updates)  # (P,), of whole tensors under FSDP too
                 trust = group["trust_coefficient"] * w_norm / u_norm
                 if group["clip"]:
                     trust = (trust / group["lr"]).clamp(max=1.0)
                 trust = torch.where((w_norm > 0) & (u_norm > 0), trust, torch.ones_like(trust))
-                torch._foreach_mul_(updates, list(trust.unbind()))
+                torch._foreach_mul_(local_tensors(updates), list(trust.unbind()))
             for p in params:
                 if "momentum_buffer" not in self.state[p]:  # zero: after its first step it holds the first update
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)

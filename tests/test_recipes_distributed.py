@@ -1,4 +1,4 @@
-"""The masked autoencoders' demo configs, and DINO's with a ViT, in real 2-process runs (gloo on CPU), under DDP
+"""The masked autoencoders' demo configs, and DINO's and BYOL's with a ViT, in real 2-process runs (gloo on CPU), under DDP
 as their paper configs train and under FSDP (FSDP2 with Lightning's ModelParallelStrategy, `core.fsdp`):
 started as users start it, `python recipes/<name>/train.py fit ...`, Lightning's launcher starting the second
 rank the same way.
@@ -17,7 +17,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.plugins import TorchSyncBatchNorm
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from core.export import export_checkpoint, load_encoder
 from core.fsdp import shard_blocks
@@ -31,13 +32,13 @@ STRATEGIES = {
 
 
 MASKED = ["--model.pictures_every_n_steps=1", "--model.encoder_depth=1"]
-# DINO with a ViT, its per-parameter gradient clipping on (on the shards under FSDP).
+# The siamese recipes with a ViT (the demos train ResNets); DINO with its per-parameter gradient clipping on
+# (on the shards under FSDP), BYOL with LARS at trust 1, unclipped, so that its weights move measurably.
 VIT = ["--model.backbone.class_path=core.vit.ViT", "--model.backbone.init_args.input_size=[32,32]", "--model.backbone.init_args.patch_size=[4,4]",
-       "--model.backbone.init_args.size=tiny", "--model.backbone.init_args.depth=1",
-       "--model.clip_grad=0.001"]  # fmt: skip
+       "--model.backbone.init_args.size=tiny", "--model.backbone.init_args.depth=1"]  # fmt: skip
 # name: (recipe, its arguments)
 RECIPES = {"mae": ("mae", MASKED), "videomae": ("videomae", MASKED), "audiomae": ("audiomae", MASKED), "cropmae": ("cropmae", MASKED),
-           "dino-vit": ("dino", VIT)}  # fmt: skip
+           "dino-vit": ("dino", [*VIT, "--model.clip_grad=0.001"]), "byol-vit": ("byol", [*VIT, "--model.lars_trust=1.0", "--model.lars_clip=false"])}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -109,11 +110,12 @@ def without_key_bias(key: str, value: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(
     "name, exported, trained",
     [("mae", "encoder.", "encoder."), ("videomae", "encoder.", "encoder."), ("audiomae", "encoder.", "encoder."),
-     ("cropmae", "encoder.", "encoder."), ("dino-vit", "teacher_backbone.", "backbone.")],
+     ("cropmae", "encoder.", "encoder."), ("dino-vit", "teacher_backbone.", "backbone."), ("byol-vit", "backbone.", "backbone.")],
 )  # fmt: skip
 def test_fsdp_trains_as_ddp_does_and_its_checkpoint_exports(runs, tmp_path, name, exported, trained):
     # CropMAE runs its encoder twice a step (global and local view): FSDP gathers and frees it twice. DINO's
-    # teacher runs forward only, on the global crops; its student also on the smaller local crops.
+    # teacher runs forward only, on the global crops; its student also on the smaller local crops. BYOL's
+    # LARS takes each sharded weight's whole norm, and its target follows by EMA.
     (ddp, ddp_result), (fsdp, fsdp_result) = runs(name, "ddp"), runs(name, "fsdp")
     assert ddp_result.returncode == 0 and fsdp_result.returncode == 0, fsdp_result.stderr[-3000:]
     assert "sharded over 2 ranks" in fsdp_result.stdout + fsdp_result.stderr
@@ -152,4 +154,15 @@ def test_lightnings_fsdp1_strategy_is_refused_naming_the_one_to_use():
     model = MAE(image_size=32, patch_size=4, size="tiny", encoder_depth=1, decoder_dim=64, decoder_depth=1, decoder_heads=2)
     model.trainer = SimpleNamespace(strategy=FSDPStrategy())
     with pytest.raises(ValueError, match="trainer.strategy: .*--trainer.strategy=ModelParallelStrategy"):
+        shard_blocks(model)
+
+
+def test_synchronised_batchnorm_under_fsdp2_is_refused_not_dropped():
+    """`trainer.sync_batchnorm: true` (the siamese paper configs) with ModelParallelStrategy: Lightning would
+    leave BatchNorm per rank without a word."""
+    model = MAE(image_size=32, patch_size=4, size="tiny", encoder_depth=1, decoder_dim=64, decoder_depth=1, decoder_heads=2)
+    strategy = ModelParallelStrategy()
+    strategy._layer_sync = TorchSyncBatchNorm()  # what the Trainer sets for sync_batchnorm=True
+    model.trainer = SimpleNamespace(strategy=strategy)
+    with pytest.raises(ValueError, match="trainer.sync_batchnorm: ModelParallelStrategy does not synchronise"):
         shard_blocks(model)

@@ -15,6 +15,7 @@ from torch import nn
 
 from core.augment import IMAGENET_MEAN, IMAGENET_STD, batch_views
 from core.export import describe_encoder
+from core.fsdp import shard_blocks
 from core.heads import feature_dim, mlp_head
 from core.losses import barlow_twins_loss
 from core.optim import LARS, param_groups, scaled_lr
@@ -78,6 +79,9 @@ class BarlowTwins(L.LightningModule):
     def embed(self, batch) -> torch.Tensor:
         """The representation: the encoder's output on clean images, (B, embed_dim)."""
         return self.backbone(batch["image"])
+
+    def configure_model(self):
+        shard_blocks(self)  # FSDP2 under ModelParallelStrategy; nothing under DDP or in one process
 
     def configure_optimizers(self):
         weights, biases = param_groups(self, self.hparams.weight_decay)  # biases and norms: no decay, no LARS

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from core.augment import IMAGENET_MEAN, IMAGENET_STD, batch_views
 from core.export import describe_encoder
-from core.fsdp import shard_blocks
+from core.fsdp import local_tensors, shard_blocks, whole_norms
 from core.heads import feature_dim
 from core.losses import dino_center, dino_collapse_diagnostics, dino_loss, dino_targets
 from core.momentum import cosine_momentum, momentum_copy, update_momentum
@@ -65,23 +63,11 @@ class DINOHead(nn.Module):
 def clip_each_gradient(parameters, max_norm: float) -> None:
     """DINO's `clip_gradients`: scale each parameter's gradient down to norm `max_norm` on its own, never up
     (torch's clip_grad_norm_ scales all of them by their total norm instead). The norms take one fused
-    kernel, and under FSDP (core.fsdp: each rank holds a disjoint shard of every gradient) one all-reduce
-    of the shards' squared norms, where each sharded gradient's own `.norm()` would cost a collective and a
-    dozen DTensor dispatches: for a ViT-S on 2 CPU ranks, 309 ms a step against 16 ms (clip_bench.py)."""
+    kernel, and under FSDP one collective (core.fsdp.whole_norms)."""
     grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return
-    sharded = [isinstance(g, DTensor) for g in grads]
-    if any(sharded):
-        mesh = grads[0].device_mesh if sharded[0] else None
-        if not all(sharded) or any(g.device_mesh != mesh or not all(pl.is_shard() for pl in g.placements) for g in grads):
-            raise ValueError("clip_each_gradient: gradients must be all plain or all sharded on one mesh, as core.fsdp shards them")
-        grads = [g.to_local() for g in grads]
-    squares = torch.stack(torch._foreach_norm(grads)) ** 2  # (P,)
-    if any(sharded):
-        dist.all_reduce(squares, group=mesh.get_group())  # the shards' squares add up to the whole gradient's
-    scales = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(grads, list(scales.unbind()))
+    if grads:
+        scales = (max_norm / (whole_norms(grads) + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(local_tensors(grads), list(scales.unbind()))
 
 
 def encode(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:

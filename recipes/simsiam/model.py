@@ -15,6 +15,7 @@ from torch import nn
 
 from core.augment import IMAGENET_MEAN, IMAGENET_STD, batch_views
 from core.export import describe_encoder
+from core.fsdp import shard_blocks
 from core.heads import feature_dim, mlp_head
 from core.losses import negative_cosine
 from core.optim import scaled_lr
@@ -77,6 +78,9 @@ class SimSiam(L.LightningModule):
     def embed(self, batch) -> torch.Tensor:
         """The representation: the encoder's output on clean images, (B, embed_dim)."""
         return self.backbone(batch["image"])
+
+    def configure_model(self):
+        shard_blocks(self)  # FSDP2 under ModelParallelStrategy; nothing under DDP or in one process
 
     def configure_optimizers(self):
         lr = scaled_lr(self.hparams.base_lr, self.trainer)
