@@ -12,7 +12,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
@@ -37,7 +37,8 @@ def shard_blocks(model: L.LightningModule) -> None:
             "trainer.strategy: Lightning's FSDPStrategy (FSDP1) is not supported by this recipe; shard it with "
             "--trainer.strategy=ModelParallelStrategy --trainer.strategy.save_distributed_checkpoint=false (FSDP2)"
         )
-    if getattr(model.trainer.strategy, "_layer_sync", None) is not None:
+    strategy = model.trainer.strategy
+    if isinstance(strategy, ModelParallelStrategy) and getattr(strategy, "_layer_sync", None) is not None:
         # Lightning converts BatchNorm to SyncBatchNorm under DDP and FSDP1 only: here it would stay per rank.
         raise ValueError(
             "trainer.sync_batchnorm: ModelParallelStrategy does not synchronise BatchNorm; train with "

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from lightning.pytorch.plugins import TorchSyncBatchNorm
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 
 from core.export import export_checkpoint, load_encoder
 from core.fsdp import shard_blocks
@@ -166,3 +166,7 @@ def test_synchronised_batchnorm_under_fsdp2_is_refused_not_dropped():
     model.trainer = SimpleNamespace(strategy=strategy)
     with pytest.raises(ValueError, match="trainer.sync_batchnorm: ModelParallelStrategy does not synchronise"):
         shard_blocks(model)
+    ddp = DDPStrategy()  # the siamese paper configs: DDP with sync_batchnorm, which Lightning applies
+    ddp._layer_sync = TorchSyncBatchNorm()
+    model.trainer = SimpleNamespace(strategy=ddp)
+    shard_blocks(model)  # nothing to shard, nothing refused
