@@ -1,7 +1,9 @@
 """The masked autoencoders' demo configs, and DINO's and BYOL's with a ViT, in real 2-process runs (gloo on CPU), under DDP
 as their paper configs train and under FSDP (FSDP2 with Lightning's ModelParallelStrategy, `core.fsdp`):
-started as users start it, `python recipes/<name>/train.py fit ...`, Lightning's launcher starting the second
-rank the same way.
+started as users start it, `python recipes/<name>/train.py fit ...`. MAE's runs let Lightning's launcher start
+the second rank, which it does only once the first has imported and parsed its config; the others start both
+ranks at once with the variables a cluster sets (`LOCAL_RANK` and the rest: Lightning then launches nothing),
+so that their imports, most of a run's time, overlap.
 
 Rank 0 saves reconstruction pictures on train and val steps while the other rank goes on to the gradient
 all-reduce, so nothing in the picture path may wait for the other ranks: the run must finish (it hung
@@ -11,6 +13,7 @@ number of validation batches (`data.val_batches`), and training computes what DD
 
 import glob
 import os
+import socket
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -68,14 +71,39 @@ def runs(tmp_path_factory):
             f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
             f"--checkpoint.dirpath={out}/checkpoints",
         ]  # fmt: skip
+        env = {**env, "OMP_NUM_THREADS": "1"}
         try:
-            result = subprocess.run(args, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=130)
+            result = launched_by_lightning(args, env) if name == "mae" else launched_together(args, env, out)
         except subprocess.TimeoutExpired as error:
             pytest.fail(f"the 2-rank {strategy} run did not finish in {error.timeout} s (ranks waiting on each other?)")
         done[name, strategy, resume] = out, result
         return out, result
 
     return run
+
+
+def launched_by_lightning(args: list[str], env: dict, timeout: float = 130) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def launched_together(args: list[str], env: dict, out, timeout: float = 130) -> subprocess.CompletedProcess:
+    """Both ranks started at once, as torchrun or a scheduler starts them; their outputs joined, rank 0's first."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cluster = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": "0", "WORLD_SIZE": "2"}
+    ranks = []
+    for rank in range(2):
+        with open(out / f"rank{rank}.out", "w") as stdout, open(out / f"rank{rank}.err", "w") as stderr:
+            rank_env = {**env, **cluster, "LOCAL_RANK": str(rank)}
+            ranks.append(subprocess.Popen(args, cwd=ROOT, env=rank_env, stdout=stdout, stderr=stderr))
+    try:
+        codes = [rank.wait(timeout=timeout) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    stdout, stderr = ("".join((out / f"rank{rank}.{kind}").read_text() for rank in range(2)) for kind in ("out", "err"))
+    return subprocess.CompletedProcess(args, next((code for code in codes if code), 0), stdout, stderr)
 
 
 @pytest.mark.timeout(150)
