@@ -142,10 +142,11 @@ def attentive_probe_accuracy(
     return correct / test_x.shape[0]
 
 
-def embedding_std(z: torch.Tensor) -> float:
-    """Mean per-dimension std of L2-normalised embeddings (B, D). Healthy embeddings spread over the sphere
-    and give about 1/sqrt(D); a collapsed encoder (every input mapped to one point) gives 0."""
-    return F.normalize(z.detach().float(), dim=1).std(0).mean().item()
+def embedding_std(z: torch.Tensor) -> torch.Tensor:
+    """Mean per-dimension std of L2-normalised embeddings (B, D), as a 0-dim tensor on z's device. Healthy
+    embeddings spread over the sphere and give about 1/sqrt(D); a collapsed encoder (every input mapped to
+    one point) gives 0."""
+    return F.normalize(z.detach().float(), dim=1).std(0).mean()
 
 
 @torch.no_grad()
@@ -164,12 +165,18 @@ def is_collapsed(std: float, dim: int, fraction: float = 0.1) -> bool:
     return std < fraction / dim**0.5
 
 
-def log_embedding_std(module: L.LightningModule, z: torch.Tensor, name: str = "train/embedding_std") -> float:
+def log_embedding_std(module: L.LightningModule, z: torch.Tensor, name: str = "train/embedding_std") -> torch.Tensor:
     """Log `embedding_std` of this step's embeddings z (B, D) under `name`, and warn when they have
-    collapsed (`is_collapsed`): a collapsed joint-embedding run does not recover by itself."""
+    collapsed (`is_collapsed`): a collapsed joint-embedding run does not recover by itself.
+
+    The check reads the value on the host, which makes the CPU wait for the GPU's queued work, so it runs
+    only on the steps whose metrics reach the logger (`trainer.log_every_n_steps`), which read it anyway."""
     std = embedding_std(z)
     module.log(name, std)
-    if is_collapsed(std, z.shape[-1]):
+    trainer = module._trainer  # None outside a Trainer: check every call
+    if trainer is not None and trainer.global_step % trainer.log_every_n_steps:
+        return std
+    if is_collapsed(std.item(), z.shape[-1]):
         # A constant message: Python shows it once per run instead of at every step.
         rank_zero_warn(
             f"{type(module).__name__}: the embeddings have collapsed ({name} is under 10% of the "

@@ -15,6 +15,7 @@ from core.probe import (
     is_collapsed,
     knn_accuracy,
     linear_probe_accuracy,
+    log_embedding_std,
     probe_scores,
     rankme,
     split_halves,
@@ -79,7 +80,7 @@ def test_embedding_std_by_hand():
     z = torch.randn(6, 3, generator=torch.Generator().manual_seed(5))
     zn = z.numpy() / np.linalg.norm(z.numpy(), axis=1, keepdims=True)
     expected = np.mean([np.std(zn[:, d], ddof=1) for d in range(3)])
-    assert embedding_std(z) == pytest.approx(expected, rel=1e-5)
+    assert embedding_std(z).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_rankme_counts_the_directions_in_use():
@@ -101,11 +102,38 @@ def test_collapse_detection():
     g = torch.Generator().manual_seed(6)
     spread = torch.randn(512, d, generator=g)
     collapsed = torch.randn(1, d, generator=g).expand(512, d) * 5 + 1e-4 * torch.randn(512, d, generator=g)
-    spread_std, collapsed_std = embedding_std(spread), embedding_std(collapsed)
+    spread_std, collapsed_std = embedding_std(spread).item(), embedding_std(collapsed).item()
     assert spread_std == pytest.approx(1 / math.sqrt(d), rel=0.1)
     assert collapsed_std < 1e-3
     assert not is_collapsed(spread_std, d)
     assert is_collapsed(collapsed_std, d)
+
+
+def test_collapse_is_checked_on_the_logged_steps_only(monkeypatch, tmp_path):
+    """The check reads the std on the host, a wait for the GPU; it runs where the logger reads it anyway."""
+    import core.probe
+
+    checked = []
+    monkeypatch.setattr(core.probe, "is_collapsed", lambda std, dim: checked.append(std) or True)
+
+    class Collapsed(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 8)
+
+        def training_step(self, batch, batch_idx):
+            z = self.layer(batch) * 0 + 1  # every input at one point
+            log_embedding_std(self, z)
+            return z.sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = L.Trainer(max_steps=7, log_every_n_steps=3, logger=L.pytorch.loggers.CSVLogger(tmp_path), enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    with pytest.warns(UserWarning, match="embeddings have collapsed"):
+        trainer.fit(Collapsed(), torch.utils.data.DataLoader(torch.randn(32, 4), batch_size=4))
+    assert len(checked) == 3  # steps 0, 3 and 6 of 7
 
 
 def marked_tokens(n: int, seed: int, length: int = 6):
