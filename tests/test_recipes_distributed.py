@@ -1,9 +1,9 @@
 """The masked autoencoders' demo configs, and DINO's and BYOL's with a ViT, in real 2-process runs (gloo on CPU), under DDP
 as their paper configs train and under FSDP (FSDP2 with Lightning's ModelParallelStrategy, `core.fsdp`):
-started as users start it, `python recipes/<name>/train.py fit ...`. MAE's runs let Lightning's launcher start
-the second rank, which it does only once the first has imported and parsed its config; the others start both
-ranks at once with the variables a cluster sets (`LOCAL_RANK` and the rest: Lightning then launches nothing),
-so that their imports, most of a run's time, overlap.
+started as users start it, `python recipes/<name>/train.py fit ...`. MAE's first runs let Lightning's launcher
+start the second rank, which it does only once the first has imported and parsed its config; the others start both
+ranks at once with the environment `torchrun` gives its workers (Lightning then takes the ranks from it and
+launches nothing), so that their imports, most of a run's time, overlap.
 
 Rank 0 saves reconstruction pictures on train and val steps while the other rank goes on to the gradient
 all-reduce, so nothing in the picture path may wait for the other ranks: the run must finish (it hung
@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -54,7 +55,7 @@ def runs(tmp_path_factory):
         if (name, strategy, resume) in done:
             return done[name, strategy, resume]
         out = tmp_path_factory.mktemp(f"{name}-{strategy}")
-        env = {key: value for key, value in os.environ.items() if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+        env = {key: value for key, value in os.environ.items() if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID")}
         recipe, recipe_args = RECIPES[name]
         args = [
             sys.executable, os.path.join("recipes", recipe, "train.py"), "fit",
@@ -73,7 +74,7 @@ def runs(tmp_path_factory):
         ]  # fmt: skip
         env = {**env, "OMP_NUM_THREADS": "1"}
         try:
-            result = launched_by_lightning(args, env) if name == "mae" else launched_together(args, env, out)
+            result = launched_by_lightning(args, env) if name == "mae" and not resume else launched_together(args, env, out)
         except subprocess.TimeoutExpired as error:
             pytest.fail(f"the 2-rank {strategy} run did not finish in {error.timeout} s (ranks waiting on each other?)")
         done[name, strategy, resume] = out, result
@@ -87,21 +88,31 @@ def launched_by_lightning(args: list[str], env: dict, timeout: float = 130) -> s
 
 
 def launched_together(args: list[str], env: dict, out, timeout: float = 130) -> subprocess.CompletedProcess:
-    """Both ranks started at once, as torchrun or a scheduler starts them; their outputs joined, rank 0's first."""
+    """Both ranks started at once with the variables `torchrun --standalone --nproc-per-node 2` sets (Lightning's
+    TorchElasticEnvironment reads them); their outputs joined, rank 0's first."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cluster = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": "0", "WORLD_SIZE": "2"}
+    torchrun = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                "GROUP_RANK": "0", "TORCHELASTIC_RUN_ID": "test"}  # fmt: skip
     ranks = []
     for rank in range(2):
         with open(out / f"rank{rank}.out", "w") as stdout, open(out / f"rank{rank}.err", "w") as stderr:
-            rank_env = {**env, **cluster, "LOCAL_RANK": str(rank)}
+            rank_env = {**env, **torchrun, "RANK": str(rank), "LOCAL_RANK": str(rank)}
             ranks.append(subprocess.Popen(args, cwd=ROOT, env=rank_env, stdout=stdout, stderr=stderr))
+    # As torchrun does, a rank that fails stops the other, which would otherwise wait for it until the timeout.
+    deadline = time.monotonic() + timeout
     try:
-        codes = [rank.wait(timeout=timeout) for rank in ranks]
+        while (codes := [rank.poll() for rank in ranks]) != [0, 0]:
+            if any(codes):  # a rank failed (a code other than None or 0)
+                break
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(args, timeout)
+            time.sleep(0.1)
     finally:
         for rank in ranks:
             rank.kill()
+            rank.wait()
     stdout, stderr = ("".join((out / f"rank{rank}.{kind}").read_text() for rank in range(2)) for kind in ("out", "err"))
     return subprocess.CompletedProcess(args, next((code for code in codes if code), 0), stdout, stderr)
 
