@@ -110,7 +110,7 @@ def test_export_cli(tmp_path):
     assert os.path.isfile(tmp_path / "e" / "config.json")
 
 
-def mae_cli(*args: str) -> int:
+def mae_cli(*args: str) -> int | str | None:
     """`python recipes/mae/train.py fit --config <demo> ...` in this process (the CLI a recipe's train.py runs):
     the exit status; what it printed is in capsys."""
     from core.cli import run

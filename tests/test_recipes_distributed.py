@@ -40,6 +40,9 @@ MASKED = ["--model.pictures_every_n_steps=1", "--model.encoder_depth=1"]
 # (on the shards under FSDP), BYOL with LARS at trust 1, unclipped, so that its weights move measurably.
 VIT = ["--model.backbone.class_path=core.vit.ViT", "--model.backbone.init_args.input_size=[32,32]", "--model.backbone.init_args.patch_size=[4,4]",
        "--model.backbone.init_args.size=tiny", "--model.backbone.init_args.depth=1"]  # fmt: skip
+# What a launcher sets in each rank; a pytest started under one must not hand its own to the runs.
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "TORCHELASTIC_RUN_ID",
+                  "MASTER_ADDR", "MASTER_PORT")  # fmt: skip
 # name: (recipe, its arguments)
 RECIPES = {"mae": ("mae", MASKED), "videomae": ("videomae", MASKED), "audiomae": ("audiomae", MASKED), "cropmae": ("cropmae", MASKED),
            "dino-vit": ("dino", [*VIT, "--model.clip_grad=0.001"]), "byol-vit": ("byol", [*VIT, "--model.lars_trust=1.0", "--model.lars_clip=false"])}  # fmt: skip
@@ -55,7 +58,7 @@ def runs(tmp_path_factory):
         if (name, strategy, resume) in done:
             return done[name, strategy, resume]
         out = tmp_path_factory.mktemp(f"{name}-{strategy}")
-        env = {key: value for key, value in os.environ.items() if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID")}
+        env = {key: value for key, value in os.environ.items() if key not in RANK_VARIABLES} | {"OMP_NUM_THREADS": "1"}
         recipe, recipe_args = RECIPES[name]
         args = [
             sys.executable, os.path.join("recipes", recipe, "train.py"), "fit",
@@ -72,7 +75,6 @@ def runs(tmp_path_factory):
             f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
             f"--checkpoint.dirpath={out}/checkpoints",
         ]  # fmt: skip
-        env = {**env, "OMP_NUM_THREADS": "1"}
         try:
             result = launched_by_lightning(args, env) if name == "mae" and not resume else launched_together(args, env, out)
         except subprocess.TimeoutExpired as error:
