@@ -70,6 +70,18 @@ def training_step(
     return step
 
 
+def add_vit_arguments(parser: argparse.ArgumentParser, size: str, decoder: tuple[int, int, int]) -> None:
+    """The encoder and decoder options of the masked autoencoders' benchmarks, with the recipe's paper model
+    as the defaults: the encoder's named `size` and the decoder's (width, depth, heads)."""
+    dim, depth, heads = decoder
+    parser.add_argument("--size", default=size, help="ViT size of the encoder (core.vit.VIT_SIZES)")
+    parser.add_argument("--depth", type=int, default=None, help="encoder blocks, if not the size's")
+    parser.add_argument("--patch-size", type=int, default=16)
+    parser.add_argument("--decoder-dim", type=int, default=dim)
+    parser.add_argument("--decoder-depth", type=int, default=depth)
+    parser.add_argument("--decoder-heads", type=int, default=heads)
+
+
 def add_resnet_arguments(parser: argparse.ArgumentParser, image_size: bool = True) -> None:
     """The backbone options of the siamese benchmarks; the defaults are the demos' ResNet-18 of width 32.
     image_size: also the views' side (DINO's benchmark has its crop sizes instead)."""

@@ -150,14 +150,9 @@ def build(impl: str, args):
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="small", help="ViT size of the encoder (core.vit.VIT_SIZES)")
-    parser.add_argument("--depth", type=int, default=None, help="encoder blocks, if not the size's")
+    bench.add_vit_arguments(parser, "small", decoder=(256, 4, 8))
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--patch-size", type=int, default=16)
     parser.add_argument("--mask-ratio", type=float, default=0.985)
-    parser.add_argument("--decoder-dim", type=int, default=256)
-    parser.add_argument("--decoder-depth", type=int, default=4)
-    parser.add_argument("--decoder-heads", type=int, default=8)
     parser.add_argument("--decoder-mlp-dim", type=int, default=2048)
     parser.add_argument("--dropout", type=float, default=0.1, help="the decoder's (paper: 0.1)")
     bench.add_arguments(parser, batch=16)

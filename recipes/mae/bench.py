@@ -51,13 +51,8 @@ def build(impl: str, args):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="base", help="ViT size of the encoder (core.vit.VIT_SIZES)")
-    parser.add_argument("--depth", type=int, default=None, help="encoder blocks, if not the size's")
+    bench.add_vit_arguments(parser, "base", decoder=(512, 8, 16))
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--patch-size", type=int, default=16)
-    parser.add_argument("--decoder-dim", type=int, default=512)
-    parser.add_argument("--decoder-depth", type=int, default=8)
-    parser.add_argument("--decoder-heads", type=int, default=16)
     bench.add_arguments(parser, batch=8)
     args = parser.parse_args(argv)
     title = (
