@@ -40,9 +40,12 @@ def knn_accuracy(
 @contextlib.contextmanager
 def fitting():
     """What fitting a probe needs wherever it runs: autograd on, also inside ``torch.inference_mode`` (Lightning's
-    ``validate`` runs there, where ``enable_grad`` alone does nothing), and the global random state left as it
-    was (probes seed their own; ``devices=[]``: they never touch a GPU's generator)."""
+    ``validate`` runs there, where ``enable_grad`` alone does nothing), and the CPU generator seeded with 0
+    (the probes' weights and batch orders draw from it, on the CPU) and restored afterwards. Only the CPU's:
+    ``torch.manual_seed`` would also reseed every GPU's generator, so after each validation every rank would
+    draw the same masks and augmentations."""
     with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(0)
         yield
 
 
@@ -63,7 +66,6 @@ def linear_probe_accuracy(
         # Computed here, outside inference mode: tensors made in it cannot be saved for backward.
         mean, std = train_x.float().mean(0), train_x.float().std(0).clamp(min=1e-6)
         train_x, test_x, train_y = (train_x.float() - mean) / std, (test_x.float() - mean) / std, train_y.clone()
-        torch.manual_seed(0)
         head = torch.nn.Linear(train_x.shape[1], num_classes).to(train_x.device)
         opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
 
@@ -121,7 +123,6 @@ def attentive_probe_accuracy(
 
     steps_per_epoch = max(train_x.shape[0] // batch_size, 1)
     with fitting():
-        torch.manual_seed(0)
         probe = AttentivePooler(train_x.shape[-1], num_classes).to(train_x.device)
         opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(steps_per_epoch, epochs * steps_per_epoch))
@@ -174,7 +175,8 @@ def log_embedding_std(module: L.LightningModule, z: torch.Tensor, name: str = "t
     std = embedding_std(z)
     module.log(name, std)
     trainer = module._trainer  # None outside a Trainer: check every call
-    if trainer is not None and trainer.global_step % trainer.log_every_n_steps:
+    # Lightning's own test for "this step's metrics are written" (its +1 counts the step being taken; 0 is never).
+    if trainer is not None and not trainer._logger_connector.should_update_logs:
         return std
     if is_collapsed(std.item(), z.shape[-1]):
         # A constant message: Python shows it once per run instead of at every step.

@@ -103,9 +103,19 @@ class Infinite:
         return _cosine(progress, 1.0, self.constant_ratio)
 
 
+class ConfiguredLambdaLR(torch.optim.lr_scheduler.LambdaLR):
+    """`LambdaLR` whose checkpoint restores the step count, not the schedule: a resumed run follows the
+    schedule its own config builds. Plain `LambdaLR` copies a callable schedule's saved fields over the new
+    one, so `offset` (a re-warm) or `anneal_at` set for the resumed run would be silently replaced by the
+    checkpoint's."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict({**state_dict, "lr_lambdas": [None] * len(self.lr_lambdas)})
+
+
 def step_scheduler(optimizer: torch.optim.Optimizer, schedule) -> dict:
     """The `lr_scheduler` entry of `configure_optimizers`: `schedule` applied after every optimizer step."""
-    return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), "interval": "step"}
+    return {"scheduler": ConfiguredLambdaLR(optimizer, schedule), "interval": "step"}
 
 
 def warmup_and_total_steps(trainer, warmup_epochs: float) -> tuple[int, int]:

@@ -1,6 +1,7 @@
 """kNN and linear probes on separable vs unlearnable data, the collapse measure, and the online probe's
 clear stop when the encoder has diverged."""
 
+import csv
 import math
 
 import lightning as L
@@ -129,11 +130,19 @@ def test_collapse_is_checked_on_the_logged_steps_only(monkeypatch, tmp_path):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    trainer = L.Trainer(max_steps=7, log_every_n_steps=3, logger=L.pytorch.loggers.CSVLogger(tmp_path), enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-    with pytest.warns(UserWarning, match="embeddings have collapsed"):
+    def fit(log_every_n_steps):
+        trainer = L.Trainer(max_steps=7, log_every_n_steps=log_every_n_steps, logger=L.pytorch.loggers.CSVLogger(tmp_path),
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
         trainer.fit(Collapsed(), torch.utils.data.DataLoader(torch.randn(32, 4), batch_size=4))
-    assert len(checked) == 3  # steps 0, 3 and 6 of 7
+        return trainer
+
+    with pytest.warns(UserWarning, match="embeddings have collapsed"):
+        trainer = fit(3)
+    assert len(checked) == 2  # steps 2 and 5 of 7, the steps the logger writes
+    assert {row["step"] for row in csv.DictReader(open(f"{trainer.logger.log_dir}/metrics.csv"))} == {"2", "5"}
+    checked.clear()
+    fit(0)  # logging off: Lightning takes 0, so must this
+    assert checked == []
 
 
 def marked_tokens(n: int, seed: int, length: int = 6):
@@ -289,3 +298,17 @@ def test_online_probe_leaves_training_as_it_would_be_without_it(tmp_path):
     assert probed.keys() == plain.keys()
     for key in plain:
         assert torch.equal(probed[key], plain[key]), key
+
+
+def test_probes_seed_the_cpu_generator_only(monkeypatch):
+    """``torch.manual_seed`` also reseeds every GPU: the online probe, fitted after each validation on every
+    rank, would then give every rank the same masks from there on (recorded here, where no GPU is)."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    x, y = clusters(16, seed=0)
+    linear_probe_accuracy(x, y, x, y, steps=5)
+    attentive_probe_accuracy(x[:, None].expand(-1, 3, -1), y, x[:, None].expand(-1, 3, -1), y, epochs=1)
+    assert reseeded == []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)  # the recorder does record a reseed
+    assert reseeded == [1]

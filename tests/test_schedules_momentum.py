@@ -142,17 +142,22 @@ def test_scheduler_state_round_trips_with_weights_only(schedule):
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
 
-    # A fresh scheduler built with different settings takes the saved step and settings.
+    # A fresh scheduler built with other settings takes the saved step and keeps its own settings: a resumed
+    # run follows the schedule of its config (a re-warm's offset, an anneal_at set for the run that ends).
     new_opt = torch.optim.SGD(model.parameters(), lr=0.5)
     new_opt.load_state_dict(state["optimizer"])
-    fresh = step_scheduler(new_opt, type(schedule)(warmup_steps=1, **{k: v for k, v in vars(schedule).items() if k != "warmup_steps"}))
+    resumed = type(schedule)(**{**vars(schedule), "offset": 7})
+    fresh = step_scheduler(new_opt, resumed)
     fresh["scheduler"].load_state_dict(state["scheduler"])
     assert fresh["scheduler"].last_epoch == 7
-    assert fresh["scheduler"].lr_lambdas[0] == schedule
+    assert fresh["scheduler"].lr_lambdas[0] is resumed and resumed.offset == 7
+    lrs = []
     for step in range(8, 12):
         new_opt.step()
         fresh["scheduler"].step()
-        assert new_opt.param_groups[0]["lr"] == pytest.approx(0.5 * schedule(step))
+        lrs.append(new_opt.param_groups[0]["lr"])
+        assert lrs[-1] == pytest.approx(0.5 * resumed(step))
+    assert lrs[0] == pytest.approx(0.5 * 2 / 4) != 0.5 * schedule(8)  # the second step of a new warmup
 
 
 # ---------------------------------------------------------------- momentum
