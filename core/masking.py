@@ -33,8 +33,16 @@ def random_mask(
     """Per-sample uniform random masking by sorting noise (He et al., "Masked Autoencoders Are Scalable
     Vision Learners", 2022). Keeps exactly int(N * (1 - mask_ratio)) patches per sample."""
     check_ratio("mask_ratio", mask_ratio)
-    keep_idx = random_keep(batch, num_patches, whole(num_patches * (1 - mask_ratio)), device, generator)  # (B, K)
+    keep = visible(whole(num_patches * (1 - mask_ratio)), "mask_ratio", mask_ratio, f"patch of {num_patches}")
+    keep_idx = random_keep(batch, num_patches, keep, device, generator)  # (B, K)
     return keep_idx, mask_from_keep(keep_idx, num_patches)
+
+
+def visible(count: int, name: str, ratio: float, of: str) -> int:
+    """`count` of the visible patches (rows, places) that `name`=`ratio` leaves; raises naming the setting when none is."""
+    if count < 1:
+        raise ValueError(f"{name}={ratio} leaves no visible {of}")
+    return count
 
 
 def random_keep(batch: int, n: int, keep: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -65,21 +73,20 @@ def tube_mask(
 def time_freq_mask(
     batch: int,
     grid: tuple[int, int],
-    time_ratio: float,
-    freq_ratio: float,
+    time_mask_ratio: float,
+    freq_mask_ratio: float,
     device=None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Structured spectrogram masking (Huang et al., "Masked Autoencoders that Listen", 2022): hide whole
     frequency rows and whole time columns of the (F, T) patch grid. Exactly
-    int(F * (1 - freq_ratio)) * int(T * (1 - time_ratio)) patches stay visible in every sample, as in
-    AudioMAE's random_masking_2d."""
-    check_ratio("time_ratio", time_ratio)
-    check_ratio("freq_ratio", freq_ratio)
+    int(F * (1 - freq_mask_ratio)) * int(T * (1 - time_mask_ratio)) patches stay visible in every sample, as
+    in AudioMAE's random_masking_2d."""
+    check_ratio("time_mask_ratio", time_mask_ratio)
+    check_ratio("freq_mask_ratio", freq_mask_ratio)
     f, t = grid
-    n_f, n_t = whole(f * (1 - freq_ratio)), whole(t * (1 - time_ratio))
-    if n_f < 1 or n_t < 1:
-        raise ValueError(f"time_ratio={time_ratio}, freq_ratio={freq_ratio} leave no visible patch of grid {grid}")
+    n_f = visible(whole(f * (1 - freq_mask_ratio)), "freq_mask_ratio", freq_mask_ratio, f"frequency row of {f}")
+    n_t = visible(whole(t * (1 - time_mask_ratio)), "time_mask_ratio", time_mask_ratio, f"time column of {t}")
     rows = random_keep(batch, f, n_f, device, generator)  # (B, n_f)
     cols = random_keep(batch, t, n_t, device, generator)  # (B, n_t)
     keep_idx = (rows.unsqueeze(2) * t + cols.unsqueeze(1)).flatten(1)  # (B, n_f * n_t), sorted

@@ -63,7 +63,12 @@ def test_encoder_sees_only_visible_patches_during_training():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"mask_ratio": 1.2}, "mask_ratio must be in"), ({"mask_ratio": 0.0}, "mask_ratio must be in"), ({"image_size": 18}, "not divisible")],
+    [
+        ({"mask_ratio": 1.2}, "mask_ratio must be in"),
+        ({"mask_ratio": 0.0}, "mask_ratio must be in"),
+        ({"mask_ratio": 0.95}, "mask_ratio=0.95 leaves no visible patch of 16"),
+        ({"image_size": 18}, "not divisible"),
+    ],
 )
 def test_bad_config_fails_before_training(kwargs, message):
     with pytest.raises(ValueError, match=message):

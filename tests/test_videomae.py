@@ -124,6 +124,7 @@ def test_a_few_steps_on_one_batch_drive_the_loss_down():
         ({"mask_ratio": 0.0}, "mask_ratio must be in"),
         ({"mask_ratio": 1.0}, "mask_ratio must be in"),
         ({"mask_ratio": 1.5}, "mask_ratio must be in"),
+        ({"mask_ratio": 0.99, "masking": "random"}, "mask_ratio=0.99 leaves no visible patch of 32"),
         ({"image_size": 18}, "not divisible by patch size"),
         ({"num_frames": 5}, "not divisible by patch size"),
         ({"stride": 0}, "stride must be at least 1"),

@@ -96,12 +96,12 @@ def test_tube_and_time_freq_masks_count_as_videomae_and_audiomae_do():
     # VideoMAE hides int(196 * 0.9) = 176 places per frame (20 visible, not int(196 * 0.1) = 19).
     assert tube_mask(2, (8, 14, 14), 0.9)[0].shape == (2, 8 * 20)
     # AudioMAE keeps int(64 * 0.4) = 25 time columns and int(8 * 0.5) = 4 frequency rows of its 8 x 64 grid.
-    assert time_freq_mask(2, (8, 64), time_ratio=0.6, freq_ratio=0.5)[0].shape == (2, 4 * 25)
+    assert time_freq_mask(2, (8, 64), time_mask_ratio=0.6, freq_mask_ratio=0.5)[0].shape == (2, 4 * 25)
 
 
 def test_time_freq_mask_hides_whole_rows_and_columns():
     f, t = 6, 10
-    keep_idx, mask = time_freq_mask(4, (f, t), time_ratio=0.3, freq_ratio=0.5, generator=torch.Generator().manual_seed(2))
+    keep_idx, mask = time_freq_mask(4, (f, t), time_mask_ratio=0.3, freq_mask_ratio=0.5, generator=torch.Generator().manual_seed(2))
     n_f, n_t = f - 3, t - 3
     assert keep_idx.shape == (4, n_f * n_t)
     grid = mask.view(4, f, t)
@@ -121,15 +121,19 @@ def test_mask_ratio_outside_open_interval_raises(ratio):
         random_mask(2, 16, ratio)
     with pytest.raises(ValueError, match="mask_ratio"):
         tube_mask(2, (2, 4, 4), ratio)
-    with pytest.raises(ValueError, match="time_ratio"):
+    with pytest.raises(ValueError, match="time_mask_ratio"):
         time_freq_mask(2, (4, 4), ratio, 0.5)
-    with pytest.raises(ValueError, match="freq_ratio"):
+    with pytest.raises(ValueError, match="freq_mask_ratio"):
         time_freq_mask(2, (4, 4), 0.5, ratio)
 
 
-def test_mask_that_keeps_nothing_raises():
-    with pytest.raises(ValueError, match="no visible patch"):
+def test_mask_that_keeps_nothing_raises_naming_the_setting():
+    with pytest.raises(ValueError, match="mask_ratio=0.9 leaves no visible patch of 4"):
         random_mask(2, 4, 0.9)
+    with pytest.raises(ValueError, match="freq_mask_ratio=0.9 leaves no visible frequency row of 8"):
+        time_freq_mask(2, (8, 64), 0.6, 0.9)
+    with pytest.raises(ValueError, match="time_mask_ratio=0.99 leaves no visible time column of 64"):
+        time_freq_mask(2, (8, 64), 0.99, 0.5)
 
 
 @pytest.mark.parametrize("shape, patch_size", [((2, 3, 8, 12), (4, 4)), ((2, 3, 4, 8, 8), (2, 4, 4)), ((2, 1, 16, 32), (4, 8))])

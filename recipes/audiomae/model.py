@@ -87,13 +87,14 @@ class AudioMAE(L.LightningModule):
         self.save_hyperparameters()
         if masking not in MASKINGS:
             raise ValueError(f"masking={masking!r} must be one of {MASKINGS}")
-        check_ratio("mask_ratio", mask_ratio)
+        check_ratio("mask_ratio", mask_ratio)  # both maskings' ratios: a config may switch between them
         check_ratio("time_mask_ratio", time_mask_ratio)
         check_ratio("freq_mask_ratio", freq_mask_ratio)
         self.samples = round(sample_rate * seconds)
         self.patch = (patch_size, patch_size)
         self.encoder = ViT((n_mels, n_frames), self.patch, 1, size=size, depth=encoder_depth, pool=pool)
         self.decoder = MAEDecoder(self.encoder.grid, self.encoder.embed_dim, patch_size * patch_size, decoder_dim, decoder_depth, decoder_heads)
+        self.mask(1, torch.Generator())  # ratios that leave nothing of this grid visible fail here, not at the first step
 
     def spectrogram(self, waveform: torch.Tensor) -> torch.Tensor:
         """(B, samples) waveforms -> (B, 1, n_mels, n_frames) normalised log-mel, the encoder's input."""

@@ -16,7 +16,7 @@ from core.export import describe_encoder
 from core.fsdp import shard_blocks
 from core.heads import MAEDecoder
 from core.losses import masked_patch_loss
-from core.masking import check_ratio, patchify, random_mask
+from core.masking import patchify, random_mask
 from core.optim import param_groups, scaled_lr
 from core.schedules import WarmupCosine, step_scheduler, warmup_and_total_steps
 from core.visualize import pictures_due, pictures_path, reconstruction_rows, save_reconstructions
@@ -56,9 +56,10 @@ class MAE(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        check_ratio("mask_ratio", mask_ratio)
         self.patch = (patch_size, patch_size)
         self.encoder = ViT((image_size, image_size), self.patch, 3, size=size, depth=encoder_depth, pool=pool)
+        # A mask_ratio that leaves no patch visible fails here, not at the first step (own generator: the init is unchanged).
+        random_mask(1, self.encoder.num_patches, mask_ratio, generator=torch.Generator())
         patch_dim = patch_size * patch_size * 3
         self.decoder = MAEDecoder(self.encoder.grid, self.encoder.embed_dim, patch_dim, decoder_dim, decoder_depth, decoder_heads)
 
