@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import pickle
+import tarfile
 from types import SimpleNamespace
 
 import av
@@ -22,7 +23,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
 from core.data import NoReadableShards, RefusedSample, ShardDataModule, UndecodableSample, decode_sample, read_batches
-from core.data.shards import expand_urls
+from core.data.shards import expand_urls, read_shard
 from core.data.stream import ShardLoader, ShardStream
 from core.data.write import write_shards
 
@@ -302,6 +303,29 @@ def test_unreadable_shards_next_to_good_ones_are_counted_and_skipped(tmp_path):
     assert len(keys_of(dm.train_dataloader())) == 40
     assert sorted(keys_of(dm.val_dataloader())) == [f"good_{i:06d}" for i in range(8)]
     assert dm.val_stats["shard_errors"] == 1 and dm.val_stats["samples_skipped"] == 3
+
+
+@pytest.mark.parametrize("damage", ["cut", "corrupt header"])
+def test_a_cut_or_corrupt_tar_is_a_shard_error_not_a_short_shard(tmp_path, damage):
+    """Python's tarfile takes a cut-off or corrupt header after the first member for the end of the archive.
+    The samples before it are kept, and the shard is counted as an error instead of passing for a short one."""
+    whole = tmp_path / "whole-000000.tar"
+    write_shards(vector_samples(10, "s"), str(tmp_path / "whole-%06d.tar"))
+    data = whole.read_bytes()
+    with tarfile.open(whole) as tar:
+        header = tar.getmembers()[10].offset  # the first member of the sixth sample
+    damaged = data[:header] if damage == "cut" else data[:header] + b"\xff" * 512 + data[header + 512 :]
+    (tmp_path / "damaged.tar").write_bytes(damaged)
+    for url in [str(whole), str(tmp_path / "damaged.tar"), f"pipe:cat {tmp_path}/damaged.tar"]:
+        loader = read_batches(url, to_tensors, batch_size=100)
+        keys = keys_of(loader)
+        counts = loader.stream.stats.totals()
+        if url == str(whole):
+            assert len(keys) == 10 and counts["shard_errors"] == 0
+        else:
+            assert keys == [f"s{i:06d}" for i in range(5)] and counts["shard_errors"] == 1, url
+    with pytest.raises(tarfile.ReadError, match=r"stops at byte \d+, after 10 members, without its end-of-archive"):
+        list(read_shard(str(tmp_path / "damaged.tar")))
 
 
 # ---- the training stream: epochs, mixing, seeding, splitting ----------------------------------------------

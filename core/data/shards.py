@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import glob
 import os
+import re
+import tarfile
 from typing import Iterator
 from urllib.parse import urlparse
 
 import braceexpand
 import webdataset as wds
-from webdataset.tariterators import base_plus_ext, tar_file_expander
+from webdataset.tariterators import base_plus_ext
+
+# Members webdataset keeps for itself (``__index__`` ...) are not sample data; its tar_file_iterator skips them too.
+META_MEMBER = re.compile(r"__[^/]*__($|/)")
 
 
 def listing(urls: list[str], limit: int = 8) -> str:
@@ -47,27 +52,57 @@ def expand_urls(patterns: str | list[str]) -> list[str]:
     return urls
 
 
+def tar_members(url: str, stream) -> Iterator[dict]:
+    """The regular files of a tar stream as ``{"fname", "data", "__url__"}``, in order.
+
+    Raises ``tarfile.ReadError`` when the archive stops without its end-of-archive marker (zero blocks to the
+    end): Python's tarfile, and so webdataset, reads a cut-off or corrupt header after the first member as the
+    end of the archive, which would drop the rest of the shard without a word."""
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        members = 0
+        for info in tar:
+            if info.isreg() and not META_MEMBER.match(info.name):
+                yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
+            tar.members = []  # forget the headers read: constant memory however long the shard
+            members += 1
+        # tarfile stopped at a header it could not read; a real end is a zero block followed by zeros only.
+        end, rest = tar.offset, b""
+        while chunk := tar.fileobj.read(1 << 20):
+            rest = chunk
+            if chunk.count(0) != len(chunk):
+                break
+        if not rest or rest.count(0) != len(rest):
+            raise tarfile.ReadError(
+                f"the tar stops at byte {end}, after {members} members, without its end-of-archive marker: "
+                "the shard is cut short or a header is corrupt"
+            )
+
+
 def samples_of(members: Iterator[dict]) -> Iterator[dict]:
     """Group consecutive tar members into samples by key (the name up to its first dot), extensions
     lowercased, as webdataset's ``group_by_keys``. A member whose extension its sample already has
     (``a.txt`` next to ``a.TXT``, or a member added twice) marks the sample ``__duplicate__`` for the decoder to
-    skip, where ``group_by_keys`` raises and so loses the rest of the shard."""
+    skip, where ``group_by_keys`` raises and so loses the rest of the shard. When reading fails, the sample
+    being grouped is still given before the error (the transform skips and counts it if it lost a member)."""
     sample = None
-    for member in members:
-        if not member:  # tar_file_expander's end-of-shard marker
-            continue
-        key, ext = base_plus_ext(member["fname"])
-        if key is None:
-            continue
-        if sample is None or key != sample["__key__"]:
-            if sample is not None:
-                yield sample
-            sample = {"__key__": key, "__url__": member["__url__"]}
-        ext = ext.lower()
-        if ext in sample:
-            sample.setdefault("__duplicate__", member["fname"])
-        else:
-            sample[ext] = member["data"]
+    try:
+        for member in members:
+            key, ext = base_plus_ext(member["fname"])
+            if key is None:
+                continue
+            if sample is None or key != sample["__key__"]:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": key, "__url__": member["__url__"]}
+            ext = ext.lower()
+            if ext in sample:
+                sample.setdefault("__duplicate__", member["fname"])
+            else:
+                sample[ext] = member["data"]
+    except Exception:
+        if sample is not None:
+            yield sample
+        raise
     if sample is not None:
         yield sample
 
@@ -81,7 +116,7 @@ def read_shard(url: str) -> Iterator[dict]:
     stream = wds.gopen(url)
     complete = False
     try:
-        yield from samples_of(tar_file_expander([{"url": url, "stream": stream}]))
+        yield from samples_of(tar_members(url, stream))
         complete = True
     finally:
         try:
