@@ -59,11 +59,14 @@ class WithTarget:
 
     def __call__(self, sample: dict) -> dict:
         out = self.view(sample)
+        where = f"sample {sample.get('__key__')!r} of {sample.get('__url__')!r}"
+        if self.target == "label" and "label" not in sample:
+            raise KeyError(f"{where} has no label (a .cls member); --target json.<field> probes a metadata field")
         if self.target != "label":
             field = self.target.removeprefix("json.")
             meta = sample.get("json")
             if not isinstance(meta, dict) or field not in meta:
-                raise KeyError(f"sample {sample.get('__key__')!r} of {sample.get('__url__')!r} has no JSON field {field!r}")
+                raise KeyError(f"{where} has no JSON field {field!r}")
             out["target"] = str(meta[field])
         return out
 

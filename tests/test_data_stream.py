@@ -152,6 +152,15 @@ def test_round_trip_every_modality(tmp_path):
     assert b["text"] == ["second"] and b["label"].tolist() == [2]
 
 
+def test_16_bit_images_keep_their_range():
+    """Pillow's RGB conversion clips 16-bit greyscale at 255: a 0..65535 ramp would come out nearly all white."""
+    ramp = np.linspace(0, 65535, 256, dtype=np.uint16).reshape(16, 16)
+    out = io.BytesIO()
+    PIL.Image.fromarray(ramp).save(out, format="png")
+    image = np.asarray(decode_sample({"__key__": "a", "png": out.getvalue()})["image"])
+    assert image.shape == (16, 16, 3) and np.array_equal(image[..., 0], (ramp >> 8).astype(np.uint8))
+
+
 def test_decoders_choose_by_last_lowercase_extension_and_drop_unknown():
     decoded = decode_sample({"__key__": "k", "__url__": "u", "caption.TXT": b"hi", "cls": b" 3\n", "xyz": b"?"})
     assert decoded == {"__key__": "k", "__url__": "u", "text": "hi", "label": 3}
@@ -268,10 +277,12 @@ def test_pipe_source_reads_like_the_local_file(tmp_path):
 
 def test_pattern_matching_no_file_names_the_pattern(tmp_path):
     write_vectors(tmp_path, "t", 4, per_shard=2)
-    with pytest.raises(FileNotFoundError, match=r"t-\{000000\.\.000005\}\.tar.*4 of 6 shards do not exist"):
+    with pytest.raises(FileNotFoundError, match=r"t-\{000000\.\.000005\}\.tar.*4 of 6 shards or globs name no file"):
         expand_urls(str(tmp_path / "t-{000000..000005}.tar"))
     with pytest.raises(FileNotFoundError, match=r"nothing-\*\.tar.* matches no file"):
         expand_urls(str(tmp_path / "nothing-*.tar"))
+    with pytest.raises(FileNotFoundError, match=r"1 of 2 shards or globs name no file: .*/u-\*\.tar$"):
+        expand_urls(str(tmp_path / "{t,u}-*.tar"))  # one alternative of the braces finds nothing
     assert expand_urls(str(tmp_path / "t-*.tar")) == [str(tmp_path / f"t-{i:06d}.tar") for i in range(2)]
 
 

@@ -201,6 +201,10 @@ def test_evaluate_probes_the_label_or_any_json_field(tmp_path, capsys):
     assert rows["label"]["raw input"] < 80.0
     with pytest.raises(RuntimeError, match="no JSON field 'colour'"):  # the data layer names the sample's transform
         evaluate_main([*common, "--target", "json.colour"])
+    unlabelled = [{k: v for k, v in raw.items() if k not in ("__url__", "cls")} for raw in read_shard(common[2])]
+    write_shards(unlabelled, str(tmp_path / "unlabelled-%06d.tar"))
+    with pytest.raises(RuntimeError, match=r"sample 't0' of .* has no label \(a \.cls member\)"):
+        evaluate_main([folder, "--train", str(tmp_path / "unlabelled-000000.tar"), *common[3:]])
     # Shards written class by class, read up to a limit, miss classes of the val split: said, not hidden.
     sorted_train = [{k: v for k, v in raw.items() if k != "__url__"} for raw in read_shard(common[2])]
     sorted_train.sort(key=lambda raw: raw["json"])  # the dark tone first

@@ -61,8 +61,11 @@ class UnusableSample(SampleError):
 
 
 def decode_image(data: bytes) -> PIL.Image.Image:
-    """Decode image bytes to an RGB PIL image."""
+    """Decode image bytes to an RGB PIL image, 8 bits a channel: 16-bit greyscale keeps its top 8 bits, where
+    Pillow's conversion would clip every value above 255 to white."""
     with PIL.Image.open(io.BytesIO(data)) as image:
+        if image.mode.startswith("I;16"):
+            return PIL.Image.fromarray((np.asarray(image) >> 8).astype(np.uint8)).convert("RGB")
         return image.convert("RGB")
 
 

@@ -24,17 +24,23 @@ def listing(urls: list[str], limit: int = 8) -> str:
 
 
 def local_files(pattern: str) -> list[str]:
-    """Files named by a local brace pattern and/or glob; raises ``FileNotFoundError`` naming the pattern."""
+    """Files named by a local brace pattern and/or glob; raises ``FileNotFoundError`` naming the pattern, and
+    the shards or globs of it that name no file (``{train,extra}/*.tar`` with ``extra/`` empty)."""
+
+    def files_of(path: str) -> list[str]:
+        found = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
+        return [file for file in found if os.path.isfile(file)]
+
     expanded = list(braceexpand.braceexpand(pattern))
-    missing = [path for path in expanded if not glob.has_magic(path) and not os.path.isfile(path)]
-    if missing:
-        raise FileNotFoundError(
-            f"shard pattern {pattern!r}: {len(missing)} of {len(expanded)} shards do not exist: {listing(missing)}"
-        )
-    files = [file for path in expanded for file in (sorted(glob.glob(path)) if glob.has_magic(path) else [path])]
-    files = [file for file in files if os.path.isfile(file)]
+    matches = {path: files_of(path) for path in expanded}
+    files = [file for found in matches.values() for file in found]
     if not files:
         raise FileNotFoundError(f"shard pattern {pattern!r} matches no file")
+    missing = [path for path, found in matches.items() if not found]
+    if missing:
+        raise FileNotFoundError(
+            f"shard pattern {pattern!r}: {len(missing)} of {len(expanded)} shards or globs name no file: {listing(missing)}"
+        )
     return files
 
 
