@@ -139,13 +139,19 @@ def export_checkpoint(ckpt_path: str, out: str) -> list[str]:
         weights = {k[len(prefix) :]: v.contiguous() for k, v in state.items() if k.startswith(prefix)}
         if not weights:
             raise ValueError(f"no weights under {prefix!r} in {ckpt_path}")
-        save_file(weights, os.path.join(folder, "model.safetensors"))
         input_spec = dict(entry["input"])
         if input_spec["modality"] == "text":  # ship the tokenizer with the weights
-            for file in TOKENIZER_FILES:
-                if os.path.exists(os.path.join(input_spec["tokenizer"], file)):
-                    shutil.copy(os.path.join(input_spec["tokenizer"], file), os.path.join(folder, file))
+            tokenizer = input_spec["tokenizer"]
+            files = [file for file in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer, file))]
+            if not {"tokenizer.json", "tokenizer_config.json"} & set(files):  # what core.text loads from
+                raise FileNotFoundError(
+                    f"{ckpt_path}: the tokenizer of encoder {name!r}, {tokenizer!r}, holds no tokenizer.json or "
+                    "tokenizer_config.json; the export would not load without it"
+                )
+            for file in files:
+                shutil.copy(os.path.join(tokenizer, file), os.path.join(folder, file))
             input_spec["tokenizer"] = "."
+        save_file(weights, os.path.join(folder, "model.safetensors"))
         config = {"format_version": FORMAT_VERSION, "name": name, "backbone": entry["backbone"], "input": input_spec}
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(config, f, indent=2)

@@ -152,6 +152,9 @@ def test_text_encoder_round_trip_ships_its_tokenizer(tmp_path):
     (folder,) = export_checkpoint(str(tmp_path / "last.ckpt"), str(tmp_path / "out"))
     assert "tokenizer.json" in os.listdir(folder)
     (tmp_path / "tok" / "tokenizer.json").unlink()  # the export must not depend on the training-time folder
+    (tmp_path / "tok" / "tokenizer_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"the tokenizer of encoder .* holds no tokenizer.json"):
+        export_checkpoint(str(tmp_path / "last.ckpt"), str(tmp_path / "again"))  # not an export that cannot load
     enc = load_encoder(folder)
     sentences = ["the lazy fox", "return x"]
     with torch.no_grad():
