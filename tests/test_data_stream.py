@@ -396,6 +396,11 @@ def test_val_with_fewer_shards_than_ranks_splits_samples_and_leaves_no_rank_empt
         per_rank.append(keys_of(ShardLoader(stream, num_workers)))
     assert all(per_rank)
     assert sorted(k for keys in per_rank for k in keys) == [f"s_{i:06d}" for i in range(13)]  # each once
+    # Fewer samples than ranks: a rank gets none, and is told why (not that the shards are unreadable).
+    few = write_vectors(tmp_path, "few", 2, per_shard=2)
+    stream = ShardStream([expand_urls(few)], 2, False, transform=to_tensors, rank=2, world_size=3, num_workers=num_workers)
+    with pytest.raises(NoReadableShards, match="fewer samples than the 3 ranks that share them.*rank 2 gets none"):
+        list(ShardLoader(stream, num_workers))
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

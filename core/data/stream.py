@@ -334,10 +334,13 @@ class ShardLoader(DataLoader):
             yield batch
         urls = self.stream.rank_shards()
         if count == 0 and urls:
-            raise NoReadableShards(
-                f"no sample could be read from {listing(urls)} (counts: {self.stream.stats.totals()}); "
-                "see the warnings above for each shard and sample"
-            )
+            counts = self.stream.stats.totals()
+            why = "see the warnings above for each shard and sample"
+            shared = any(len(source) < self.stream.world_size for source in self.stream.sources)
+            if shared and not any(counts.values()):  # nothing failed: this rank's share was empty
+                why = (f"the shards hold fewer samples than the {self.stream.world_size} ranks that share them, each "
+                       f"keeping every {self.stream.world_size}th sample, so rank {self.stream.rank} gets none")  # fmt: skip
+            raise NoReadableShards(f"no sample could be read from {listing(urls)} (counts: {counts}); {why}")
 
 
 def read_batches(
