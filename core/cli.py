@@ -60,10 +60,11 @@ class RankSeed(Callback):
     leaves rank 0's stream alone, so a one-process run draws what it drew before. Data workers are seeded
     by the data module from (seed, rank, worker, step).
 
-    Checkpoints hold each rank's streams (Lightning saves none), and a resumed run restores them just before
-    its first training step: after the sanity check and the new DataLoader iterator, which draw from them too.
-    So a run resumed from a checkpoint of step k draws at step k + 1 what the unbroken run drew there, instead
-    of starting over from the seed and repeating the masks of the first steps."""
+    Checkpoints hold each rank's streams (Lightning saves none), and a resumed run restores them when training
+    starts: after the sanity check, which draws from them too, and before the first batch is read and goes
+    through its steps on the device (`on_device` transforms). So a run resumed from a checkpoint of step k
+    draws at step k + 1 what the unbroken run drew there, instead of starting over from the seed and
+    repeating the masks of the first steps."""
 
     def __init__(self):
         self._resumed: list[dict] | None = None  # every rank's streams from a checkpoint, until restored
@@ -84,7 +85,7 @@ class RankSeed(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self._resumed = state_dict["ranks"]
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._resumed is None:
             return
         states, self._resumed = self._resumed, None

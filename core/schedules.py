@@ -127,5 +127,6 @@ def warmup_and_total_steps(trainer, warmup_epochs: float) -> tuple[int, int]:
     else:
         if math.isinf(trainer.num_training_batches):  # a max_steps-only run has not loaded its train loader yet
             trainer.fit_loop.setup_data()
-        per_epoch = trainer.num_training_batches / trainer.accumulate_grad_batches
+        # Lightning also steps on an epoch's last, partial accumulation, as estimated_stepping_batches counts.
+        per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
     return int(round(warmup_epochs * per_epoch)), total

@@ -91,7 +91,7 @@ def test_a_resume_on_another_number_of_ranks_keeps_the_seeded_streams_and_says_s
     expected = torch.rand(3)
     torch.manual_seed(5)
     with pytest.warns(UserWarning, match="random streams of 2 ranks and this run has 1"):
-        callback.on_train_batch_start(SimpleNamespace(world_size=1, global_rank=0), None, None, 0)
+        callback.on_train_start(SimpleNamespace(world_size=1, global_rank=0), None)
     assert torch.equal(torch.rand(3), expected)
 
 

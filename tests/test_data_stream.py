@@ -19,9 +19,11 @@ import PIL.Image
 import pytest
 import soundfile
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
+from core.cli import RankSeed
 from core.data import NoReadableShards, RefusedSample, ShardDataModule, UndecodableSample, decode_sample, read_batches
 from core.data.shards import expand_urls, read_shard
 from core.data.stream import ShardLoader, ShardStream
@@ -563,3 +565,53 @@ def test_transforms_finish_their_own_split_on_the_device(tmp_path):
                          train_transform=train, val_transform=val)  # fmt: skip
     trainer(tmp_path, max_epochs=1).fit(SplitModel(), dm)
     assert train.finished == 4 and val.finished == 4
+
+
+class Drawing(VectorTransform):
+    """Draws from torch's global generator in the data worker (as a crop does) and on the device (as
+    core.augment's colour steps do)."""
+
+    def __call__(self, sample: dict) -> dict:
+        return {**super().__call__(sample), "crop": torch.rand(())}
+
+    def on_device(self, batch):
+        return {**batch, "jitter": torch.rand(len(batch["x"]))}
+
+
+class DrawsModel(VectorModel):
+    def __init__(self):
+        super().__init__()
+        self.draws = {}
+
+    def training_step(self, batch, batch_idx):
+        self.draws[self.global_step] = (batch["crop"].tolist(), batch["jitter"].tolist(), torch.rand(2).tolist())
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_resumed_run_draws_on_the_device_and_in_the_workers_as_the_unbroken_run_would(tmp_path, num_workers):
+    """core.cli.RankSeed restores the main process's stream before the first batch is read and reaches the
+    device, and a worker's stream is keyed like its samples (seed, rank, worker, step): a run resumed
+    mid-epoch makes the unbroken run's device and training draws, and does not repeat the crops of the run's
+    first steps (without workers the crops draw from the main stream: the unbroken run's crops)."""
+    pattern = write_vectors(tmp_path, "r", 64, per_shard=16)
+
+    def fit(ckpt_path=None):
+        L.seed_everything(0)
+        model = DrawsModel()
+        dm = ShardDataModule(pattern, batch_size=4, num_workers=num_workers, samples_per_epoch=32, shuffle_buffer=8,
+                             train_transform=Drawing())  # fmt: skip
+        saving = ModelCheckpoint(tmp_path / "ckpt", filename="{step}", every_n_train_steps=3, save_top_k=-1)
+        trainer(tmp_path, max_steps=6, callbacks=[RankSeed(), saving], enable_checkpointing=True).fit(model, dm, ckpt_path=ckpt_path)
+        return model.draws
+
+    unbroken = fit()
+    resumed = fit(tmp_path / "ckpt" / "step=3.ckpt")
+    assert sorted(resumed) == [3, 4, 5]
+    for step in resumed:
+        assert resumed[step][1:] == unbroken[step][1:], step  # the device's and the model's draws
+    crops = lambda draws: {tuple(crop) for crop, _, _ in draws.values()}
+    if num_workers:
+        assert not crops(resumed) & crops(unbroken)
+    else:
+        assert all(resumed[step] == unbroken[step] for step in resumed)

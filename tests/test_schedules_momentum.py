@@ -4,6 +4,7 @@ import copy
 import io
 import math
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 
 from core.momentum import cosine_momentum, momentum_copy, update_momentum
 from core.optim import LARS, param_groups
-from core.schedules import Infinite, WarmupCosine, WarmupStableDecay, step_scheduler
+from core.schedules import Infinite, WarmupCosine, WarmupStableDecay, step_scheduler, warmup_and_total_steps
 
 # ---------------------------------------------------------------- schedules
 
@@ -158,6 +159,32 @@ def test_scheduler_state_round_trips_with_weights_only(schedule):
         lrs.append(new_opt.param_groups[0]["lr"])
         assert lrs[-1] == pytest.approx(0.5 * resumed(step))
     assert lrs[0] == pytest.approx(0.5 * 2 / 4) != 0.5 * schedule(8)  # the second step of a new warmup
+
+
+class Steps(L.LightningModule):
+    """Records the warmup and total steps `warmup_and_total_steps` gives for one epoch of warmup."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).sum()
+
+    def configure_optimizers(self):
+        self.steps = warmup_and_total_steps(self.trainer, warmup_epochs=1)
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("limits", [{"max_epochs": 2}, {"max_epochs": -1, "max_steps": 6}])
+def test_warmup_counts_the_optimizer_steps_of_an_epoch_however_the_run_is_bounded(limits):
+    """5 batches accumulated by 2 are 3 optimizer steps an epoch: Lightning steps on the last, partial one."""
+    model = Steps()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(5, 2)), batch_size=1)
+    trainer = L.Trainer(accelerator="cpu", accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, **limits)  # fmt: skip
+    trainer.fit(model, loader)
+    assert model.steps == (3, 6) and trainer.global_step == 6
 
 
 # ---------------------------------------------------------------- momentum

@@ -270,6 +270,8 @@ class ShardStream(IterableDataset):
         worker, num_workers = _worker_slot()
         if self.resample:
             rng = random.Random(f"{self.seed}/{self.rank}/{worker}/{self.start_step}/{self.iteration}")
+            if get_worker_info() is not None:  # the transforms' draws too (core.augment uses torch's generator)
+                torch.manual_seed(rng.getrandbits(63))
             sources = [self._resampled_source(i, rng) for i in range(len(self.sources))]
             samples = mixed(sources, self.weights, rng, self.stats)
         else:
@@ -318,7 +320,9 @@ class ShardLoader(DataLoader):
         current_step: Callable[[], int] = lambda: 0,
         on_batch: Callable[[], None] = lambda: None,
     ):
-        super().__init__(stream, batch_size=None, num_workers=num_workers)
+        # Its own generator for the workers' base seed, which the stream replaces: starting an iterator then
+        # draws nothing from the global stream, which core.cli.RankSeed carries over a resume.
+        super().__init__(stream, batch_size=None, num_workers=num_workers, generator=torch.Generator())
         self.stream, self.batches, self.current_step, self.on_batch = stream, batches, current_step, on_batch
 
     def __len__(self) -> int:
