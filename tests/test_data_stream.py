@@ -163,6 +163,24 @@ def test_16_bit_images_keep_their_range():
     assert image.shape == (16, 16, 3) and np.array_equal(image[..., 0], (ramp >> 8).astype(np.uint8))
 
 
+def test_camera_images_come_out_upright():
+    """A camera stores a portrait photo's pixels landscape with an EXIF orientation (6: turn 90 degrees
+    clockwise to view); decoded without it, every such photo would train lying on its side."""
+    pixels = np.zeros((10, 40, 3), np.uint8)
+    pixels[:, :20] = 255  # the stored left half white: upright, the top half
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6
+    out = io.BytesIO()
+    PIL.Image.fromarray(pixels).save(out, format="jpeg", exif=exif.tobytes())
+    image = np.asarray(decode_sample({"__key__": "a", "jpg": out.getvalue()})["image"])
+    assert image.shape == (40, 10, 3) and image[:15].mean() > 200 and image[25:].mean() < 50
+
+
+def test_audio_without_samples_is_undecodable():
+    with pytest.raises(UndecodableSample, match="no audio samples"):
+        decode_sample({"__key__": "a", "__url__": "u", "wav": audio_bytes(np.zeros((0, 1)), 16000, "WAV")})
+
+
 def test_decoders_choose_by_last_lowercase_extension_and_drop_unknown():
     decoded = decode_sample({"__key__": "k", "__url__": "u", "caption.TXT": b"hi", "cls": b" 3\n", "xyz": b"?"})
     assert decoded == {"__key__": "k", "__url__": "u", "text": "hi", "label": 3}

@@ -139,18 +139,123 @@ def test_csv_and_jsonl_captions_with_any_media(tmp_path):
 
 def test_table_errors_name_the_row(tmp_path):
     (tmp_path / "t.csv").write_text("path,caption\nmissing.png,hello\n")
-    with pytest.raises(FileNotFoundError, match="row 0.*missing.png"):
+    with pytest.raises(FileNotFoundError, match="t.csv line 2: .*missing.png"):
         write_main(["--out", str(tmp_path / "x-%06d.tar"), "table", str(tmp_path / "t.csv")])
     (tmp_path / "u.csv").write_text("image,caption\nmissing.png,hello\n")
-    with pytest.raises(ValueError, match=r"row 0: no column \['path'\]"):
+    with pytest.raises(ValueError, match=r"u.csv line 2: no column \['path'\]"):
         write_main(["--out", str(tmp_path / "x-%06d.tar"), "table", str(tmp_path / "u.csv")])
     (tmp_path / "p.png").write_bytes(image_bytes(pixels(4), "png"))
     (tmp_path / "l.csv").write_text("path,caption,label\np.png,a,3\np.png,b,\np.png,c,5\n")
-    with pytest.raises(ValueError, match=r"1 of 3 rows have no 'label' \(rows 1\)"):  # not written without labels
+    with pytest.raises(ValueError, match=r"1 of 3 rows have no 'label' \(lines 3\)"):  # not written without labels
         write_main(["--out", str(tmp_path / "y-%06d.tar"), "table", str(tmp_path / "l.csv")])
     with pytest.raises(ValueError, match="no row has a label in column 'lable'"):
         write_main(["--out", str(tmp_path / "y-%06d.tar"), "table", str(tmp_path / "l.csv"), "--label-column", "lable"])
     assert not list(tmp_path.glob("y-*.tar"))
+
+
+def test_table_rows_that_do_not_fit_the_header_are_errors_naming_the_line(tmp_path):
+    (tmp_path / "p.png").write_bytes(image_bytes(pixels(4), "png"))
+    out = ["--out", str(tmp_path / "x-%06d.tar"), "table"]
+    # An unquoted comma shifts the label column; a short row would be captioned "None".
+    (tmp_path / "comma.csv").write_text("path,caption,label\np.png,a red bus,3\np.png,a big, blue bus,7\n")
+    with pytest.raises(ValueError, match=r"comma.csv line 3: 4 fields where the header has 3 .*quote"):
+        write_main([*out, str(tmp_path / "comma.csv")])
+    (tmp_path / "short.csv").write_text("path,caption\np.png\n")
+    with pytest.raises(ValueError, match=r"short.csv line 2: 1 fields where the header has 2"):
+        write_main([*out, str(tmp_path / "short.csv")])
+    (tmp_path / "null.jsonl").write_text('{"path": "p.png", "caption": null}\n')
+    with pytest.raises(ValueError, match=r"null.jsonl line 1: caption None is not text"):
+        write_main([*out, str(tmp_path / "null.jsonl")])
+    (tmp_path / "bad.jsonl").write_text('{"path": "p.png", "caption": "a"}\n{"path": "p.png",\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl line 2: not JSON"):
+        write_main([*out, str(tmp_path / "bad.jsonl")])
+    for name, labels, message in [
+        ("float.jsonl", [1.0, 2], "label 1.0 is neither an integer nor a class name"),
+        ("mixed.jsonl", [1, "cat"], "an integer label in a table of class names"),
+        ("negative.jsonl", [0, -1], "line 2: a negative label"),
+    ]:
+        (tmp_path / name).write_text("".join(json.dumps({"path": "p.png", "caption": "c", "label": v}) + "\n" for v in labels))
+        with pytest.raises(ValueError, match=message):
+            write_main([*out, str(tmp_path / name)])
+    (tmp_path / "empty.csv").write_text("path,caption\n")
+    with pytest.raises(ValueError, match="has no rows"):
+        write_main([*out, str(tmp_path / "empty.csv")])
+    assert not list(tmp_path.glob("x-*"))
+    # A spreadsheet's byte-order mark is not part of the first column's name.
+    (tmp_path / "bom.csv").write_bytes("path,caption,label\np.png,a,cat\np.png,b,dog\n".encode("utf-8-sig"))
+    write_main(["--in-order", *out, str(tmp_path / "bom.csv")])
+    assert [(raw["txt"], raw["cls"]) for raw in read_shard(str(tmp_path / "x-000000.tar"))] == [(b"a", b"0"), (b"b", b"1")]
+
+
+def test_folder_reports_what_it_leaves_out_and_refuses_a_class_it_cannot_fill(tmp_path, capsys):
+    root = tmp_path / "pets"
+    for name in ["cat/a.png", "cat/b.png", "dog/c.png"]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(image_bytes(pixels(9), "png"))
+    (root / "cat" / "d.tif").write_bytes(b"tiff")
+    (root / "cat" / "._a.png").write_bytes(b"macOS resource fork")  # hidden: not a sample, not counted
+    (root / "cat" / "parent").symlink_to("..")  # followed, it would repeat every dog as a cat, over and over
+    summary = write_main(["--out", str(tmp_path / "a-%06d.tar"), "folder", str(root)])
+    assert summary["samples"] == 3
+    assert "left out of" in (err := capsys.readouterr().err) and "1 .tif, 1 linked folder" in err
+    raw = raw_members(str(tmp_path / "a-000000.tar"))
+    assert sorted(raw) == ["cat_a_png", "cat_b_png", "dog_c_png"]
+
+    (root / "bird").mkdir()
+    (root / "bird" / "e.gif").write_bytes(b"gif")
+    with pytest.raises(FileNotFoundError, match=r"class folder .*bird has no any files .*left out: 1 \.gif"):
+        write_main(["--out", str(tmp_path / "b-%06d.tar"), "folder", str(root)])
+    (root / "bird" / "e.gif").unlink()
+    (root / "bird" / "f.png").symlink_to(root / "gone.png")
+    with pytest.raises(FileNotFoundError, match=r"bird/f.png is a link to .*gone.png.*which does not exist"):
+        write_main(["--out", str(tmp_path / "b-%06d.tar"), "folder", str(root)])
+
+
+def test_names_in_other_scripts_get_keys_of_their_own(tmp_path):
+    root = tmp_path / "flat"
+    root.mkdir()
+    for name in ["猫.png", "狗.png", "café.png", "cafè.png"]:
+        (root / name).write_bytes(image_bytes(pixels(9), "png"))
+    write_main(["--out", str(tmp_path / "k-%06d.tar"), "folder", str(root)])
+    assert sorted(raw_members(str(tmp_path / "k-000000.tar"))) == ["cafue8_png", "cafue9_png", "u72d7_png", "u732b_png"]
+    for folder in "ab":
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "doc.txt").write_text(folder)
+    write_main(["--out", str(tmp_path / "t-%06d.tar"), "text", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert {k: v["txt"] for k, v in raw_members(str(tmp_path / "t-000000.tar")).items()} == {"0_doc_txt": b"a", "1_doc_txt": b"b"}
+
+
+def test_shards_are_written_whole_or_not_at_all_and_never_over_others(tmp_path):
+    def samples(n, clash_at=None):
+        for i in range(n):
+            yield {"__key__": "same" if i == clash_at else f"s{i}", "txt": f"sample {i}".encode()}
+        if clash_at is not None:
+            yield {"__key__": "same", "txt": b"again"}
+
+    from core.data.write import unique_keys
+
+    def origin(stream):
+        return ({**sample, "__origin__": sample["__key__"]} for sample in stream)
+
+    pattern = str(tmp_path / "w-%06d.tar")
+    with pytest.raises(ValueError, match="both get the key 'same'"):  # found in the third shard
+        write_shards(unique_keys(origin(samples(6, clash_at=1))), pattern, max_count=2)
+    assert os.listdir(tmp_path) == []  # no shard that looks complete, no .partial left behind
+
+    first = write_shards(samples(6), pattern, max_count=2)
+    assert first["shards"] == 3 and first["bytes"] == sum(os.path.getsize(f) for f in first["files"])
+    with pytest.raises(FileExistsError, match="3 shards already match .*overwrite"):
+        write_shards(samples(2), pattern, max_count=2)
+    again = write_shards(samples(6), pattern, max_count=2, overwrite=True)
+    assert [open(f, "rb").read() for f in again["files"]] == [open(f, "rb").read() for f in first["files"]]  # byte-identical
+    (tmp_path / "w-notes.tar").write_text("not a shard of the pattern")
+    write_shards(samples(2), pattern, max_count=2, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["w-000000.tar", "w-notes.tar"]  # the stale shards removed, nothing else
+    with pytest.raises(ValueError, match="a key is a non-empty string without a dot"):
+        write_shards([{"__key__": "img.v1", "txt": b"x"}], str(tmp_path / "d-%06d.tar"))
+    with pytest.raises(ValueError, match="no samples to write"):
+        write_shards([], str(tmp_path / "e-%06d.tar"))
+    assert not list(tmp_path.glob("[de]-*"))
 
 
 def test_text_files_per_file_and_per_line(tmp_path):
@@ -167,13 +272,18 @@ def test_text_files_per_file_and_per_line(tmp_path):
     texts = {b["__key__"][0]: b["text"][0] for b in batches}
     assert texts == {"a_txt_0000000": "first line", "a_txt_0000002": "second line", "more_b_txt_0000000": "only line"}
 
+    (tmp_path / "odd.txt").write_bytes("page\x0cbreak \u2028 kept\r\nsecond\r\n".encode())
+    write_main(["--out", str(tmp_path / "o-%06d.tar"), "text", str(tmp_path / "odd.txt"), "--per-line"])
+    assert [raw["txt"].decode() for raw in read_shard(str(tmp_path / "o-000000.tar"))] == ["page\x0cbreak \u2028 kept", "second"]
+
 
 def test_max_bytes_splits_shards(tmp_path):
     (tmp_path / "docs").mkdir()
     for i in range(6):
         (tmp_path / "docs" / f"{i}.txt").write_text("x" * 3000)
     summary = write_main(["--out", str(tmp_path / "b-%06d.tar"), "--max-bytes", "5000", "text", str(tmp_path / "docs")])
-    # A new shard starts once the current one holds 5000 bytes or more: here after every second sample.
+    # A new shard starts once the current one holds 5000 bytes or more, tar headers counted (512 bytes and
+    # 3072 for each sample): here after every second sample.
     assert summary["shards"] == 3 and summary["samples"] == 6
     assert [len(raw_members(f)) for f in summary["files"]] == [2, 2, 2]
 

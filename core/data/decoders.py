@@ -10,7 +10,7 @@ Decoded keys:
 ==========================  =================================================================
 extension                   decoded
 ==========================  =================================================================
-jpg jpeg png webp bmp       ``image``: PIL image in RGB
+jpg jpeg png webp bmp       ``image``: PIL image in RGB, upright (EXIF orientation applied)
 flac wav ogg mp3            ``audio``: float32 tensor (channels, samples); ``sample_rate``: int
 mp4 webm mkv avi mov        ``video``: uint8 tensor (T, H, W, 3), every frame; ``fps``: float
 txt                         ``text``: str (utf-8)
@@ -29,6 +29,7 @@ from typing import Any, Callable
 import av
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import soundfile
 import torch
 
@@ -37,6 +38,7 @@ AUDIO_EXTENSIONS = frozenset({"flac", "wav", "ogg", "mp3"})
 VIDEO_EXTENSIONS = frozenset({"mp4", "webm", "mkv", "avi", "mov"})
 # Formats whose loading runs pickle, i.e. arbitrary code chosen by whoever wrote the shard.
 PICKLE_EXTENSIONS = frozenset({"pyd", "pickle", "pkl", "pth", "pt", "joblib", "dill"})
+EXIF_ORIENTATION = 0x0112
 
 
 class SampleError(ValueError):
@@ -61,9 +63,12 @@ class UnusableSample(SampleError):
 
 
 def decode_image(data: bytes) -> PIL.Image.Image:
-    """Decode image bytes to an RGB PIL image, 8 bits a channel: 16-bit greyscale keeps its top 8 bits, where
-    Pillow's conversion would clip every value above 255 to white."""
+    """Decode image bytes to an RGB PIL image, 8 bits a channel, upright: a camera's JPEG stores its rotation
+    in EXIF, applied here. 16-bit greyscale keeps its top 8 bits, where Pillow's conversion would clip every
+    value above 255 to white."""
     with PIL.Image.open(io.BytesIO(data)) as image:
+        if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+            image = PIL.ImageOps.exif_transpose(image)
         if image.mode.startswith("I;16"):
             return PIL.Image.fromarray((np.asarray(image) >> 8).astype(np.uint8)).convert("RGB")
         return image.convert("RGB")
@@ -72,6 +77,8 @@ def decode_image(data: bytes) -> PIL.Image.Image:
 def decode_audio(data: bytes) -> tuple[torch.Tensor, int]:
     """Decode audio bytes with soundfile to a float32 (channels, samples) tensor and its sample rate."""
     samples, sample_rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (samples, channels)
+    if samples.size == 0:
+        raise ValueError("no audio samples")
     return torch.from_numpy(samples.T.copy()), int(sample_rate)  # (channels, samples)
 
 

@@ -22,6 +22,8 @@ import json
 import os
 import random
 import re
+import sys
+from collections import Counter
 from typing import Iterable, Iterator
 
 import webdataset as wds
@@ -29,28 +31,77 @@ import webdataset as wds
 from core.data.decoders import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, member_extension
 
 
+def existing_shards(pattern: str) -> list[str]:
+    """The files a shard pattern names that exist: ``out/train-%06d.tar`` -> ``out/train-000000.tar``, ...
+    (digits where the number goes; ``out/train-extra.tar`` is not one of them)."""
+    parts = re.split(r"%0?\d*d", pattern)
+    candidates = glob.glob("*".join(glob.escape(part) for part in parts))
+    return sorted(f for f in candidates if re.fullmatch(r"\d+".join(re.escape(part) for part in parts), f))
+
+
 def write_shards(
-    samples: Iterable[dict], pattern: str, max_count: int = 10_000, max_bytes: int = 1 << 30, mtime: float | None = None
+    samples: Iterable[dict], pattern: str, max_count: int = 10_000, max_bytes: int = 1 << 30, mtime: int = 0,
+    overwrite: bool = False,
 ) -> dict:
     """Write ``samples`` to shards named by ``pattern`` (e.g. ``out/train-%06d.tar``).
 
-    A new shard starts when the current one holds ``max_count`` samples or ``max_bytes`` bytes. ``mtime`` stamps
-    every member (default: now); a fixed value makes the same samples give byte-identical shards.
+    A new shard starts when the current one holds ``max_count`` samples or ``max_bytes`` bytes (tar headers
+    included: a shard passes it by at most one sample). Every member is stamped with ``mtime``, so the same
+    samples give byte-identical shards. Keys must not contain a dot in their last part: readers split a
+    member's name into key and extension at the first dot.
+
+    Nothing is half written: shards are written as ``<name>.partial`` and renamed once every sample is in,
+    and an error on the way removes them. Shards that already match the pattern are an error, or with
+    ``overwrite`` are replaced, those beyond the new last one removed, once the new ones are in place.
     Returns a summary: number of samples, shards, bytes and the extensions seen.
     """
+    if max_count < 1 or max_bytes < 1:
+        raise ValueError(f"max_count ({max_count}) and max_bytes ({max_bytes}) must be at least 1")
+    existing = existing_shards(pattern)
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{len(existing)} shards already match {pattern} (e.g. {existing[0]}); "
+            "remove them or pass --overwrite (overwrite=True) to replace them"
+        )
     os.makedirs(os.path.dirname(os.path.abspath(pattern)), exist_ok=True)
-    n, extensions = 0, set()
-    with wds.ShardWriter(pattern, maxcount=max_count, maxsize=max_bytes, verbose=0, mtime=mtime) as sink:
+    files, n, extensions = [], 0, set()
+    stream = writer = None
+    count = 0
+    try:
         for sample in samples:
-            sink.write(sample)
+            key = sample.get("__key__")
+            if not isinstance(key, str) or not key or "." in key.rsplit("/", 1)[-1]:
+                raise ValueError(f"sample key {key!r}: a key is a non-empty string without a dot in its last part")
+            if writer is None or count >= max_count or writer.tarstream.offset >= max_bytes:
+                if writer is not None:
+                    writer.close()
+                    stream.close()
+                files.append(pattern % len(files))
+                stream = open(files[-1] + ".partial", "wb")
+                writer, count = wds.TarWriter(stream, mtime=mtime), 0
+            writer.write(sample)
             extensions.update(k for k in sample if not k.startswith("__"))
-            n += 1
-        shards = sink.shard
-    files = [pattern % i for i in range(shards)]
+            count, n = count + 1, n + 1
+        if writer is not None:
+            writer.close()
+            stream.close()
+    except BaseException:
+        if stream is not None:
+            stream.close()
+        for file in files:
+            if os.path.exists(file + ".partial"):
+                os.remove(file + ".partial")
+        raise
+    if n == 0:
+        raise ValueError(f"no samples to write to {pattern}")
+    for file in files:
+        os.replace(file + ".partial", file)
+    for stale in set(existing) - set(files):
+        os.remove(stale)
     return {
         "samples": n,
         "shards": len(files),
-        "bytes": sum(os.path.getsize(f) for f in files if os.path.exists(f)),
+        "bytes": sum(os.path.getsize(f) for f in files),
         "extensions": sorted(extensions),
         "files": files,
     }
@@ -61,8 +112,10 @@ MEDIA_KINDS = {"image": IMAGE_EXTENSIONS, "audio": AUDIO_EXTENSIONS, "video": VI
 
 
 def sample_key(name: str) -> str:
-    """A tar-safe key from a relative path: readers split members at the first dot, so only ``[A-Za-z0-9_-]``."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", name)
+    """A tar-safe key from a relative path: readers split members at the first dot, so only ``[A-Za-z0-9_-]``.
+    Other ASCII characters become ``_``; other characters their code point (``猫.png`` -> ``u732b_png``), so
+    that names in other scripts do not all collapse onto the same key."""
+    return re.sub(r"[^A-Za-z0-9_-]", lambda m: "_" if m[0].isascii() else f"u{ord(m[0]):x}", name)
 
 
 def media_member(path: str) -> dict[str, bytes]:
@@ -85,10 +138,29 @@ def unique_keys(samples: Iterable[dict]) -> Iterator[dict]:
         yield sample
 
 
-def _media_files(folder: str, extensions: frozenset[str], recursive: bool) -> list[str]:
-    pattern = os.path.join(glob.escape(folder), "**" if recursive else "", "*")
-    files = glob.glob(pattern, recursive=recursive)
-    return sorted(f for f in files if os.path.isfile(f) and member_extension(f) in extensions)
+def _media_files(folder: str, extensions: frozenset[str], recursive: bool) -> tuple[list[str], Counter]:
+    """The files under ``folder`` with one of ``extensions``, sorted, and a count of the files left out by
+    extension (captions aside). Hidden files and folders (``.DS_Store``, macOS's ``._photo.jpg``) are
+    skipped. Linked files are taken; linked folders inside are not followed (one linking back up would
+    repeat files, across classes too) but counted; a dangling link is an error."""
+    files, left_out = [], Counter()
+    for directory, subfolders, names in os.walk(folder) if recursive else [next(os.walk(folder))]:
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        linked = sum(os.path.islink(os.path.join(directory, d)) for d in subfolders)
+        if recursive and linked:
+            left_out["linked folder"] += linked
+        for name in names:
+            path = os.path.join(directory, name)
+            if name.startswith("."):
+                continue
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path} is a link to {os.readlink(path)!r}, which does not exist")
+            ext = member_extension(name) if "." in name else "(none)"
+            if ext in extensions:
+                files.append(path)
+            elif ext != "txt":
+                left_out[f".{ext}"] += 1
+    return sorted(files), left_out
 
 
 def folder_classes(root: str) -> list[str]:
@@ -107,23 +179,38 @@ def shuffled_order(items: list, seed: int | None) -> list:
     return items
 
 
+def describe_left_out(left_out: Counter) -> str:
+    return ", ".join(f"{n} {what}" for what, n in sorted(left_out.items())) or "nothing"
+
+
 def folder_samples(root: str, kind: str = "any", seed: int | None = None) -> Iterator[dict]:
     """Samples from a folder of image, audio or video files, in the order ``shuffled_order(seed)`` gives.
 
     Class sub-folders give ``cls`` (the sorted class index) and a ``txt`` caption (the class name); a flat
     folder gives unlabelled samples. A ``<name>.txt`` file next to a media file is its caption instead.
+    The files left out (other extensions, linked sub-folders) are counted on stderr; a class folder with no
+    file to take is an error, not a class the shards silently lack.
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root} is not a folder")
     extensions, classes = MEDIA_KINDS[kind], folder_classes(root)
-    top_level = _media_files(root, extensions, recursive=False)
+    top_level, left_out = _media_files(root, extensions, recursive=False)
     if classes and top_level:
         raise ValueError(f"{root} has both class folders {classes} and loose media files, e.g. {top_level[0]}")
     files = [(f, None) for f in top_level]
     for label, name in enumerate(classes):
-        files += [(f, label) for f in _media_files(os.path.join(root, name), extensions, recursive=True)]
+        found, class_left_out = _media_files(os.path.join(root, name), extensions, recursive=True)
+        if not found:
+            raise FileNotFoundError(
+                f"class folder {os.path.join(root, name)} has no {kind} files ({', '.join(sorted(extensions))}); "
+                f"left out: {describe_left_out(class_left_out)}"
+            )
+        files += [(f, label) for f in found]
+        left_out += class_left_out
     if not files:
-        raise FileNotFoundError(f"no {kind} files ({', '.join(sorted(extensions))}) in {root}")
+        raise FileNotFoundError(f"no {kind} files ({', '.join(sorted(extensions))}) in {root}; left out: {describe_left_out(left_out)}")
+    if left_out:
+        print(f"left out of {root}: {describe_left_out(left_out)} (not {kind} files)", file=sys.stderr)
     for path, label in shuffled_order(files, seed):
         relative = os.path.relpath(path, root)
         sample = {"__key__": sample_key(relative), "__origin__": path, **media_member(path)}
@@ -139,29 +226,64 @@ def folder_samples(root: str, kind: str = "any", seed: int | None = None) -> Ite
 
 def _read_text(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", newline="") as f:  # line ends as they are
             return f.read()
     except UnicodeDecodeError as error:
         raise ValueError(f"{path} is not utf-8 text: {error}") from error
 
 
-def table_rows(path: str) -> list[dict]:
-    """Rows of a CSV (with a header line) or JSONL (one object per line) file."""
+def table_rows(path: str) -> list[tuple[str, dict]]:
+    """(where, row) for each row of a CSV (with a header line) or JSONL (one object per line) file, ``where``
+    naming the file and line. A CSV row with more or fewer fields than the header is an error (an unquoted
+    comma in a caption would shift the label column)."""
     if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        rows = []
+        with open(path, encoding="utf-8-sig") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as error:
+                        raise ValueError(f"{path} line {number}: not JSON: {error}") from error
+                    if not isinstance(row, dict):
+                        raise ValueError(f"{path} line {number}: a JSON object per line, not {type(row).__name__}")
+                    rows.append((f"{path} line {number}", row))
+        return rows
     if path.endswith(".csv"):
-        with open(path, encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f))
+        rows = []
+        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a spreadsheet's byte-order mark
+            reader = csv.DictReader(f)
+            for row in reader:
+                where = f"{path} line {reader.line_num}"
+                if None in row or None in row.values():
+                    got = len(row) - 1 + len(row[None]) if None in row else sum(v is not None for v in row.values())
+                    raise ValueError(
+                        f"{where}: {got} fields where the header has {len(reader.fieldnames)} ({', '.join(reader.fieldnames)}); "
+                        "quote a field that holds a comma"
+                    )
+                rows.append((where, row))
+        return rows
     raise ValueError(f"{path}: expected a .csv or .jsonl file")
 
 
-def table_labels(values: list) -> tuple[list[int], list[str]]:
-    """Integer labels as they are; class names mapped to their sorted index. Returns (labels, class names)."""
-    if all(isinstance(v, int) or (isinstance(v, str) and re.fullmatch(r"-?\d+", v.strip())) for v in values):
-        return [int(v) for v in values], []
-    classes = sorted({str(v) for v in values})
-    return [classes.index(str(v)) for v in values], classes
+def table_labels(values: list, wheres: list[str]) -> tuple[list[int], list[str]]:
+    """Integer labels (0 and up) as they are, or class names mapped to their sorted index; not a mix.
+    Returns (labels, class names)."""
+    for value, where in zip(values, wheres):
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"{where}: label {value!r} is neither an integer nor a class name")
+    numbers = [isinstance(v, int) or re.fullmatch(r"-?\d+", v.strip()) is not None for v in values]
+    if all(numbers):
+        labels = [int(v) for v in values]
+        negative = [where for label, where in zip(labels, wheres) if label < 0]
+        if negative:
+            raise ValueError(f"{negative[0]}: a negative label; class indices start at 0 (leave unlabelled rows out of a labelled table)")
+        return labels, []
+    if any(numbers):
+        where = wheres[numbers.index(True)]
+        raise ValueError(f"{where}: an integer label in a table of class names ({values[numbers.index(False)]!r}, ...): use one kind")
+    classes = sorted(set(values))
+    return [classes.index(v) for v in values], classes
 
 
 def table_samples(
@@ -176,29 +298,36 @@ def table_samples(
     fills, is refused rather than written without its labels.
     Returns the samples and the class names when labels are names rather than integers.
     """
-    rows = table_rows(path)
-    for number, row in enumerate(rows):
+    numbered = table_rows(path)
+    if not numbered:
+        raise ValueError(f"{path} has no rows")
+    wheres, rows = [where for where, _ in numbered], [row for _, row in numbered]
+    for where, row in numbered:
         missing = [c for c in (path_column, caption_column) if c not in row]
         if missing:
-            raise ValueError(f"{path} row {number}: no column {missing} (has {sorted(row)})")
+            raise ValueError(f"{where}: no column {missing} (has {sorted(row)})")
+        if not isinstance(row[caption_column], str):
+            raise ValueError(f"{where}: caption {row[caption_column]!r} is not text")
+        if not isinstance(row[path_column], str) or not row[path_column]:
+            raise ValueError(f"{where}: media path {row[path_column]!r} is not a path")
     column = label_column or "label"
     unlabelled = [number for number, row in enumerate(rows) if row.get(column) in (None, "")]
     if label_column is not None and rows and len(unlabelled) == len(rows):
         raise ValueError(f"{path}: no row has a label in column {label_column!r} (columns: {sorted(rows[0])})")
     if 0 < len(unlabelled) < len(rows):
-        listed = ", ".join(map(str, unlabelled[:10])) + (", ..." if len(unlabelled) > 10 else "")
-        raise ValueError(f"{path}: {len(unlabelled)} of {len(rows)} rows have no {column!r} (rows {listed}): label every row or none")
+        listed = ", ".join(wheres[number].rsplit(" ", 1)[-1] for number in unlabelled[:10]) + (", ..." if len(unlabelled) > 10 else "")
+        raise ValueError(f"{path}: {len(unlabelled)} of {len(rows)} rows have no {column!r} (lines {listed}): label every row or none")
     has_labels = bool(rows) and not unlabelled
-    labels, classes = table_labels([row[column] for row in rows]) if has_labels else ([None] * len(rows), [])
+    labels, classes = table_labels([row[column] for row in rows], wheres) if has_labels else ([None] * len(rows), [])
     width = len(str(max(len(rows) - 1, 0)))
 
     def samples() -> Iterator[dict]:
         for number, row, label in shuffled_order(list(zip(range(len(rows)), rows, labels)), seed):
             media = os.path.join(os.path.dirname(path), row[path_column])
             if not os.path.isfile(media):
-                raise FileNotFoundError(f"{path} row {number}: media file {media} does not exist")
-            sample = {"__key__": f"{number:0{width}d}", "__origin__": f"{path} row {number}", **media_member(media)}
-            sample["txt"] = str(row[caption_column]).encode("utf-8")
+                raise FileNotFoundError(f"{wheres[number]}: media file {media} does not exist")
+            sample = {"__key__": f"{number:0{width}d}", "__origin__": wheres[number], **media_member(media)}
+            sample["txt"] = row[caption_column].encode("utf-8")
             if label is not None:
                 sample["cls"] = str(label).encode("ascii")
             yield sample
@@ -208,13 +337,17 @@ def table_samples(
 
 def text_samples(paths: list[str], per_line: bool = False, seed: int | None = None) -> Iterator[dict]:
     """Samples of ``txt`` from text files (folders are searched for ``*.txt``): one per file, or one per
-    non-empty line with ``per_line``. ``seed`` shuffles the files (a file's lines stay in their order)."""
+    non-empty line (``\\n`` or ``\\r\\n`` ends a line) with ``per_line``. ``seed`` shuffles the files (a file's
+    lines stay in their order). With several paths, a key starts with the path's position (``1_doc_txt``),
+    so that ``a/doc.txt`` and ``b/doc.txt`` do not clash."""
     files = []  # (file, its name relative to the path given)
-    for path in paths:
+    for number, path in enumerate(paths):
+        prefix = f"{number}/" if len(paths) > 1 else ""
         if os.path.isdir(path):
-            files += [(f, os.path.relpath(f, path)) for f in _media_files(path, frozenset({"txt"}), recursive=True)]
+            found, _ = _media_files(path, frozenset({"txt"}), recursive=True)
+            files += [(f, prefix + os.path.relpath(f, path)) for f in found]
         else:
-            files.append((path, os.path.basename(path)))
+            files.append((path, prefix + os.path.basename(path)))
     if not files:
         raise FileNotFoundError(f"no .txt files in {paths}")
     for file, name in shuffled_order(files, seed):
@@ -222,7 +355,8 @@ def text_samples(paths: list[str], per_line: bool = False, seed: int | None = No
         if not per_line:
             yield {"__key__": key, "__origin__": file, "txt": text.encode("utf-8")}
             continue
-        for number, line in enumerate(text.splitlines()):
+        for number, line in enumerate(text.split("\n")):  # not splitlines: it also splits at \x0c, \u2028, ...
+            line = line.removesuffix("\r")
             if line.strip():
                 origin = f"{file} line {number + 1}"
                 yield {"__key__": f"{key}_{number:07d}", "__origin__": origin, "txt": line.encode("utf-8")}
@@ -242,6 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-bytes", type=int, default=1 << 30, help="start a new shard once one holds this many bytes")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled sample order")
     parser.add_argument("--in-order", action="store_true", help="keep the input order (sorted files, table rows) instead")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards that already match --out")
     inputs = parser.add_subparsers(dest="input", required=True)
     folder = inputs.add_parser("folder", help="image/audio/video files, flat or in class sub-folders")
     folder.add_argument("root")
@@ -266,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
         samples, classes = table_samples(args.file, args.path_column, args.caption_column, args.label_column, seed)
     else:
         samples = text_samples(args.paths, args.per_line, seed)
-    summary = write_shards(unique_keys(samples), args.out, args.max_count, args.max_bytes)
+    summary = write_shards(unique_keys(samples), args.out, args.max_count, args.max_bytes, overwrite=args.overwrite)
     print(f"wrote {summary['samples']} samples in {summary['shards']} shards, {summary['bytes']:,} bytes")
     print(f"shards: {brace_pattern(args.out, summary['shards'])}")
     print(f"extensions: {', '.join(summary['extensions'])}")
