@@ -6,8 +6,9 @@ Each transform here is a small class with typed init arguments, so a config can 
 ``class_path: core.augment.TwoViews`` / ``init_args: {size: 224}``, and ``__call__(sample) -> dict``
 returns only tensors (plus ``"label"`` when the sample has one, for probes), ready for the default collate.
 
-Random choices draw from torch's global generator, so a fixed ``torch.manual_seed`` reproduces them and
-DataLoader workers (seeded per worker by torch) draw different ones.
+Random choices draw from torch's global generator, so a fixed ``torch.manual_seed`` reproduces them. The
+shard stream seeds each data worker's generator from (seed, rank, worker, step, pass), not torch's default
+worker seed, so that a resumed run draws what the unbroken one would (core/data/stream.py).
 
 Log-mel features are not computed here but on the model's device, by :func:`log_mel`.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import PIL.Image
 import torch
 import torch.nn.functional as F
 import torchaudio.compliance.kaldi as kaldi
@@ -58,8 +60,11 @@ def _labelled(sample: dict, out: dict) -> dict:
 
 
 def _image(sample: dict) -> torch.Tensor:
-    """The sample's ``"image"`` as a (3, H, W) uint8 tensor image."""
-    image = v2.functional.to_image(_field(sample, "image"))
+    """The sample's ``"image"`` as a (3, H, W) uint8 tensor image (a PIL image of another mode converted to RGB)."""
+    image = _field(sample, "image")
+    if isinstance(image, PIL.Image.Image) and image.mode != "RGB":
+        image = image.convert("RGB")
+    image = v2.functional.to_image(image)
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(
             f"'image' of sample {sample.get('__key__', '?')!r} from {sample.get('__url__', '?')!r} "
@@ -283,6 +288,7 @@ class ImageEval:
         resize = resize if resize is not None else round(size / 0.875)
         if resize < size:
             raise ValueError(f"ImageEval resize={resize} must be at least size={size}")
+        self.resize, self.interpolation = resize, interpolation  # recorded in exports: core.export.validation_view
         self.view = v2.Compose(
             [v2.Resize(resize, interpolation=v2.InterpolationMode(interpolation)), v2.CenterCrop(size)]
             + _normalize(mean, std)
@@ -306,7 +312,8 @@ class TwoViews:
 
     device_color: the data workers only crop and flip and hand over uint8 views; the color steps run on
     the collated batch on the training device (``ShardDataModule`` calls :meth:`on_device` after moving
-    the batch). Same augmentation, but the per-pixel work runs batched, on the accelerator when there is
+    the batch). The same draws per image, but for the order of the four jitter steps, which a batch
+    shares (:class:`ColorAugment`); the per-pixel work runs batched, on the accelerator when there is
     one: use it when the workers cannot keep up (small images, few CPU cores per GPU).
     """
 
@@ -506,12 +513,41 @@ class GlobalLocalCrop:
         return _labelled(sample, {"global": global_view, "local": local_view})
 
 
+def multiscale_box(height: int, width: int, size: int, scales=(1, 0.875, 0.75, 0.66), max_distort: int = 1) -> tuple[int, int, int, int]:
+    """A crop box of VideoMAE's multi-scale crop (``GroupMultiScaleCrop``, from TSN): height and width each
+    a fraction in ``scales`` of the frame's short side (a side within 3 pixels of ``size`` snaps to it),
+    at most ``max_distort`` places apart in ``scales``, at one of 13 fixed positions (corners, centre, edge
+    centres, quarter points). Returns (top, left, height, width)."""
+    base = min(height, width)
+    sides = [size if abs(int(base * s) - size) < 3 else int(base * s) for s in scales]
+    pairs = [(h, w) for i, h in enumerate(sides) for j, w in enumerate(sides) if abs(i - j) <= max_distort]
+    h, w = pairs[int(torch.randint(len(pairs), ()))]
+    h, w = min(h, height), min(w, width)  # a side snapped up to size can pass a frame just smaller than it
+    h_step, w_step = (height - h) // 4, (width - w) // 4
+    positions = [(0, 0), (0, 4), (4, 0), (4, 4), (2, 2), (2, 0), (2, 4), (4, 2), (0, 2), (1, 1), (1, 3), (3, 1), (3, 3)]
+    row, column = positions[int(torch.randint(len(positions), ()))]  # in quarters of the free space
+    return row * h_step, column * w_step, h, w
+
+
+class MultiScaleCrop:
+    """VideoMAE's training crop (``multiscale_box``), one box for every frame, resized to ``size``."""
+
+    def __init__(self, size: int, scales=(1, 0.875, 0.75, 0.66), interpolation=v2.InterpolationMode.BILINEAR):
+        self.size, self.scales, self.interpolation = size, tuple(scales), interpolation
+
+    def __call__(self, clip: torch.Tensor) -> torch.Tensor:  # (T, 3, H, W) -> (T, 3, size, size)
+        box = multiscale_box(clip.shape[-2], clip.shape[-1], self.size, self.scales)
+        return v2.functional.resized_crop(clip, *box, size=[self.size, self.size], interpolation=self.interpolation)
+
+
 class VideoClip:
     """A clip of ``num_frames`` frames, ``stride`` frames apart, for video MAEs (VideoMAE, Tong et al. 2022).
 
-    Train: random start, one random resized crop and one flip shared by all frames. Eval: centered start,
-    short side resized to ``size`` and center crop. VideoMAE itself crops with fixed multi-scale boxes;
-    the random resized crop here is MAE's image augmentation applied to the whole clip.
+    Train: random start, one crop and one flip shared by all frames: a random resized crop of ``scale`` of
+    the frame's area (``crop="random_resized"``, MAE's image augmentation applied to the whole clip) or
+    VideoMAE's own multi-scale crop (``crop="multiscale"``: sides from {1, .875, .75, .66} of the short side
+    at fixed positions, :func:`multiscale_box`). Eval: centered start, short side resized to ``size`` and
+    center crop.
     A clip shorter than ``(num_frames - 1) * stride + 1`` frames raises ``ValueError`` (``short_clips="error"``:
     the clips are not what the config expects), is skipped and counted by the shard stream
     (``"skip"``), or is read from its first frame with its last frame repeated to fill (``"repeat_last"``),
@@ -533,13 +569,19 @@ class VideoClip:
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         short_clips: str = "error",
+        crop: str = "random_resized",
     ):
         if short_clips not in ("error", "skip", "repeat_last"):
             raise ValueError(f"short_clips={short_clips!r} must be 'error', 'skip' or 'repeat_last'")
+        if crop not in ("random_resized", "multiscale"):
+            raise ValueError(f"crop={crop!r} must be 'random_resized' or 'multiscale'")
         self.num_frames, self.stride, self.train, self.short_clips = num_frames, stride, train, short_clips
         self.span = (num_frames - 1) * stride + 1
         mode = v2.InterpolationMode(interpolation)
-        if train:
+        if train and crop == "multiscale":
+            spatial = [MultiScaleCrop(size, interpolation=mode)]
+            spatial += [v2.RandomHorizontalFlip(0.5)] if flip else []
+        elif train:
             spatial = [v2.RandomResizedCrop(size, scale=scale, ratio=ratio, interpolation=mode)]
             spatial += [v2.RandomHorizontalFlip(0.5)] if flip else []
         else:

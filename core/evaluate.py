@@ -14,6 +14,9 @@ metadata (``--target json.background`` on the demo images): what an encoder enco
 frozen encoders (core.probe.AttentivePooler), with the input's patches as the raw-input tokens: mean
 pooling can average away what only a few tokens hold, such as where in a clip a shape moves.
 
+``--init-seeds N`` draws the random-init baseline N times (seeds 0 to N-1) and adds a row of their mean: one
+draw of a small network's weights can move its probe by a point or two, as much as a short pretraining gains.
+
 ``--rank`` also reports RankMe (core.probe.rankme), the effective rank of the val features: a rank far
 below the feature width is the dimensional collapse that joint-embedding methods can fall into while every
 dimension still varies.
@@ -39,11 +42,12 @@ def eval_transform(spec: dict):
     from core import augment
 
     modality = spec["modality"]
-    if modality == "image":
-        size = spec["size"][0]
-        return augment.ImageEval(size, resize=size, mean=tuple(spec["mean"]), std=tuple(spec["std"]))
+    if modality == "image":  # exports from before core.export.validation_view hold no resize: theirs was the size
+        size, mean, std = spec["size"][0], tuple(spec["mean"]), tuple(spec["std"])
+        return augment.ImageEval(size, resize=spec.get("resize", size), interpolation=spec.get("interpolation", "bicubic"), mean=mean, std=std)
     if modality == "video":
-        return augment.VideoClip(spec["frames"], spec["stride"], spec["size"][0], train=False, mean=tuple(spec["mean"]), std=tuple(spec["std"]))
+        size, mean, std, short_clips = spec["size"][0], tuple(spec["mean"]), tuple(spec["std"]), spec.get("short_clips", "error")
+        return augment.VideoClip(spec["frames"], spec["stride"], size, train=False, mean=mean, std=std, short_clips=short_clips)
     if modality == "audio":
         return augment.AudioClip(spec["sample_rate"], spec["seconds"], train=False)
     raise ValueError(f"core.evaluate probes image, video and audio encoders, not {modality!r}")
@@ -108,9 +112,16 @@ def features(
 def evaluate(
     path: str, train: str, val: str, train_limit: int = 10_000, val_limit: int = 10_000, batch_size: int = 256,
     num_workers: int = 2, target: str = "label", attentive: bool = False, rank: bool = False, device: str = "cpu",
+    init_seeds: int = 1,
 ) -> dict:
+    if init_seeds < 1:
+        raise ValueError(f"init_seeds={init_seeds} must be at least 1")
     torch.manual_seed(0)  # the random-init encoder's weights
     encoders = {"pretrained": load_encoder(path).to(device), "random init": load_encoder(path, pretrained=False).to(device)}
+    for seed in range(1, init_seeds):
+        torch.manual_seed(seed)
+        load_encoder(path)  # building it draws first at seed 0 too: seed 0's draw stays the "random init" row
+        encoders[f"random init, seed {seed}"] = load_encoder(path, pretrained=False).to(device)
     if attentive:
         encoders["pretrained"].vit_backbone()  # a clear error now, not after a pass over the data
     train_x, train_t, train_tok = features(encoders, train, train_limit, batch_size, num_workers, target, attentive, device)
@@ -131,6 +142,10 @@ def evaluate(
     if rank:
         for name in scores:
             scores[name]["rankme"] = rankme(val_x[name])
+    if init_seeds > 1:
+        draws = [s for name, s in scores.items() if name.startswith("random init")]
+        scores[f"random init, mean of seeds 0-{init_seeds - 1}"] = {key: sum(d[key] for d in draws) / len(draws) for key in draws[0]}
+        scores = {name: scores[name] for name in [*scores][:1] + [*scores][-1:] + [*scores][1:-1]}  # the mean under pretrained
     return scores
 
 
@@ -145,6 +160,7 @@ def main(argv=None) -> None:
     parser.add_argument("--target", default="label", help="what the probes predict: label, or json.<field> of the metadata")
     parser.add_argument("--attentive", action="store_true", help="also fit an attentive probe on the patch tokens (ViT encoders)")
     parser.add_argument("--rank", action="store_true", help="also report RankMe, the effective rank of the val features")
+    parser.add_argument("--init-seeds", type=int, default=1, help="random-init baselines to draw (seeds 0..N-1), with their mean")
     parser.add_argument("--json", help="also write the scores to this file")
     parser.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the encoders run and the probes are fitted (default: cuda when there is one)"
@@ -152,7 +168,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     scores = evaluate(
         args.encoder, args.train, args.val, args.train_limit, args.val_limit, num_workers=args.num_workers, target=args.target,
-        attentive=args.attentive, rank=args.rank, device=args.device,
+        attentive=args.attentive, rank=args.rank, device=args.device, init_seeds=args.init_seeds,
     )
     target = "" if args.target == "label" else f", predicting {args.target}"
     columns = ["linear_acc", "knn_acc"] + ["attentive_acc"] * args.attentive + ["rankme"] * args.rank

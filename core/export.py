@@ -40,12 +40,24 @@ def backbone_classes() -> dict[str, type[nn.Module]]:
     return {"ViT": ViT, "ResNet": ResNet, "TextTransformer": TextTransformer}
 
 
+def validation_view(module) -> dict:
+    """How the run's validation transform views a sample beyond the input's size and normalisation: an
+    image's resize before the centre crop (``ImageEval.resize``, 256 for 224 in the ImageNet configs) and its
+    interpolation, what a clip too short becomes (``VideoClip.short_clips``). Recipes add it to their input
+    spec, so that core.evaluate and core.finetune see the encoder's inputs as its validation did. Empty
+    outside a fit (no trainer, no datamodule)."""
+    trainer = getattr(module, "_trainer", None)
+    transform = getattr(getattr(trainer, "datamodule", None), "val_transform", None)
+    return {key: getattr(transform, key) for key in ("resize", "interpolation", "short_clips") if hasattr(transform, key)}
+
+
 def describe_encoder(prefix: str, backbone: nn.Module, input_spec: dict) -> dict:
     """What goes in `checkpoint["encoders"][name]`: where the weights are in the state dict, the backbone's
     class and init arguments, and the input it expects.
 
     input_spec: {"modality": "image", "size": [H, W], "mean": [...], "std": [...]}, or
-    {"modality": "video", "frames": T, "stride": s, "size": [H, W], "mean", "std"}, or
+    {"modality": "video", "frames": T, "stride": s, "size": [H, W], "mean", "std"}, each optionally with
+    the validation view's "resize", "interpolation" and "short_clips" (`validation_view`), or
     {"modality": "audio", "sample_rate": 16000, "seconds": 1.0, "n_mels": 128, "hop_ms": 10, "win_ms": 25,
     "mean": m, "std": s, optionally "frames": F to crop/pad the spectrogram to F frames} (the encoder takes
     waveforms and computes log-mel itself), or
@@ -89,7 +101,9 @@ class Encoder(nn.Module):
             spec = self.input
             return log_mel(x, spec["sample_rate"], n_mels=spec["n_mels"], hop_ms=spec["hop_ms"], win_ms=spec["win_ms"], mean=spec["mean"], std=spec["std"], frames=spec.get("frames"))
         if modality == "text":
-            return self.tokenizer(list(x))
+            tokens = self.tokenizer([x] if isinstance(x, str) else list(x))
+            device = next(self.backbone.parameters()).device
+            return {name: value.to(device) for name, value in tokens.items()}
         return x
 
     def tokens(self, x) -> torch.Tensor:
@@ -119,6 +133,8 @@ class Encoder(nn.Module):
 
 def export_checkpoint(ckpt_path: str, out: str) -> list[str]:
     """Write every encoder declared in the checkpoint; returns the folders written."""
+    if os.path.isdir(ckpt_path) and not os.path.isfile(os.path.join(ckpt_path, ".metadata")):
+        raise IsADirectoryError(f"{ckpt_path} is a folder; export takes a checkpoint file (runs/<run>/checkpoints/last.ckpt)")
     if os.path.isdir(ckpt_path):
         # torch's distributed checkpoint reads its .metadata with pickle.load, which can run code.
         raise IsADirectoryError(
@@ -159,6 +175,30 @@ def export_checkpoint(ckpt_path: str, out: str) -> list[str]:
     return written
 
 
+SPEC_KEYS = {
+    "image": ("size", "mean", "std"),
+    "video": ("frames", "stride", "size", "mean", "std"),
+    "audio": ("sample_rate", "seconds", "n_mels", "hop_ms", "win_ms", "mean", "std"),
+    "text": ("tokenizer", "max_len"),
+}
+
+
+def check_config(config: dict, where: str) -> None:
+    """An exported config this code can rebuild, or an error naming the file and what is wrong with it."""
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{where}: format_version {config.get('format_version')!r}; this code reads version {FORMAT_VERSION}")
+    missing = [key for key in ("backbone", "input") if key not in config]
+    missing += [f"backbone.{key}" for key in ("class", "args") if key not in config.get("backbone", {})]
+    if missing:
+        raise ValueError(f"{where}: no {', '.join(missing)}")
+    modality = config["input"].get("modality")
+    if modality not in SPEC_KEYS:
+        raise ValueError(f"{where}: input.modality {modality!r} is not one of {sorted(SPEC_KEYS)}")
+    missing = [f"input.{key}" for key in SPEC_KEYS[modality] if key not in config["input"]]
+    if missing:
+        raise ValueError(f"{where}: a {modality} input needs {', '.join(missing)}")
+
+
 def load_encoder(path: str, pretrained: bool = True) -> Encoder:
     """Rebuild an exported encoder from `path` (a folder with config.json and model.safetensors).
     pretrained=False gives the same architecture at random init: the baseline every recipe compares with."""
@@ -167,6 +207,7 @@ def load_encoder(path: str, pretrained: bool = True) -> Encoder:
         raise FileNotFoundError(f"{path} is not an exported encoder: {config_path} is missing")
     with open(config_path) as f:
         config = json.load(f)
+    check_config(config, config_path)
     classes = backbone_classes()
     cls_name = config["backbone"]["class"]
     if cls_name not in classes:

@@ -42,8 +42,8 @@ def train_transform(spec: dict, scale: tuple[float, float], flip: bool = True):
     if spec["modality"] == "image":
         return augment.ImageCrop(spec["size"][0], scale=scale, flip=flip, mean=tuple(spec["mean"]), std=tuple(spec["std"]))
     if spec["modality"] == "video":
-        size, mean, std = spec["size"][0], tuple(spec["mean"]), tuple(spec["std"])
-        return augment.VideoClip(spec["frames"], spec["stride"], size, scale=scale, flip=flip, mean=mean, std=std)
+        size, mean, std, short_clips = spec["size"][0], tuple(spec["mean"]), tuple(spec["std"]), spec.get("short_clips", "error")
+        return augment.VideoClip(spec["frames"], spec["stride"], size, scale=scale, flip=flip, mean=mean, std=std, short_clips=short_clips)
     if spec["modality"] == "audio":  # its spec's mean and std are the log-mel's, applied inside the encoder
         return augment.AudioClip(spec["sample_rate"], spec["seconds"], train=True)
     raise ValueError(f"core.finetune trains image, video and audio encoders, not {spec['modality']!r}")
@@ -99,11 +99,13 @@ def train_classifier(
 
 
 def endless(pattern: str, transform, batch_size: int, key: str):
-    """(x, label) batches over the shards, pass after pass; each pass draws new random views. The shards are
-    read front to back, in the order they were written: write them shuffled (``core.data.write`` does), or
-    class-sorted shards give one-class batches."""
+    """(x, label) batches over the shards, pass after pass; each pass draws new random views (one loader,
+    whose workers seed from its pass count: a new loader each pass would repeat the first pass's crops). The
+    shards are read front to back, in the order they were written: write them shuffled (``core.data.write``
+    does), or class-sorted shards give one-class batches."""
+    loader = read_batches(pattern, transform, batch_size, num_workers=1)
     while True:
-        for batch in read_batches(pattern, transform, batch_size, num_workers=1):
+        for batch in loader:
             yield batch[key], batch["label"]
 
 
@@ -129,7 +131,7 @@ def finetune(
         torch.manual_seed(0)  # the random init's weights, the head's and the order of the crops
         encoder = load_encoder(path, pretrained=pretrained)
         spec, key = encoder.input, encoder.input["modality"]
-        if drop_path:
+        if drop_path or hasattr(encoder.backbone, "blocks"):  # 0 too: an export may carry its pretraining's rate
             set_drop_path(encoder.vit_backbone(), drop_path)
         head = nn.Linear(encoder.embed_dim, num_classes)
         batches = endless(train, train_transform(spec, scale, flip), batch_size, key)

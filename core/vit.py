@@ -175,6 +175,8 @@ def set_drop_path(vit: nn.Module, rate: float) -> None:
     schedule of DeiT, DINO and MAE's fine-tuning); 0 turns it off."""
     for block, r in zip(vit.blocks, torch.linspace(0, rate, len(vit.blocks)).tolist()):
         block.drop_path_rate = r
+    if hasattr(vit, "config"):  # what an export rebuilds (DINO's teacher: none, whatever its student's)
+        vit.config["drop_path"] = rate
 
 
 class ViT(nn.Module):

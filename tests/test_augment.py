@@ -229,6 +229,34 @@ def test_video_clip_train_strided_frames_and_one_crop_for_all_frames():
     assert all(torch.equal(clip[:, 0], clip[:, t]) for t in range(num_frames))
 
 
+def test_multiscale_crop_boxes_are_videomaes():
+    """VideoMAE's GroupMultiScaleCrop on a 320x240 frame: sides from {240, 210, 180, 158} (the short side
+    times 1, .875, .75, .66), height and width at most one step apart, at quarter points of the free space."""
+    torch.manual_seed(0)
+    sides = [240, 210, 180, 158]
+    boxes = {augment.multiscale_box(240, 320, 224) for _ in range(3000)}
+    for top, left, h, w in boxes:
+        assert h in sides and w in sides and abs(sides.index(h) - sides.index(w)) <= 1
+        assert top in {q * ((240 - h) // 4) for q in range(5)} and left in {q * ((320 - w) // 4) for q in range(5)}
+    assert {(h, w) for _, _, h, w in boxes} == {(a, b) for a in sides for b in sides if abs(sides.index(a) - sides.index(b)) <= 1}
+    assert len({(t, l) for t, l, h, w in boxes if (h, w) == (180, 180)}) == 13
+    assert augment.multiscale_box(226, 300, 224, scales=(1.0,))[2:] == (224, 224)  # 226 is within 3 of 224: snapped
+
+    clip = VideoClip(4, 2, SIZE, crop="multiscale", flip=False)
+    still = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 30, 40, 3), dtype=np.uint8)).expand(12, -1, -1, -1)
+    out = clip({"video": still})["video"]
+    assert out.shape == (3, 4, SIZE, SIZE) and all(torch.equal(out[:, 0], out[:, t]) for t in range(4))  # one box
+    with pytest.raises(ValueError, match="crop='square' must be"):
+        VideoClip(4, 2, SIZE, crop="square")
+
+
+def test_image_transforms_take_pil_images_of_any_mode():
+    rgb = image_sample()["image"]
+    for mode in ("L", "RGBA", "P"):
+        out = ImageEval(SIZE)({"image": rgb.convert(mode)})["image"]
+        assert out.shape == (3, SIZE, SIZE)
+
+
 def test_video_clip_too_short_raises_with_lengths():
     with pytest.raises(ValueError, match=r"has 6 frames, but num_frames=4 with stride=2 needs at least 7"):
         VideoClip(4, 2, SIZE)({"video": numbered_video(6), "__key__": "clip9", "__url__": "v.tar"})
@@ -343,7 +371,7 @@ def test_yaml_rejects_unknown_interpolation():
 def test_missing_or_bad_fields_name_the_sample():
     with pytest.raises(UnusableSample, match=r"needs 'image'.*'img7'.*'shard-3.tar'"):
         ImageCrop(SIZE)({"audio": torch.zeros(1, 10), "__key__": "img7", "__url__": "shard-3.tar"})
-    gray = {"image": Image.fromarray(np.zeros((30, 30), dtype=np.uint8)), "__key__": "g1", "__url__": "s.tar"}
+    gray = {"image": torch.zeros(1, 30, 30, dtype=torch.uint8), "__key__": "g1", "__url__": "s.tar"}  # a PIL image is converted
     with pytest.raises(ValueError, match=r"'image' of sample 'g1' from 's.tar' must be RGB"):
         TwoViews(SIZE)(gray)
     with pytest.raises(ValueError, match=r"'audio' .* got shape \(1, 2, 3\)"):

@@ -19,3 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_demo_config_trains_in_bf16_mixed_precision(model_class, recipe, tmp_path):
     cli = mae_demo_run(model_class, recipe, tmp_path, "--trainer.precision=bf16-mixed", "--model.encoder_depth=1")
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    assert cli.trainer.precision == "bf16-mixed"
+    with cli.trainer.precision_plugin.forward_context():  # what the training steps ran under
+        linear = next(m for m in cli.model.encoder.modules() if isinstance(m, torch.nn.Linear))
+        assert linear(torch.randn(2, linear.in_features)).dtype == torch.bfloat16

@@ -147,6 +147,12 @@ def test_center_is_the_ema_of_the_teachers_mean_output():
     model.training_step(batch, 0)
     model.move_center()
     torch.testing.assert_close(model.center, 0.1 * teacher.mean(0, keepdim=True))
+    first, batch = model.center.clone(), crops(seed=1)  # the second move takes this step's teacher only
+    with torch.no_grad():
+        teacher = model.teacher_head(model.teacher_backbone(torch.cat(batch["global_views"])))
+    model.training_step(batch, 0)
+    model.move_center()
+    torch.testing.assert_close(model.center, 0.9 * first + 0.1 * teacher.mean(0, keepdim=True))
 
 
 def test_under_gradient_accumulation_the_center_moves_once_as_for_the_whole_batch():
@@ -281,6 +287,9 @@ def test_a_vit_student_drops_paths_and_its_teacher_never_does():
     model = DINO(ViT((16, 16), (4, 4), dim=16, depth=3, heads=2, drop_path=0.2), global_size=16, local_size=8, out_dim=32, hidden_dim=16, bottleneck_dim=8)
     assert [b.drop_path_rate for b in model.backbone.blocks][-1] == pytest.approx(0.2)
     assert [b.drop_path_rate for b in model.teacher_backbone.blocks] == [0.0, 0.0, 0.0]
+    checkpoint = {}
+    model.on_save_checkpoint(checkpoint)  # the exported teacher is rebuilt without the student's rate
+    assert checkpoint["encoders"]["image"]["backbone"]["args"]["drop_path"] == 0.0
     model.train()  # as Lightning trains: the teacher too is in training mode
     x = torch.randn(8, 3, 16, 16)
     with torch.no_grad():

@@ -97,7 +97,8 @@ def rank_results(rank: int) -> dict:
     # gather_with_grad: the concatenation forward; backward sums what every rank sends to a slice.
     x = (torch.arange(BATCH * 2, dtype=torch.float64).view(BATCH, 2) + 100 * rank).requires_grad_()
     gathered = gather_with_grad(x)
-    (gathered * (rank + 1)).sum().backward()
+    rows = torch.arange(1, WORLD * BATCH + 1, dtype=torch.float64).view(-1, 1)  # a weight per gathered row
+    (gathered * rows * (rank + 1)).sum().backward()
     results["gathered"], results["gather_grad"] = gathered.detach(), x.grad
 
     # The incoming gradient is not summed in place: autograd hands the same tensor to the other branch of a sum.
@@ -175,8 +176,10 @@ def test_gather_with_grad_concatenates_and_sums_gradients(ranks):
     for r, res in enumerate(ranks):
         assert res["world"].tolist() == [r, WORLD]
         assert torch.equal(res["gathered"], expected)
-        # Rank r's loss weighs every gathered element by r + 1, so each slice receives 1 + 2 + ... + WORLD.
-        assert torch.equal(res["gather_grad"], torch.full((BATCH, 2), WORLD * (WORLD + 1) / 2, dtype=torch.float64))
+        # Rank q's loss weighs gathered row j by (q + 1) * (j + 1), so rank r's rows j = r * BATCH + i receive
+        # (1 + 2 + ... + WORLD) * (j + 1): their own rows' weights, not another slice's.
+        rows = torch.arange(r * BATCH + 1, (r + 1) * BATCH + 1, dtype=torch.float64).view(-1, 1).expand(BATCH, 2)
+        assert torch.equal(res["gather_grad"], WORLD * (WORLD + 1) / 2 * rows)
         assert torch.equal(res["branch_grad"], torch.arange(WORLD * BATCH * 2.0, dtype=torch.float64).view(-1, 2))
 
 

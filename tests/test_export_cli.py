@@ -1,10 +1,13 @@
 """core.export / load_encoder round trips and the shared CLI."""
 
+import json
 import os
 import pickle
 import subprocess
 import sys
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from torch.distributed.fsdp import FSDPModule
@@ -31,6 +34,7 @@ def fake_checkpoint(path, backbone, spec, prefix="model.encoder."):
     [
         (ViT((16, 16), (4, 4), size="tiny", depth=2, pool="mean"), torch.randn(3, 3, 16, 16)),
         (ViT((4, 16, 16), (2, 8, 8), size="tiny", depth=1), torch.randn(2, 3, 4, 16, 16)),
+        (ViT((16, 16), (4, 4), dim=16, depth=1, heads=2, mlp_ratio=2.0, pos_embed="learned", init="trunc_normal"), torch.randn(2, 3, 16, 16)),
         (ResNet(18, small_images=True), torch.randn(2, 3, 16, 16)),
     ],
 )
@@ -98,6 +102,51 @@ def test_load_encoder_names_missing_config(tmp_path):
         load_encoder(str(tmp_path))
 
 
+def test_load_encoder_names_what_a_config_lacks(tmp_path):
+    backbone = ViT((8, 8), (4, 4), size="tiny", depth=1)
+    fake_checkpoint(tmp_path / "last.ckpt", backbone, {"modality": "image", "size": [8, 8], "mean": [0] * 3, "std": [1] * 3})
+    (folder,) = export_checkpoint(str(tmp_path / "last.ckpt"), str(tmp_path / "e"))
+    good = json.loads(open(os.path.join(folder, "config.json")).read())
+    for change, message in [
+        (lambda c: c.pop("backbone"), "config.json: no backbone"),
+        (lambda c: c.update(format_version=99), "format_version 99; this code reads version 1"),
+        (lambda c: c["input"].update(modality="Image"), "input.modality 'Image' is not one of"),
+        (lambda c: c["input"].pop("mean"), "a image input needs input.mean"),
+    ]:
+        config = json.loads(json.dumps(good))
+        change(config)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(config, f)
+        with pytest.raises(ValueError, match=message):
+            load_encoder(folder)
+
+
+def test_export_names_a_folder_that_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a folder; export takes a checkpoint file"):
+        export_checkpoint(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_the_export_records_the_validation_view_and_evaluation_uses_it(tmp_path):
+    """The ImageNet configs validate on a 224 crop of the image resized to 256 (MAE's linear-probe view);
+    core.evaluate must see the encoder's inputs the same way, not a 224 crop of 224."""
+    from types import SimpleNamespace
+
+    from core.augment import ImageEval, VideoClip
+    from core.evaluate import eval_transform
+    from core.export import validation_view
+
+    def module(val_transform):
+        return SimpleNamespace(_trainer=SimpleNamespace(datamodule=SimpleNamespace(val_transform=val_transform)))
+
+    view = validation_view(module(ImageEval(224)))
+    assert view == {"resize": 256, "interpolation": "bicubic"}
+    spec = {"modality": "image", "size": [224, 224], "mean": [0.5] * 3, "std": [0.25] * 3, **view}
+    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8))
+    torch.testing.assert_close(eval_transform(spec)({"image": image})["image"], ImageEval(224, mean=(0.5,) * 3, std=(0.25,) * 3)({"image": image})["image"])
+    assert validation_view(module(VideoClip(4, 2, 8, train=False, short_clips="repeat_last"))) == {"short_clips": "repeat_last"}
+    assert validation_view(SimpleNamespace(_trainer=None)) == {}  # outside a fit
+
+
 def test_export_cli(tmp_path):
     backbone = ViT((8, 8), (4, 4), size="tiny", depth=1)
     fake_checkpoint(tmp_path / "last.ckpt", backbone, {"modality": "image", "size": [8, 8], "mean": [0] * 3, "std": [1] * 3})
@@ -160,6 +209,7 @@ def test_text_encoder_round_trip_ships_its_tokenizer(tmp_path):
     with torch.no_grad():
         batch = tok(sentences)
         torch.testing.assert_close(enc(sentences), backbone(batch["input_ids"], batch["attention_mask"]), rtol=0, atol=0)
+        torch.testing.assert_close(enc("the lazy fox"), enc(sentences[:1]), rtol=0, atol=0)  # one string, one text
 
 
 def tone_shards(tmp_path):
@@ -186,6 +236,23 @@ def tone_shards(tmp_path):
 
 
 IMAGE_8PX = {"modality": "image", "size": [8, 8], "mean": [0.5] * 3, "std": [0.25] * 3}
+
+
+def test_evaluate_draws_the_random_init_baseline_at_several_seeds(tmp_path):
+    from core.evaluate import evaluate
+
+    fake_checkpoint(tmp_path / "last.ckpt", ResNet(18, small_images=True, width=4), IMAGE_8PX)
+    (folder,) = export_checkpoint(str(tmp_path / "last.ckpt"), str(tmp_path / "out"))
+    shards = tone_shards(tmp_path)
+    train, val = shards[1], shards[3]
+    one = evaluate(folder, train, val, num_workers=0, target="json.tone")
+    three = evaluate(folder, train, val, num_workers=0, target="json.tone", init_seeds=3)
+    draws = ["random init", "random init, seed 1", "random init, seed 2"]
+    assert [*three] == ["pretrained", "random init, mean of seeds 0-2", *draws, "raw input"]
+    assert three["random init"] == one["random init"]  # seed 0 is the one-draw baseline
+    for key in ("linear_acc", "knn_acc"):
+        assert three["random init, mean of seeds 0-2"][key] == pytest.approx(sum(three[d][key] for d in draws) / 3)
+    assert len({three[d]["knn_acc"] for d in draws} | {three[d]["linear_acc"] for d in draws}) > 1  # other weights
 
 
 def test_evaluate_probes_the_label_or_any_json_field(tmp_path, capsys):

@@ -89,6 +89,17 @@ def test_finetune_learns_and_treats_both_encoders_alike(tmp_path, capsys, one_th
     assert scores["pretrained"] == scores["random init"] >= 90.0
 
 
+def test_each_pass_over_the_shards_draws_new_views(tmp_path):
+    """64 samples in batches of 16: the fifth batch holds the first one's samples, in new crops."""
+    from core.finetune import endless, train_transform
+
+    train = tone_shards(tmp_path)[1]
+    batches = endless(train, train_transform(IMAGE_8PX, (0.3, 1.0)), 16, "image")
+    first, second = [next(batches) for _ in range(4)], [next(batches) for _ in range(4)]
+    assert all(a[1].equal(b[1]) for a, b in zip(first, second))
+    assert not any(a[0].equal(b[0]) for a, b in zip(first, second))
+
+
 def test_finetune_needs_the_number_of_classes(tmp_path):
     with pytest.raises(SystemExit):
         finetune_main([str(tmp_path), "--train", "x", "--val", "y", "--steps", "1"])
@@ -109,3 +120,12 @@ def test_finetune_hands_stochastic_depth_and_label_smoothing_to_both_runs(tmp_pa
     rates = torch.linspace(0, 0.2, VIT_8PX["depth"]).tolist()
     assert seen == [([round(r, 6) for r in rates], 0.1)] * 2  # pretrained and random init alike
     assert rates[-1] == pytest.approx(0.2)
+
+    # An export whose ViT was pretrained with stochastic depth fine-tunes without it unless asked.
+    seen.clear()
+    backbone, prefix = ViT(**VIT_8PX, drop_path=0.1), "model.encoder."
+    state = {prefix + k: v for k, v in backbone.state_dict().items()}
+    torch.save({"state_dict": state, "encoders": {"image": describe_encoder(prefix, backbone, IMAGE_8PX)}}, tmp_path / "dp.ckpt")
+    (folder,) = export_checkpoint(str(tmp_path / "dp.ckpt"), str(tmp_path / "dp"))
+    finetune_main([folder, *shards, "--num-classes", "2", "--steps", "1"])
+    assert seen == [([0.0] * VIT_8PX["depth"], 0.0)] * 2

@@ -27,6 +27,7 @@ def test_demo_config_trains_a_few_steps_and_exports(tmp_path):
     (folder,) = export_checkpoint(str(tmp_path / "checkpoints" / "last.ckpt"), str(tmp_path / "export"))
     enc = load_encoder(folder)
     assert enc.input["modality"] == "image" and enc.input["size"] == [32, 32]
+    assert (enc.input["resize"], enc.input["interpolation"]) == (32, "bicubic")  # the demo config's val_transform
     module = cli.model.eval()
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
@@ -87,16 +88,19 @@ def test_pictures_are_saved_once_per_picture_step_under_gradient_accumulation():
     assert not due(4, 0, rank=1) and not due(4, 0, every=0)
 
 
-def test_same_loss_and_gradients_as_the_official_mae_structure():
+@pytest.mark.parametrize("mask_ratio, norm_pix_loss", [(0.75, True), (0.5, False)])
+def test_same_loss_and_gradients_as_the_official_mae_structure(mask_ratio, norm_pix_loss):
     """The recipe's MAE against the official code's model on timm's blocks (core/mae_reference.py), from the
-    same weights and the same noise: the benchmark compares one computation done two ways."""
+    same weights and the same noise: the benchmark compares one computation done two ways, with the
+    paper's settings and others (so that a setting the recipe ignored would show)."""
     torch.manual_seed(0)
-    model = small_mae(image_size=32, patch_size=8, decoder_depth=2)
+    model = small_mae(image_size=32, patch_size=8, decoder_depth=2, mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss)
     reference = reference_for(model)
     copy_weights(model, reference)
     images = torch.randn(3, 3, 32, 32)
     same_reconstruction_as_reference(model, reference, images)
     assert_same_gradients(model, reference, reference_name)
+    assert model.reconstruct(images)[2].sum(1).tolist() == [16 * mask_ratio] * 3  # 16 patches of 8 px
 
 
 def test_bench_times_both_models_in_their_own_processes(tmp_path, capsys):

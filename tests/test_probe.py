@@ -60,6 +60,7 @@ def test_knn_votes_are_weighted_by_similarity():
     assert knn_accuracy(train_x, train_y, test_x, test_y, k=3, temperature=0.07) == 1.0
     assert knn_accuracy(train_x, train_y, test_x, test_y, k=3, temperature=10.0) == 0.0
     assert knn_accuracy(train_x, train_y, test_x, test_y, k=1) == 1.0
+    assert knn_accuracy(train_x, train_y, test_x, test_y, k=1, temperature=10.0) == 1.0  # the majority is not asked
     # k larger than the training set uses all of it.
     assert knn_accuracy(train_x, train_y, test_x, test_y, k=50, temperature=10.0) == 0.0
 

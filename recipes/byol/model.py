@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from core.augment import IMAGENET_MEAN, IMAGENET_STD, batch_views
-from core.export import describe_encoder
+from core.export import describe_encoder, validation_view
 from core.fsdp import shard_blocks
 from core.heads import feature_dim, mlp_head
 from core.losses import negative_cosine
@@ -111,5 +111,5 @@ class BYOL(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": step_scheduler(optimizer, WarmupCosine(warmup, total))}
 
     def on_save_checkpoint(self, checkpoint):
-        spec = {"modality": "image", "size": [self.hparams.image_size] * 2, "mean": list(self.hparams.mean), "std": list(self.hparams.std)}
+        spec = {"modality": "image", "size": [self.hparams.image_size] * 2, "mean": list(self.hparams.mean), "std": list(self.hparams.std), **validation_view(self)}
         checkpoint["encoders"] = {"image": describe_encoder("backbone.", self.backbone, spec)}

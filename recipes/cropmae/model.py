@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.export import describe_encoder
+from core.export import describe_encoder, validation_view
 from core.fsdp import shard_blocks
 from core.heads import scatter_visible
 from core.losses import masked_patch_loss
@@ -191,5 +191,5 @@ class CropMAE(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         size = [self.hparams.image_size] * 2
-        spec = {"modality": "image", "size": size, "mean": list(self.hparams.mean), "std": list(self.hparams.std)}
+        spec = {"modality": "image", "size": size, "mean": list(self.hparams.mean), "std": list(self.hparams.std), **validation_view(self)}
         checkpoint["encoders"] = {"image": describe_encoder("encoder.", self.encoder, spec)}

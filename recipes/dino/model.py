@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.augment import IMAGENET_MEAN, IMAGENET_STD, batch_views
-from core.export import describe_encoder
+from core.export import describe_encoder, validation_view
 from core.fsdp import local_tensors, shard_blocks, whole_norms
 from core.heads import feature_dim
 from core.losses import dino_center, dino_collapse_diagnostics, dino_loss, dino_targets
@@ -239,5 +239,5 @@ class DINO(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": step_scheduler(optimizer, WarmupCosine(warmup, total, min_ratio=h.min_lr / lr))}
 
     def on_save_checkpoint(self, checkpoint):
-        spec = {"modality": "image", "size": [self.hparams.global_size] * 2, "mean": list(self.hparams.mean), "std": list(self.hparams.std)}
+        spec = {"modality": "image", "size": [self.hparams.global_size] * 2, "mean": list(self.hparams.mean), "std": list(self.hparams.std), **validation_view(self)}
         checkpoint["encoders"] = {"image": describe_encoder("teacher_backbone.", self.teacher_backbone, spec)}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from core.export import describe_encoder
+from core.export import describe_encoder, validation_view
 from core.fsdp import shard_blocks
 from core.heads import MAEDecoder
 from core.losses import masked_patch_loss
@@ -105,5 +105,5 @@ class MAE(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         size = [self.hparams.image_size] * 2
-        spec = {"modality": "image", "size": size, "mean": list(self.hparams.mean), "std": list(self.hparams.std)}
+        spec = {"modality": "image", "size": size, "mean": list(self.hparams.mean), "std": list(self.hparams.std), **validation_view(self)}
         checkpoint["encoders"] = {"image": describe_encoder("encoder.", self.encoder, spec)}

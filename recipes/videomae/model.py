@@ -16,7 +16,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from core.export import describe_encoder
+from core.export import describe_encoder, validation_view
 from core.fsdp import shard_blocks
 from core.heads import MAEDecoder
 from core.losses import masked_patch_loss
@@ -178,6 +178,6 @@ class VideoMAE(L.LightningModule):
         hp = self.hparams
         spec = {
             "modality": "video", "frames": hp.num_frames, "stride": hp.stride, "size": [hp.image_size] * 2,
-            "mean": list(hp.mean), "std": list(hp.std),
+            "mean": list(hp.mean), "std": list(hp.std), **validation_view(self),
         }
         checkpoint["encoders"] = {"video": describe_encoder("encoder.", self.encoder, spec)}
