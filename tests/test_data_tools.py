@@ -317,6 +317,9 @@ def test_inspect_reports_reasons_examples_and_extensions(tmp_path, capsys):
     assert inspect_main([str(tmp_path / "m-{000000..000001}.tar"), "--limit", "2"]) == 0
     limited = capsys.readouterr().out
     assert "shards read: 1" in limited and "samples read: 1" in limited and "samples skipped: 1" in limited
+    assert inspect_main([str(tmp_path / "m-{000000..000001}.tar"), "--strict"]) == 1  # some samples skipped
+    assert "--strict" in capsys.readouterr().err
+    assert inspect_main([str(tmp_path / "m-{000000..000001}.tar"), "--strict", "--limit", "1"]) == 0  # the first is good
 
 
 def test_inspect_exit_codes_when_nothing_is_readable(tmp_path):

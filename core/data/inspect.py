@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m core.data.inspect", description=__doc__.split("\n\n")[0])
     parser.add_argument("patterns", nargs="+", help="shard patterns: brace ranges, globs, pipe: commands, URLs")
     parser.add_argument("--limit", type=int, default=None, help="stop after this many samples")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when any sample is skipped or any shard unreadable")
     args = parser.parse_args(argv)
     try:
         report = inspect_shards(args.patterns, args.limit)
@@ -100,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_report(report))
     if report.samples_read == 0:
         print(f"error: no sample could be read from {' '.join(args.patterns)}", file=sys.stderr)
+        return 1
+    if args.strict and (report.skipped or report.shard_errors):
+        print(f"error (--strict): {sum(report.skipped.values())} samples skipped, {len(report.shard_errors)} shards unreadable", file=sys.stderr)
         return 1
     return 0
 
