@@ -144,8 +144,8 @@ def evaluate(
             scores[name]["rankme"] = rankme(val_x[name])
     if init_seeds > 1:
         draws = [s for name, s in scores.items() if name.startswith("random init")]
-        scores[f"random init, mean of seeds 0-{init_seeds - 1}"] = {key: sum(d[key] for d in draws) / len(draws) for key in draws[0]}
-        scores = {name: scores[name] for name in [*scores][:1] + [*scores][-1:] + [*scores][1:-1]}  # the mean under pretrained
+        mean = {key: sum(d[key] for d in draws) / len(draws) for key in draws[0]}
+        scores = {"pretrained": scores.pop("pretrained"), f"random init, mean of seeds 0-{init_seeds - 1}": mean, **scores}
     return scores
 
 
