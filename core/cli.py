@@ -98,6 +98,44 @@ class RankSeed(Callback):
         set_random_state(states[trainer.global_rank])
 
 
+def samples_per_step(trainer: L.Trainer) -> int | None:
+    """Samples in one optimizer step over all ranks (batch x ranks x accumulation); None without a batch size."""
+    batch = getattr(trainer.datamodule, "batch_size", None)
+    return batch * trainer.world_size * trainer.accumulate_grad_batches if isinstance(batch, int) else None
+
+
+class SameStepOnResume(Callback):
+    """Refuses to resume with another number of samples per optimizer step than the checkpoint's. The
+    schedules (learning rate, EMA momentum, weight decay, DINO's temperatures) count optimizer steps over the
+    run's total, which that number sets, and Lightning restores the step count in the checkpoint's units:
+    resumed from step 32 of 64 on twice the ranks, a run whose total is now 32 would be past its end, its
+    learning rate 0 and its EMA teacher frozen for the rest of the samples. Another split of the same
+    samples per step (2 ranks of 64 where 1 rank took 128) resumes."""
+
+    def __init__(self):
+        self.samples: int | None = None
+        self._saved: int | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.samples = samples_per_step(trainer)
+
+    def state_dict(self) -> dict:
+        return {"samples_per_step": self.samples}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._saved = state_dict.get("samples_per_step")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        saved, self._saved = self._saved, None
+        if saved is not None and self.samples is not None and saved != self.samples:
+            raise ValueError(
+                f"the checkpoint trained on {saved} samples per optimizer step (data.batch_size x devices x nodes x "
+                f"trainer.accumulate_grad_batches) and this run takes {self.samples}: its schedules would read the "
+                "restored step count in other units. Resume with the same product (e.g. raise accumulate_grad_batches "
+                "on fewer devices), or start a new run from the checkpoint's weights"
+            )
+
+
 class LastCheckpoint(ModelCheckpoint):
     """ModelCheckpoint whose `last.ckpt` also holds the end of training. Lightning's saves it at the end
     only when no `last.ckpt` was written before, so with `every_n_train_steps` a run of 395 steps saving
@@ -139,7 +177,7 @@ def run(model_class: type[L.LightningModule], datamodule_class: type[L.Lightning
         model_class,
         datamodule_class,
         seed_everything_default=0,
-        trainer_defaults={"callbacks": [RankSeed()]},
+        trainer_defaults={"callbacks": [RankSeed(), SameStepOnResume()]},
         save_config_kwargs={"overwrite": True},
         args=args,
     )

@@ -47,6 +47,9 @@ def shard_blocks(model: L.LightningModule) -> None:
     parts = [p for p in model.children() if not isinstance(p, FSDPModule) and next(p.parameters(), None) is not None]
     if model.device_mesh is None or not parts:
         return
+    loose = [name for name, _ in model.named_parameters(recurse=False)]
+    if loose:  # outside every unit they would be neither sharded nor averaged: each rank's would drift apart
+        raise ValueError(f"shard_blocks: {type(model).__name__} holds parameters of its own ({', '.join(loose)}); put them in a submodule")
     # Every rank is a data-parallel rank here: the data module gives each its own shards, and the recipes have
     # no tensor parallelism. ModelParallelStrategy's own mesh would put the ranks of one node in a tensor-
     # parallel group (its default), and sharding over its data-parallel part would then sync nothing.

@@ -9,6 +9,7 @@ encoder's gradients.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import lightning as L
 import torch
@@ -212,7 +213,8 @@ class OnlineProbe(L.Callback):
     The LightningModule provides `embed(batch) -> (B, D)`: the encoder's embedding of the clean inputs, and
     batches carry `"label"`. Features of all ranks are gathered, so every rank logs the same number. A sample
     seen again in the same validation run (`data.val_batches` re-reads a rank's shards) is probed once: in
-    both halves, kNN would find it as its own neighbour.
+    both halves, kNN would find it as its own neighbour. At most `max_samples` rows are embedded over all
+    ranks (each rank its share), so the probe reads the same on one process as on many.
     """
 
     def __init__(self, max_samples: int = 10_000):
@@ -227,7 +229,8 @@ class OnlineProbe(L.Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         # Under FSDP `embed` is a collective: whether to call it must depend on what every rank has alike.
-        if self.embedded >= self.max_samples:
+        # max_samples is the whole probe's: each rank embeds its share, so the probe reads alike at any world size.
+        if self.embedded >= math.ceil(self.max_samples / trainer.world_size):
             return
         if "label" not in batch:
             raise KeyError(

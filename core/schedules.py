@@ -107,10 +107,10 @@ class ConfiguredLambdaLR(torch.optim.lr_scheduler.LambdaLR):
     """`LambdaLR` whose checkpoint restores the step count, not the schedule: a resumed run follows the
     schedule its own config builds. Plain `LambdaLR` copies a callable schedule's saved fields over the new
     one, so `offset` (a re-warm) or `anneal_at` set for the resumed run would be silently replaced by the
-    checkpoint's."""
+    checkpoint's, and its peak learning rates (`base_lrs`) over the ones this run's config scales."""
 
     def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict({**state_dict, "lr_lambdas": [None] * len(self.lr_lambdas)})
+        super().load_state_dict({**state_dict, "lr_lambdas": [None] * len(self.lr_lambdas), "base_lrs": self.base_lrs})
 
 
 def step_scheduler(optimizer: torch.optim.Optimizer, schedule) -> dict:
@@ -121,6 +121,8 @@ def step_scheduler(optimizer: torch.optim.Optimizer, schedule) -> dict:
 def warmup_and_total_steps(trainer, warmup_epochs: float) -> tuple[int, int]:
     """Optimizer steps of the warmup and of the whole run, from the trainer's limits (max_epochs or
     max_steps) and the epoch length. Papers give warmup in epochs; schedules count steps."""
+    if math.isinf(trainer.estimated_stepping_batches):
+        raise ValueError("trainer.max_epochs / trainer.max_steps: the schedules need the run's length; set one of them")
     total = int(trainer.estimated_stepping_batches)
     if trainer.max_epochs and trainer.max_epochs > 0 and trainer.max_steps in (-1, None):
         per_epoch = total / trainer.max_epochs

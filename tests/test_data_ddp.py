@@ -38,6 +38,7 @@ class RecordingModel(L.LightningModule):
         self.layer = torch.nn.Linear(4, 1)
         self.initial_weight = self.layer.weight.tolist()  # as built, before DDP broadcasts rank 0's weights
         self.train_batches: list[list[str]] = []  # per epoch: the url of every training sample
+        self.train_keys: list[str] = []
         self.val_keys: list[list[str]] = []  # per epoch: the key of every validation sample
         self.val_urls: list[list[str]] = []
         self.draws: list[float] = []  # torch.rand in the first training step, as a mask or a colour step draws
@@ -49,6 +50,7 @@ class RecordingModel(L.LightningModule):
         if not self.draws:
             self.draws = torch.rand(4).tolist()
         self.train_batches[-1].append(batch["__url__"])
+        self.train_keys += batch["__key__"]
         return torch.nn.functional.mse_loss(self.layer(batch["x"]).squeeze(1), batch["label"].float())
 
     def on_validation_epoch_start(self):
@@ -65,6 +67,7 @@ class RecordingModel(L.LightningModule):
             "world_size": self.trainer.world_size,
             "train_batches": [len(epoch) for epoch in self.train_batches],
             "train_urls": sorted({url for epoch in self.train_batches for batch in epoch for url in batch}),
+            "train_keys": self.train_keys,
             "val_keys": self.val_keys,
             "val_urls": self.val_urls,
             "batches_per_epoch": self.trainer.datamodule.batches_per_epoch(),
@@ -120,10 +123,13 @@ def test_every_rank_trains_on_the_same_number_of_batches(ranks):
 
 
 @pytest.mark.timeout(120)
-def test_train_shards_are_assigned_per_rank(ranks):
+def test_every_rank_resamples_from_every_train_shard(ranks):
+    """As webdataset's ResampledShards: no split of the shards over ranks (with replacement none is needed,
+    and a split favours the shards of ranks holding fewer); the ranks' own seeds keep their draws apart."""
     urls = [set(r["train_urls"]) for r in ranks]
-    assert urls[0].isdisjoint(urls[1])
     assert len(urls[0] | urls[1]) == math.ceil(TRAIN_SAMPLES / 10)
+    assert not urls[0].isdisjoint(urls[1])  # seeds 0/0 and 0/1 share shards here: under a split they could not
+    assert ranks[0]["train_keys"] != ranks[1]["train_keys"]
 
 
 @pytest.mark.timeout(120)

@@ -606,6 +606,26 @@ class DrawsModel(VectorModel):
         return super().training_step(batch, batch_idx)
 
 
+def test_a_resume_with_other_samples_per_step_is_refused_and_another_split_of_them_resumes(tmp_path):
+    """The schedules count steps of the checkpoint's size (core.cli.SameStepOnResume)."""
+    from core.cli import SameStepOnResume
+
+    pattern = write_vectors(tmp_path, "q", 32, per_shard=16)
+
+    def fit(batch_size, accumulate=1, ckpt_path=None):
+        dm = ShardDataModule(pattern, batch_size=batch_size, num_workers=0, samples_per_epoch=32, train_transform=VectorTransform())
+        saving = ModelCheckpoint(tmp_path / "ckpt", filename="{step}", every_n_train_steps=2, save_top_k=-1)
+        fitting = trainer(tmp_path, max_steps=4, accumulate_grad_batches=accumulate, callbacks=[SameStepOnResume(), saving],
+                          enable_checkpointing=True)  # fmt: skip
+        fitting.fit(VectorModel(), dm, ckpt_path=ckpt_path)
+        return fitting
+
+    fit(4)
+    with pytest.raises(ValueError, match="trained on 4 samples per optimizer step .* this run takes 8"):
+        fit(8, ckpt_path=tmp_path / "ckpt" / "step=2.ckpt")
+    assert fit(2, accumulate=2, ckpt_path=tmp_path / "ckpt" / "step=2.ckpt").global_step == 4
+
+
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_a_resumed_run_draws_on_the_device_and_in_the_workers_as_the_unbroken_run_would(tmp_path, num_workers):
     """core.cli.RankSeed restores the main process's stream before the first batch is read and reaches the

@@ -224,3 +224,24 @@ def test_single_process_is_identity():
     assert world() == (0, 1)
     assert gather_with_grad(x) is x
     assert all_reduce_mean(x) is x
+
+
+def test_shard_blocks_refuses_parameters_outside_every_unit():
+    """A parameter of the LightningModule itself (a CLIP logit scale, say) would be neither sharded nor
+    averaged under FSDP2: each rank's copy would drift apart without an error."""
+    from types import SimpleNamespace
+
+    import lightning as L
+
+    from core.fsdp import shard_blocks
+
+    class Loose(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Linear(2, 2)
+            self.logit_scale = nn.Parameter(torch.zeros(()))
+
+    model = Loose()
+    model._trainer, model._device_mesh = SimpleNamespace(strategy=SimpleNamespace()), object()  # as under FSDP2
+    with pytest.raises(ValueError, match=r"holds parameters of its own \(logit_scale\); put them in a submodule"):
+        shard_blocks(model)

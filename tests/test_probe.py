@@ -3,6 +3,7 @@ clear stop when the encoder has diverged."""
 
 import csv
 import math
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -243,13 +244,20 @@ def test_online_probe_keeps_a_repeated_sample_once_and_embeds_every_batch_alike(
     def batch(keys):
         return {"x": x[keys], "label": torch.tensor(keys) % 2, "__key__": [f"s{k}" for k in keys], "__url__": ["a.tar"] * len(keys)}
 
-    probe, encoder = OnlineProbe(max_samples=6), CountingEncoder()
-    probe.on_validation_epoch_start(None, encoder)
+    probe, encoder, one = OnlineProbe(max_samples=6), CountingEncoder(), SimpleNamespace(world_size=1)
+    probe.on_validation_epoch_start(one, encoder)
     for keys in ([0, 1, 2], [2, 0, 3], [4, 5, 1]):  # 6 rows embedded after the second batch: the third is not
-        probe.on_validation_batch_end(None, encoder, None, batch(keys), 0)
+        probe.on_validation_batch_end(one, encoder, None, batch(keys), 0)
     assert encoder.calls == 2
     assert torch.cat(probe.features)[:, 0].tolist() == [0, 1, 2, 3]
     assert torch.cat(probe.labels).tolist() == [0, 1, 0, 1]
+
+    # max_samples is the whole probe's: on 2 ranks each embeds 3, the same 6 rows over both.
+    probe, encoder, two = OnlineProbe(max_samples=6), CountingEncoder(), SimpleNamespace(world_size=2)
+    probe.on_validation_epoch_start(two, encoder)
+    for keys in ([0, 1, 2], [3, 4, 5]):
+        probe.on_validation_batch_end(two, encoder, None, batch(keys), 0)
+    assert encoder.calls == 1
 
 
 def test_rankme_of_all_zero_features_is_one():

@@ -145,11 +145,13 @@ def test_scheduler_state_round_trips_with_weights_only(schedule):
 
     # A fresh scheduler built with other settings takes the saved step and keeps its own settings: a resumed
     # run follows the schedule of its config (a re-warm's offset, an anneal_at set for the run that ends).
+    # Its peak learning rate too: this run's config may scale it for another batch.
     new_opt = torch.optim.SGD(model.parameters(), lr=0.5)
     new_opt.load_state_dict(state["optimizer"])
     resumed = type(schedule)(**{**vars(schedule), "offset": 7})
     fresh = step_scheduler(new_opt, resumed)
-    fresh["scheduler"].load_state_dict(state["scheduler"])
+    fresh["scheduler"].load_state_dict({**state["scheduler"], "base_lrs": [0.25]})  # a checkpoint of a run at 0.25
+    assert fresh["scheduler"].base_lrs == [0.5]
     assert fresh["scheduler"].last_epoch == 7
     assert fresh["scheduler"].lr_lambdas[0] is resumed and resumed.offset == 7
     lrs = []
@@ -185,6 +187,15 @@ def test_warmup_counts_the_optimizer_steps_of_an_epoch_however_the_run_is_bounde
                         enable_progress_bar=False, enable_model_summary=False, **limits)  # fmt: skip
     trainer.fit(model, loader)
     assert model.steps == (3, 6) and trainer.global_step == 6
+
+
+def test_a_run_without_a_length_is_told_to_set_one():
+    model = Steps()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(5, 2)), batch_size=1)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=-1, max_time="00:00:01:00", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    with pytest.raises(ValueError, match="max_epochs / trainer.max_steps: the schedules need the run's length"):
+        trainer.fit(model, loader)
 
 
 # ---------------------------------------------------------------- momentum

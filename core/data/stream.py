@@ -296,7 +296,10 @@ class ShardStream(IterableDataset):
         return raw
 
     def _resampled_source(self, source: int, rng: random.Random) -> Iterator[dict]:
-        urls = self.rank_shards(source)
+        # Every shard of the source, on every rank (as webdataset's ResampledShards): drawn with replacement,
+        # the ranks need no split, and a split would favour the shards of ranks that hold fewer (4 shards on
+        # 3 ranks: 1/6, 1/3, 1/3, 1/6). Ranks differ by their seeds.
+        urls = self.sources[source]
         health = ReadHealth(urls)
         shards = (rng.choice(urls) for _ in itertools.count())
         raw = shuffled(raw_samples(shards, self.stats, health), self.shuffle_buffer, rng)
