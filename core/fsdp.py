@@ -50,7 +50,7 @@ def shard_blocks(model: L.LightningModule) -> None:
     loose = [name for name, _ in model.named_parameters(recurse=False)]
     if loose:  # outside every unit they would be neither sharded nor averaged: each rank's would drift apart
         raise ValueError(f"shard_blocks: {type(model).__name__} holds parameters of its own ({', '.join(loose)}); put them in a submodule")
-    # Every rank is a data-parallel rank here: the data module gives each its own shards, and the recipes have
+    # Every rank is a data-parallel rank here: the data module gives each its own samples, and the recipes have
     # no tensor parallelism. ModelParallelStrategy's own mesh would put the ranks of one node in a tensor-
     # parallel group (its default), and sharding over its data-parallel part would then sync nothing.
     mesh = init_device_mesh(model.device_mesh.device_type, (dist.get_world_size(),), mesh_dim_names=("shard",))

@@ -1,5 +1,5 @@
 """ShardDataModule in a real 2-process DDP run (Lightning Trainer, strategy="ddp", gloo on CPU, 2 DataLoader
-workers per rank): every rank trains on the same number of batches from its own train shards, and the
+workers per rank): every rank trains on the same number of batches, its own draws from every train shard, and the
 validation shards are split over ranks and workers so that every sample is read exactly once. With
 core.cli.RankSeed, the ranks start from the same weights and draw different random numbers in training, and a
 checkpoint holds every rank's random streams.
