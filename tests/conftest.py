@@ -77,12 +77,16 @@ def same_reconstruction_as_reference(model, reference, *inputs: torch.Tensor) ->
 
 
 def bench_steps(bench, argv: list[str]) -> None:
-    """Two steps of each implementation of a recipe's benchmark (recipes/<name>/bench.py), in this process."""
+    """Two steps of each implementation of a recipe's benchmark (recipes/<name>/bench.py), in this process;
+    each must move its weights (a step that skipped the update would time half the work)."""
     args = bench.parser().parse_args(argv)
     for impl in ("reference", "ours"):
         step = bench.build(impl, args)
+        weights = [p for group in step.optimizer.param_groups for p in group["params"]]
+        before = [p.detach().clone() for p in weights]
         step()
         step()
+        assert any(not torch.equal(b, p) for b, p in zip(before, weights)), f"{impl}: the step left every weight as it was"
 
 
 def patch_pixels(mask: torch.Tensor) -> torch.Tensor:
