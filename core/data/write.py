@@ -64,30 +64,25 @@ def write_shards(
             "remove them or pass --overwrite (overwrite=True) to replace them"
         )
     os.makedirs(os.path.dirname(os.path.abspath(pattern)), exist_ok=True)
-    files, n, extensions = [], 0, set()
-    stream = writer = None
-    count = 0
+    files, n, count, extensions, writer = [], 0, 0, set(), None
     try:
-        for sample in samples:
-            key = sample.get("__key__")
-            if not isinstance(key, str) or not key or "." in key.rsplit("/", 1)[-1]:
-                raise ValueError(f"sample key {key!r}: a key is a non-empty string without a dot in its last part")
-            if writer is None or count >= max_count or writer.tarstream.offset >= max_bytes:
-                if writer is not None:
-                    writer.close()
-                    stream.close()
-                files.append(pattern % len(files))
-                stream = open(files[-1] + ".partial", "wb")
-                writer, count = wds.TarWriter(stream, mtime=mtime), 0
-            writer.write(sample)
-            extensions.update(k for k in sample if not k.startswith("__"))
-            count, n = count + 1, n + 1
-        if writer is not None:
-            writer.close()
-            stream.close()
+        try:
+            for sample in samples:
+                key = sample.get("__key__")
+                if not isinstance(key, str) or not key or "." in key.rsplit("/", 1)[-1]:
+                    raise ValueError(f"sample key {key!r}: a key is a non-empty string without a dot in its last part")
+                if writer is None or count >= max_count or writer.tarstream.offset >= max_bytes:
+                    if writer is not None:
+                        writer.close()
+                    files.append(pattern % len(files))
+                    writer, count = wds.TarWriter(files[-1] + ".partial", mtime=mtime), 0  # it opens and closes the file
+                writer.write(sample)
+                extensions.update(k for k in sample if not k.startswith("__"))
+                count, n = count + 1, n + 1
+        finally:
+            if writer is not None:
+                writer.close()
     except BaseException:
-        if stream is not None:
-            stream.close()
         for file in files:
             if os.path.exists(file + ".partial"):
                 os.remove(file + ".partial")
