@@ -9,6 +9,7 @@ launcher starts the second rank the same way. Each rank writes what it saw to a 
 (``ddp_spawn`` would make the DataLoader workers start by spawning too, each re-importing torch: far slower.)
 """
 
+import csv
 import faulthandler
 import json
 import math
@@ -20,6 +21,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 
 from core.cli import RankSeed, random_state, set_random_state
 from core.data import ShardDataModule
@@ -87,8 +89,9 @@ def run(train: str, val: str, out_dir: str) -> None:
     L.seed_everything(0)  # as the recipes' CLI does, on every rank
     dm = ShardDataModule(train, val=val, batch_size=BATCH, num_workers=WORKERS, samples_per_epoch=SAMPLES_PER_EPOCH,
                          train_transform=VectorTransform(), val_transform=VectorTransform())  # fmt: skip
-    trainer = L.Trainer(accelerator="cpu", devices=WORLD, strategy="ddp", max_epochs=EPOCHS, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    trainer = L.Trainer(accelerator="cpu", devices=WORLD, strategy="ddp", max_epochs=EPOCHS, log_every_n_steps=1,
+                        logger=CSVLogger(out_dir, name="logs", version=0), enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, default_root_dir=out_dir, callbacks=[RankSeed()])  # fmt: skip
     trainer.fit(RecordingModel(out_dir), dm)
     # Every rank builds the checkpoint (rank 0 writes it), then draws: the checkpoint must let each rank redraw that.
@@ -110,7 +113,20 @@ def ranks(tmp_path_factory):
     for rank in range(WORLD):
         with open(tmp_path / f"rank{rank}.json") as f, open(tmp_path / f"after_save{rank}.json") as g:
             records.append({**json.load(f), "after_save": json.load(g), "checkpoint": str(tmp_path / "end.ckpt")})
+    with open(tmp_path / "logs" / "version_0" / "metrics.csv") as f:
+        records[0]["logged"] = [row for row in csv.DictReader(f) if row.get("data/samples_read")]
     return records
+
+
+@pytest.mark.timeout(120)
+def test_the_logged_data_counters_are_summed_over_the_ranks(ranks):
+    # Rank 0's logger writes them: summed, they count both ranks' samples (rank 0 alone read 14 of the 21
+    # validation samples). The validation counters ride along with the training ones, from epoch 2 on.
+    logged = {int(row["step"]): row for row in ranks[0]["logged"]}
+    per_epoch = SAMPLES_PER_EPOCH // (BATCH * WORLD)
+    assert sorted(logged) == list(range(EPOCHS * per_epoch))
+    assert {float(logged[step]["data/val_samples_read"]) for step in range(per_epoch, 2 * per_epoch)} == {VAL_SAMPLES}
+    assert float(logged[per_epoch]["data/samples_read"]) >= WORLD * per_epoch * BATCH
 
 
 @pytest.mark.timeout(120)

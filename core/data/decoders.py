@@ -150,6 +150,8 @@ def decode_sample(raw: dict[str, Any]) -> dict:
         raise UndecodableSample(
             "repeated member", f"{where}: member {raw['__duplicate__']!r} repeats an extension the sample already has"
         )
+    if "__partial__" in raw:
+        raise UndecodableSample("cut short", f"{where}: the shard's read failed while this sample was being read")
     members = {name: data for name, data in raw.items() if not name.startswith("__")}
     refused = sorted(name for name in members if member_extension(name) in PICKLE_EXTENSIONS)
     if refused:

@@ -11,10 +11,12 @@ from urllib.parse import urlparse
 
 import braceexpand
 import webdataset as wds
+from webdataset.gopen import gopen_schemes
 from webdataset.tariterators import base_plus_ext
 
 # Members webdataset keeps for itself (``__index__`` ...) are not sample data; its tar_file_iterator skips them too.
 META_MEMBER = re.compile(r"__[^/]*__($|/)")
+OPENED = ["file", *(scheme for scheme in gopen_schemes if scheme != "__default__")]
 
 
 def listing(urls: list[str], limit: int = 8) -> str:
@@ -47,12 +49,19 @@ def local_files(pattern: str) -> list[str]:
 def expand_urls(patterns: str | list[str]) -> list[str]:
     """Shard URLs from brace patterns (``train-{000000..000099}.tar``), globs, ``pipe:`` commands or URLs.
 
-    Local patterns must name existing files. ``pipe:`` commands and URLs (``s3://``, ``https://``) are only
-    brace-expanded; webdataset's ``gopen`` opens them when they are read.
+    Local patterns must name existing files. ``pipe:`` commands and URLs (``https://``, ``gs://``) are only
+    brace-expanded; webdataset's ``gopen`` opens them when they are read. A scheme ``gopen`` has no handler
+    for (``s3://``) is refused here, not at every shard as the run reads it.
     """
     urls = []
     for pattern in [patterns] if isinstance(patterns, str) else patterns:
-        urls += list(braceexpand.braceexpand(pattern)) if urlparse(pattern).scheme else local_files(pattern)
+        scheme = urlparse(pattern).scheme
+        if scheme and scheme != "file" and scheme not in gopen_schemes:
+            raise ValueError(
+                f"shard pattern {pattern!r}: webdataset opens no {scheme}:// URLs (it opens {', '.join(OPENED)}); "
+                f"read them through a command, e.g. 'pipe:aws s3 cp {pattern} -'"
+            )
+        urls += list(braceexpand.braceexpand(pattern)) if scheme else local_files(pattern)
     if not urls:
         raise ValueError(f"no shard pattern given: {patterns!r}")
     return urls
@@ -89,7 +98,9 @@ def samples_of(members: Iterator[dict]) -> Iterator[dict]:
     lowercased, as webdataset's ``group_by_keys``. A member whose extension its sample already has
     (``a.txt`` next to ``a.TXT``, or a member added twice) marks the sample ``__duplicate__`` for the decoder to
     skip, where ``group_by_keys`` raises and so loses the rest of the shard. When reading fails, the sample
-    being grouped is still given before the error (the transform skips and counts it if it lost a member)."""
+    being grouped is given before the error marked ``__partial__``, for the decoder to skip and count: whether
+    it lost a member cannot be told (a shard written image-first and cut before its ``.cls`` would otherwise
+    pass an unlabelled sample on to a batch of labelled ones)."""
     sample = None
     try:
         for member in members:
@@ -107,7 +118,7 @@ def samples_of(members: Iterator[dict]) -> Iterator[dict]:
                 sample[ext] = member["data"]
     except Exception:
         if sample is not None:
-            yield sample
+            yield {**sample, "__partial__": True}
         raise
     if sample is not None:
         yield sample
@@ -120,13 +131,18 @@ def read_shard(url: str) -> Iterator[dict]:
     Raises on a missing shard, a corrupt tar or a pipe command that exits with an error.
     """
     stream = wds.gopen(url)
-    complete = False
     try:
         yield from samples_of(tar_members(url, stream))
-        complete = True
-    finally:
+    except Exception as error:
         try:
-            stream.close()  # a pipe command's exit status is checked here
+            stream.close()
+        except Exception as closing:  # a failed command's exit status says more than the tar it left behind
+            raise OSError(f"{type(error).__name__}: {error}; then, closing the stream: {closing}") from error
+        raise
+    except GeneratorExit:  # stopped early: a killed pipe's exit status means nothing
+        try:
+            stream.close()
         except Exception:
-            if complete:
-                raise  # when stopped early, a killed pipe's exit status means nothing
+            pass
+        raise
+    stream.close()  # a pipe command's exit status is checked here

@@ -221,11 +221,10 @@ def _worker_slot() -> tuple[int, int]:
 class ShardStream(IterableDataset):
     """Batches from tar shards for one rank.
 
-    ``resample=True`` (training): every worker draws shards at random with replacement from this rank's
-    share of each source, shuffles samples through ``shuffle_buffer``, and mixes sources by ``weights``; the
-    stream never ends. A rank's share is every ``world_size``-th shard of a source (all of them when a source
-    has fewer shards than ranks). Seeds derive from (seed, rank, worker, start_step, iteration), which the
-    loader sets before each pass, so a resumed run or a new epoch draws new samples.
+    ``resample=True`` (training): every worker draws shards at random with replacement from all the shards of
+    each source, reads each whole through ``shuffle_buffer``, and mixes sources by ``weights``; the stream
+    never ends. Seeds derive from (seed, rank, worker, start_step, iteration), which the loader sets before
+    it starts the stream, so ranks and workers draw differently and a resumed run draws new samples.
 
     ``resample=False`` (validation): each shard of ``sources`` is read once, split across ranks then workers.
     A source with fewer shards than ranks is read whole by every rank, each keeping every ``world_size``-th
@@ -309,10 +308,15 @@ class ShardStream(IterableDataset):
 class ShardLoader(DataLoader):
     """A DataLoader over a ``ShardStream`` (batched in the workers).
 
-    Each pass yields ``batches`` batches (``None``: until the stream ends) and first stamps the stream with
-    ``current_step()`` and a pass counter, which seed the workers. ``on_batch`` runs in the main process after
-    each batch. A pass that yields nothing although this rank has shards raises ``NoReadableShards``.
-    Workers are not persistent: each pass starts them with the freshly stamped stream.
+    Each pass yields ``batches`` batches (``None``: until the stream ends). A stream is stamped with
+    ``current_step()`` and a start counter, which seed the workers, when its workers start. A resampled
+    (training) stream is started once and each pass takes its next ``batches`` batches, its workers living
+    on between passes: restarted at every pass, a worker would read only the first (its share of an epoch +
+    the shuffle buffer) samples of the shards it draws, and never the rest of a shard longer than that
+    (webdataset's ``with_epoch`` continues its stream too). Lightning shuts the workers down at the end of
+    the fit (through ``_iterator``, as for its persistent workers). A validation stream starts afresh at
+    every pass. ``on_batch`` runs in the main process after each batch. A pass that yields nothing
+    although this rank has shards raises ``NoReadableShards``.
     """
 
     def __init__(
@@ -331,11 +335,20 @@ class ShardLoader(DataLoader):
     def __len__(self) -> int:
         return self.batches if self.batches is not None else super().__len__()
 
-    def __iter__(self) -> Iterator[dict]:
+    def _start(self) -> Iterator[dict]:
         self.stream.start_step = self.current_step()
         self.stream.iteration += 1
+        return super().__iter__()
+
+    def __iter__(self) -> Iterator[dict]:
+        if not self.stream.resample:
+            batches = self._start()
+        else:
+            if self._iterator is None:
+                self._iterator = self._start()
+            batches = self._iterator
         count = 0
-        for batch in itertools.islice(super().__iter__(), self.batches):
+        for batch in itertools.islice(batches, self.batches):
             count += 1
             self.on_batch()
             yield batch
@@ -373,7 +386,8 @@ class ShardDataModule(L.LightningDataModule):
         val_batches: validation batches per rank. ``None``: each val shard is read once and ranks may get
             different numbers of batches, which DDP allows. FSDP needs the same number on every rank: set it,
             and each rank reads its share of the val shards round after round until it has that many full
-            batches (to see every sample once, about val samples / (val_batch_size x ranks)).
+            batches (every sample is seen when it is at least the workers holding shards x ceil(the largest
+            worker's share / val_batch_size): shares are whole shards, core/data/README.md).
         num_workers: DataLoader worker processes per rank.
         train_transform / val_transform: ``dict -> dict`` applied to each decoded sample (see
             ``core.data.decoders``) before batching; typically from ``core.augment``. A transform with an
@@ -451,8 +465,9 @@ class ShardDataModule(L.LightningDataModule):
         if sharded and world_size > 1 and self.val_batches is None:
             raise ValueError(
                 f"data.val_batches must be set under {type(self.trainer.strategy).__name__}: every validation forward "
-                "gathers parameters from all ranks, so each rank must run as many batches; about val samples / "
-                f"(val_batch_size x {world_size} ranks) sees every sample"
+                "gathers parameters from all ranks, so each rank must run as many batches; with equal val shards "
+                f"split evenly over the {world_size} ranks and their workers, val samples / (val_batch_size x "
+                f"{world_size}) sees every sample (core/data/README.md for uneven shares)"
             )
         self.val_stream = ShardStream(
             [expand_urls(self.val)], self.val_batch_size, resample=False, transform=self.val_transform,
@@ -487,6 +502,13 @@ class ShardDataModule(L.LightningDataModule):
         if trainer.global_step == self._logged_step:  # Lightning fetches a batch ahead: log each step once
             return
         self._logged_step = trainer.global_step
-        metrics = {f"data/{name}": value for name, value in self.train_stats.items()}
+        # The validation counters (cumulative) ride along: here every rank is at the same step, where the
+        # end of a validation pass is not a safe place for a collective (ranks can end their passes unevenly).
+        counts = {**self.train_stats, **{f"val_{name}": value for name, value in self.val_stats.items()}}
+        # Loggers write from rank 0 only: the counters are summed over the ranks first.
+        values = torch.tensor(list(counts.values()), dtype=torch.float64, device=trainer.strategy.root_device)
+        if trainer.world_size > 1:
+            values = trainer.strategy.reduce(values, reduce_op="sum")
+        metrics = {f"data/{name}": int(value) for name, value in zip(counts, values.tolist())}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
