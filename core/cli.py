@@ -105,34 +105,41 @@ def samples_per_step(trainer: L.Trainer) -> int | None:
 
 
 class SameStepOnResume(Callback):
-    """Refuses to resume with another number of samples per optimizer step than the checkpoint's. The
-    schedules (learning rate, EMA momentum, weight decay, DINO's temperatures) count optimizer steps over the
-    run's total, which that number sets, and Lightning restores the step count in the checkpoint's units:
-    resumed from step 32 of 64 on twice the ranks, a run whose total is now 32 would be past its end, its
-    learning rate 0 and its EMA teacher frozen for the rest of the samples. Another split of the same
-    samples per step (2 ranks of 64 where 1 rank took 128) resumes."""
+    """Refuses to resume with another number of samples per optimizer step, or per batch over all ranks, than
+    the checkpoint's. The schedules (learning rate, EMA momentum, weight decay, DINO's temperatures) count
+    optimizer steps over the run's total, which the first sets: resumed from step 32 of 64 on twice the ranks,
+    a run whose total is now 32 would be past its end, its learning rate 0 and its EMA teacher frozen for the
+    rest of the samples. Lightning restores the epoch's progress in batches, which the second sets: batches
+    of half the size with twice the accumulation would run the epoch on past its samples, and the schedules
+    past their end. Another split of the same batch over the ranks (2 ranks of 64 where 1 rank took 128)
+    resumes."""
 
     def __init__(self):
-        self.samples: int | None = None
-        self._saved: int | None = None
+        self.samples: dict[str, int] = {}
+        self._saved: dict = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.samples = samples_per_step(trainer)
+        step = samples_per_step(trainer)
+        if step is not None:
+            self.samples = {"samples_per_step": step, "samples_per_batch": step // trainer.accumulate_grad_batches}
 
     def state_dict(self) -> dict:
-        return {"samples_per_step": self.samples}
+        return dict(self.samples)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._saved = state_dict.get("samples_per_step")
+        self._saved = dict(state_dict)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        saved, self._saved = self._saved, None
-        if saved is not None and self.samples is not None and saved != self.samples:
+        saved, self._saved = self._saved, {}
+        differ = {name: (saved[name], value) for name, value in self.samples.items() if saved.get(name, value) != value}
+        if differ:
             raise ValueError(
-                f"the checkpoint trained on {saved} samples per optimizer step (data.batch_size x devices x nodes x "
-                f"trainer.accumulate_grad_batches) and this run takes {self.samples}: its schedules would read the "
-                "restored step count in other units. Resume with the same product (e.g. raise accumulate_grad_batches "
-                "on fewer devices), or start a new run from the checkpoint's weights"
+                "the checkpoint trained on other batches than this run's: "
+                + ", ".join(f"{name.replace('_', ' ')} {old} where this run takes {new}" for name, (old, new) in differ.items())
+                + " (per step: data.batch_size x devices x nodes x trainer.accumulate_grad_batches; per batch: without "
+                "the accumulation). The schedules count optimizer steps, and Lightning restores the epoch's progress "
+                "in batches: both would be read in other units. Resume with the same batch over all ranks (fewer "
+                "devices, each with a larger data.batch_size), or start a new run from the checkpoint's weights"
             )
 
 
@@ -147,6 +154,23 @@ class LastCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
+class LearningRates(LearningRateMonitor):
+    """Lightning's LearningRateMonitor, idle in a run without a logger (``--trainer.logger=false``), which
+    Lightning's refuses to start."""
+
+    def on_train_start(self, trainer: L.Trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_epoch_start(trainer, *args, **kwargs)
+
+
 class RecipeCLI(LightningCLI):
     """Adds, to every recipe, an online probe (`probe.*`), checkpointing that keeps `last.ckpt` (`checkpoint.*`:
     every 500 steps and at the end), so `fit --ckpt_path last` resumes a broken run, and `RankSeed`."""
@@ -154,8 +178,13 @@ class RecipeCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(OnlineProbe, "probe")
         parser.add_lightning_class_args(LastCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0, "checkpoint.every_n_train_steps": 500})
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        # A run again into the same folder replaces its last.ckpt (Lightning's default would write last-v1.ckpt
+        # beside it, and an export of last.ckpt would take the earlier run).
+        parser.set_defaults({
+            "checkpoint.save_last": True, "checkpoint.save_top_k": 0, "checkpoint.every_n_train_steps": 500,
+            "checkpoint.enable_version_counter": False,
+        })  # fmt: skip
+        parser.add_lightning_class_args(LearningRates, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
 
     def before_instantiate_classes(self) -> None:

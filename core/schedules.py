@@ -107,10 +107,15 @@ class ConfiguredLambdaLR(torch.optim.lr_scheduler.LambdaLR):
     """`LambdaLR` whose checkpoint restores the step count, not the schedule: a resumed run follows the
     schedule its own config builds. Plain `LambdaLR` copies a callable schedule's saved fields over the new
     one, so `offset` (a re-warm) or `anneal_at` set for the resumed run would be silently replaced by the
-    checkpoint's, and its peak learning rates (`base_lrs`) over the ones this run's config scales."""
+    checkpoint's, and its peak learning rates (`base_lrs`) over the ones this run's config scales. The
+    optimizer's restored rates, the checkpoint's, are replaced too: its first resumed step takes this run's."""
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict({**state_dict, "lr_lambdas": [None] * len(self.lr_lambdas), "base_lrs": self.base_lrs})
+        rates = [base * schedule(self.last_epoch) for base, schedule in zip(self.base_lrs, self.lr_lambdas)]
+        for group, rate in zip(self.optimizer.param_groups, rates):
+            group["lr"] = rate
+        self._last_lr = rates
 
 
 def step_scheduler(optimizer: torch.optim.Optimizer, schedule) -> dict:

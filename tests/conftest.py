@@ -95,7 +95,17 @@ def patch_pixels(mask: torch.Tensor) -> torch.Tensor:
     return grid.repeat_interleave(4, 2).repeat_interleave(4, 3).expand(-1, 3, -1, -1)
 
 
-def mae_demo_run(model_class, recipe: str, tmp_path, *extra_args: str):
+def resolved_config(model_class, path: str, capsys) -> dict:
+    """The full config the CLI resolves from ``recipes/<path>``, validated against the recipe's signature."""
+    from core.cli import run
+
+    with pytest.raises(SystemExit) as exit_:
+        run(model_class, args=["fit", "--config", os.path.join(ROOT, "recipes", path), "--print_config"])
+    assert exit_.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def mae_demo_run(model_class, recipe: str, tmp_path, *extra_args: str, check_logs: bool = True):
     """Run ``recipes/<recipe>/configs/demo.yaml`` for 3 tiny steps with its outputs in ``tmp_path``, check that
     it logged the losses and probe accuracies and saved train and val reconstruction pictures; return the CLI."""
     from core.cli import run  # imports lightning, which most test modules never need: only when a demo runs
@@ -119,6 +129,8 @@ def mae_demo_run(model_class, recipe: str, tmp_path, *extra_args: str):
             f"--checkpoint.dirpath={tmp_path}/checkpoints", *extra_args,
         ])  # fmt: skip
     assert cli.trainer.global_step == 3
+    if not check_logs:
+        return cli
     log_dir = cli.trainer.log_dir
     with open(os.path.join(log_dir, "metrics.csv")) as f:
         logged = {key for row in csv.DictReader(f) for key, value in row.items() if value}

@@ -40,6 +40,27 @@ def test_spectrogram_is_log_mel_cropped_or_zero_padded_to_n_frames():
     assert torch.all(padded[..., 23:] == silence) and torch.all(silence == silence.flatten()[0])
 
 
+def audiomae_wav2fbank(waveform: torch.Tensor, sr: int, melbins: int = 128, target_length: int = 1024) -> torch.Tensor:
+    """AudioMAE's `dataset.py` `_wav2fbank` and `__getitem__` normalisation, written out as the official code
+    has them (facebookresearch/AudioMAE), with its AudioSet statistics as literals: (frames, melbins)."""
+    import torchaudio
+
+    waveform = waveform - waveform.mean()
+    fbank = torchaudio.compliance.kaldi.fbank(waveform, htk_compat=True, sample_frequency=sr, use_energy=False,
+                                              window_type="hanning", num_mel_bins=melbins, dither=0.0, frame_shift=10)  # fmt: skip
+    p = target_length - fbank.shape[0]
+    fbank = torch.nn.ZeroPad2d((0, 0, 0, p))(fbank) if p > 0 else fbank[0:target_length, :]
+    return (fbank - (-4.2677393)) / (4.5689974 * 2)
+
+
+def test_log_mel_is_audiomae_s_filterbank():
+    t = torch.arange(16000) / 16000
+    wave = 0.3 * torch.sin(2 * torch.pi * 440 * t) + 0.05 * torch.randn(16000, generator=torch.Generator().manual_seed(0))
+    ours = log_mel(wave[None], 16000, frames=128)[0, 0].T  # (1, 1, mels, frames) -> (frames, mels)
+    torch.testing.assert_close(ours, audiomae_wav2fbank(wave[None], 16000, target_length=128), atol=1e-4, rtol=0)
+    assert ours.shape == (128, 128) and torch.all(ours[98:] == ours[98, 0])  # 98 frames in 1 s, then padding
+
+
 def test_random_masking_hides_exactly_the_ratio_and_time_freq_masking_whole_rows_and_columns():
     torch.manual_seed(0)
     model = AudioMAE(**{**TINY, "seconds": 0.75, "n_mels": 64, "n_frames": 64})  # an (8, 8) grid

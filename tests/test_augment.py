@@ -422,3 +422,17 @@ def test_color_jitter_shifts_hue_both_ways_and_draws_factors_in_torchvisions_ran
     bright = augment.ColorAugment(jitter=(1.5, 0, 0, 0), jitter_prob=1.0, mean=(0, 0, 0), std=(1, 1, 1))(gray)
     factor = bright.mean((1, 2, 3)) / 0.25  # (B,), brightness factors drawn in [0, 2.5]
     assert (factor < 1e-3).float().mean() < 0.01 and factor.max() > 2.3
+
+
+def test_the_views_defaults_are_byol_s_and_dino_s():
+    # Every paper config relies on these: BYOL's Table 6 (blur 1.0 / 0.1, solarize 0 / 0.2, jitter 0.4, 0.4,
+    # 0.2, 0.1 at p 0.8, grayscale 0.2) and DINO's multi-crop (local views blurred at 0.5, never solarized).
+    first, second = (view.color for view in TwoViews(224).views)
+    assert (first.blur_prob, second.blur_prob, first.solarize_prob, second.solarize_prob) == (1.0, 0.1, 0.0, 0.2)
+    assert (first.jitter, first.jitter_prob, first.grayscale_prob) == ((0.4, 0.4, 0.2, 0.1), 0.8, 0.2)
+    assert first.blur_sigma == (0.1, 2.0) and first.blur_kernel == 23
+    crops = MultiCrop(224, 96, n_local=2)
+    g1, g2, local = (view.color for view in [*crops.global_views, crops.local_view])
+    assert (g1.blur_prob, g2.blur_prob, local.blur_prob) == (1.0, 0.1, 0.5)
+    assert (g1.solarize_prob, g2.solarize_prob, local.solarize_prob) == (0.0, 0.2, 0.0)
+    assert (g1.jitter, g1.jitter_prob, g1.grayscale_prob) == ((0.4, 0.4, 0.2, 0.1), 0.8, 0.2)

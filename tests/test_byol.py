@@ -103,6 +103,23 @@ def test_target_gets_no_gradient_and_the_loss_is_symmetric():
     assert 0 <= loss.item() <= 8
 
 
+def test_each_view_predicts_the_targets_projection_of_the_other():
+    # From a fresh model the target equals the online network, so a loss that took the online projections
+    # as targets would pass every other test: move the target away first.
+    model = tiny_byol()
+    with torch.no_grad():
+        for p in [*model.target_backbone.parameters(), *model.target_projector.parameters()]:
+            p.add_(0.5 * torch.randn_like(p))
+    x1, x2 = views()["views"]
+    model.eval()  # BatchNorm from its running statistics: the same forward here and in the step
+    with torch.no_grad():
+        online = lambda x: model.predictor(model.projector(model.backbone(x)))
+        target = lambda x: model.target_projector(model.target_backbone(x))
+        cos = torch.nn.functional.cosine_similarity
+        expected = (2 - 2 * cos(online(x1), target(x2)).mean()) + (2 - 2 * cos(online(x2), target(x1)).mean())
+        torch.testing.assert_close(model.training_step({"views": [x1, x2]}, 0), expected)
+
+
 def test_same_loss_gradients_and_target_step_as_lightlys_byol():
     """The recipe's BYOL against lightly's example on the same backbone (recipes/byol/bench.py), from the same
     weights: the benchmark compares one method done two ways."""

@@ -46,6 +46,13 @@ def test_last_checkpoint_holds_the_final_step_and_a_run_resumes_from_it(tmp_path
         trained = [row["step"] for row in csv.DictReader(f) if row.get("train/loss")]
     assert trained == ["3", "4"]  # continued from step 3: a fresh start would log steps 0-4
     assert torch.load(last, weights_only=True)["global_step"] == 5
+    # The same command again, fresh: its last.ckpt replaces the old one (with Lightning's default it would be
+    # last-v1.ckpt, and the README's export of last.ckpt would score the earlier run).
+    mae_demo_run(MAE, "mae", tmp_path, "--model.encoder_depth=1")
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["last.ckpt"]
+    # Without a logger the run trains (Lightning's LearningRateMonitor refuses to start without one).
+    mae_demo_run(MAE, "mae", tmp_path, "--model.encoder_depth=1", "--trainer.logger=false", check_logs=False)
 
 
 class Draws(L.LightningModule):

@@ -631,17 +631,21 @@ def test_a_resume_with_other_samples_per_step_is_refused_and_another_split_of_th
     pattern = write_vectors(tmp_path, "q", 32, per_shard=16)
 
     def fit(batch_size, accumulate=1, ckpt_path=None):
-        dm = ShardDataModule(pattern, batch_size=batch_size, num_workers=0, samples_per_epoch=32, train_transform=VectorTransform())
-        saving = ModelCheckpoint(tmp_path / "ckpt", filename="{step}", every_n_train_steps=2, save_top_k=-1)
-        fitting = trainer(tmp_path, max_steps=4, accumulate_grad_batches=accumulate, callbacks=[SameStepOnResume(), saving],
+        dm = ShardDataModule(pattern, batch_size=batch_size, num_workers=0, samples_per_epoch=12, train_transform=VectorTransform())
+        saving = ModelCheckpoint(tmp_path / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1)
+        fitting = trainer(tmp_path, max_epochs=2, accumulate_grad_batches=accumulate, callbacks=[SameStepOnResume(), saving],
                           enable_checkpointing=True)  # fmt: skip
         fitting.fit(VectorModel(), dm, ckpt_path=ckpt_path)
         return fitting
 
-    fit(4)
-    with pytest.raises(ValueError, match="trained on 4 samples per optimizer step .* this run takes 8"):
-        fit(8, ckpt_path=tmp_path / "ckpt" / "step=2.ckpt")
-    assert fit(2, accumulate=2, ckpt_path=tmp_path / "ckpt" / "step=2.ckpt").global_step == 4
+    assert fit(4).global_step == 6  # 3 steps of 4 samples an epoch
+    with pytest.raises(ValueError, match="samples per step 4 where this run takes 8, samples per batch 4 where this run takes 8"):
+        fit(8, ckpt_path=tmp_path / "ckpt" / "step=3.ckpt")
+    # The same samples per step in batches of 2: Lightning would take the 3 batches done as 3 of the epoch's
+    # 6, not as the whole epoch, and the run would end at step 5 of 6: refused.
+    with pytest.raises(ValueError, match="samples per batch 4 where this run takes 2"):
+        fit(2, accumulate=2, ckpt_path=tmp_path / "ckpt" / "step=3.ckpt")
+    assert fit(4, ckpt_path=tmp_path / "ckpt" / "step=2.ckpt").global_step == 6
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])

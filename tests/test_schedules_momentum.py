@@ -163,6 +163,23 @@ def test_scheduler_state_round_trips_with_weights_only(schedule):
     assert lrs[0] == pytest.approx(0.5 * 2 / 4) != 0.5 * schedule(8)  # the second step of a new warmup
 
 
+def test_the_first_resumed_step_takes_this_runs_rate():
+    # Lightning builds the optimizer and scheduler from the config, then restores the optimizer's state (its
+    # rates, the checkpoint run's) and then the scheduler's: the rate must be the config's from that step on.
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = step_scheduler(opt, WarmupCosine(0, 10))["scheduler"]
+    for _ in range(5):
+        opt.step()
+        scheduler.step()
+    new_opt = torch.optim.SGD(model.parameters(), lr=2.0)  # this run's config doubles the peak
+    new_scheduler = step_scheduler(new_opt, WarmupCosine(0, 10))["scheduler"]
+    new_opt.load_state_dict(opt.state_dict())
+    new_scheduler.load_state_dict(scheduler.state_dict())
+    assert new_opt.param_groups[0]["lr"] == pytest.approx(2.0 * WarmupCosine(0, 10)(5))
+    assert new_scheduler.get_last_lr() == [new_opt.param_groups[0]["lr"]]
+
+
 class Steps(L.LightningModule):
     """Records the warmup and total steps `warmup_and_total_steps` gives for one epoch of warmup."""
 

@@ -5,16 +5,14 @@ import glob
 import os
 
 import pytest
-import yaml
 
-from core.cli import run
+from conftest import ROOT, resolved_config
 from recipes.barlowtwins.model import BarlowTwins
 from recipes.byol.model import BYOL
 from recipes.dino.model import DINO
 from recipes.simsiam.model import SimSiam
 from recipes.vicreg.model import VICReg
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = {"byol": BYOL, "simsiam": SimSiam, "barlowtwins": BarlowTwins, "vicreg": VICReg, "dino": DINO}
 
 # config: (global batch, epochs, model settings) from each paper (the CIFAR one: solo-learn's BYOL setting)
@@ -48,14 +46,6 @@ PAPER = {
 }  # fmt: skip
 
 
-def parsed(path: str, capsys) -> dict:
-    """The full config the CLI resolves from `path`, validated against the recipe's signature."""
-    with pytest.raises(SystemExit) as exit_:
-        run(CLASSES[path.split("/")[0]], args=["fit", "--config", os.path.join(ROOT, "recipes", path), "--print_config"])
-    assert exit_.value.code in (0, None)
-    return yaml.safe_load(capsys.readouterr().out)
-
-
 def test_every_config_is_the_demo_or_a_checked_paper_config():
     found = {os.path.relpath(p, os.path.join(ROOT, "recipes")) for name in CLASSES for p in glob.glob(f"{ROOT}/recipes/{name}/configs/*.yaml")}
     assert found == set(PAPER) | {f"{name}/configs/demo.yaml" for name in CLASSES}
@@ -64,7 +54,7 @@ def test_every_config_is_the_demo_or_a_checked_paper_config():
 @pytest.mark.parametrize("path", sorted(PAPER))
 def test_paper_config_holds_the_papers_settings(path, capsys):
     batch, epochs, model = PAPER[path]
-    config = parsed(path, capsys)
+    config = resolved_config(CLASSES[path.split("/")[0]], path, capsys)
     trainer, data = config["trainer"], config["data"]
     devices = trainer["devices"] if isinstance(trainer["devices"], int) else len(trainer["devices"])
     assert data["batch_size"] * devices * trainer["num_nodes"] * (trainer["accumulate_grad_batches"] or 1) == batch

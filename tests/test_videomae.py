@@ -197,3 +197,9 @@ def test_clip_shorter_than_the_configured_frames_fails_before_the_first_step(tmp
         mae_demo_run(VideoMAE, "videomae", tmp_path, "--model.num_frames=20", *too_long)
     logged = [path.read_text() for path in tmp_path.rglob("metrics.csv")]  # every step is logged in these runs
     assert not any("train/loss" in text for text in logged), "trained before failing"
+
+
+def test_a_model_stride_other_than_the_clips_fails_before_the_first_step(tmp_path):
+    # The export would record stride 1 for clips sampled every 2nd frame: core.evaluate would read others.
+    with pytest.raises(ValueError, match="data.train_transform's stride is 2 and model.stride is 1"):
+        mae_demo_run(VideoMAE, "videomae", tmp_path, "--model.stride=1")

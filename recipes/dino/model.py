@@ -90,7 +90,7 @@ class DINO(L.LightningModule):
     momentum at step 0, raised to 1 along a cosine (paper: 0.996).
     base_lr: learning rate per 256 samples of effective batch (paper: 5e-4); linear warmup for
     `warmup_epochs` (paper: 10), then cosine to `min_lr` (paper: 1e-6). optimizer: "adamw" (the paper's,
-    for ViTs) or "sgd" with momentum 0.9 (the official code's ResNet-50 setting: lr 0.03, decay 1e-4). weight_decay -> weight_decay_end:
+    for ViTs) or "sgd" with momentum 0.9 (the official code's ResNet-50 setting: lr 0.03, decay 1e-4 held, weight_decay_end 1e-4 too). weight_decay -> weight_decay_end:
     cosine schedule of the decay on weights (paper: 0.04 -> 0.4); biases and norms are not decayed.
     freeze_last_layer_epochs: the prototypes get no update during the first epochs (paper: 1).
     clip_grad: each parameter's gradient norm is clipped to this on its own, as DINO's code does (paper: 3;

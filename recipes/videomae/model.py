@@ -162,6 +162,19 @@ class VideoMAE(L.LightningModule):
         rows = [video] + reconstruction_rows(video, pred, mask, self.patch, norm_pix=False)
         save_reconstructions(pictures_path(self.trainer, split), rows, self.hparams.mean, self.hparams.std)
 
+    def on_fit_start(self):
+        # The clips are cut by the data transforms, the export records the model's stride for core.evaluate:
+        # a transform at another stride would train on clips the export then describes wrongly.
+        datamodule = self.trainer.datamodule
+        for split in ("train_transform", "val_transform"):
+            transform = getattr(datamodule, split, None)
+            for key in ("stride", "num_frames"):
+                if hasattr(transform, key) and getattr(transform, key) != self.hparams[key]:
+                    raise ValueError(
+                        f"data.{split}'s {key} is {getattr(transform, key)} and model.{key} is {self.hparams[key]}: "
+                        "set them alike (the export records the model's for core.evaluate and core.finetune)"
+                    )
+
     def configure_model(self):
         shard_blocks(self)  # FSDP2 under ModelParallelStrategy; nothing under DDP or in one process
 
