@@ -127,7 +127,7 @@ class SameStepOnResume(Callback):
         return dict(self.samples)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._saved = dict(state_dict)
+        self._saved = {name: value for name, value in state_dict.items() if value is not None}  # None: no batch size
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         saved, self._saved = self._saved, {}

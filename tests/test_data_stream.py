@@ -412,8 +412,11 @@ def test_training_reads_whole_shards_over_short_epochs(tmp_path, num_workers):
     assert len(positions) == 600
     assert len(set(positions)) == 100  # every position of a shard is drawn, the last ones too
     assert sum(p >= 50 for p in positions) > 200  # the second halves as often as the first, about
+    assert dm.train_dataloader() is loader  # asked again (reload_dataloaders_every_n_epochs): the same stream
     loader._iterator = None  # as Lightning resets at the end of a fit: a new stream, seeded as a new start
-    assert keys_of(loader) != keys_of(dm.train_dataloader())
+    restarted = keys_of(loader)
+    assert restarted != keys_of(ShardDataModule(pattern, batch_size=10, num_workers=num_workers, samples_per_epoch=40,
+                                                shuffle_buffer=20, train_transform=to_tensors).train_dataloader())  # fmt: skip
 
 
 def test_val_split_across_workers_reads_each_sample_once(tmp_path):
@@ -646,6 +649,11 @@ def test_a_resume_with_other_samples_per_step_is_refused_and_another_split_of_th
     with pytest.raises(ValueError, match="samples per batch 4 where this run takes 2"):
         fit(2, accumulate=2, ckpt_path=tmp_path / "ckpt" / "step=3.ckpt")
     assert fit(4, ckpt_path=tmp_path / "ckpt" / "step=2.ckpt").global_step == 6
+    # A checkpoint of a run without a batch size to compare (saved as None) resumes.
+    callback = SameStepOnResume()
+    callback.samples = {"samples_per_step": 8, "samples_per_batch": 8}
+    callback.load_state_dict({"samples_per_step": None})
+    callback.on_train_start(None, None)
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
@@ -677,7 +685,7 @@ def test_a_resumed_run_draws_on_the_device_and_in_the_workers_as_the_unbroken_ru
         assert all(resumed[step] == unbroken[step] for step in resumed)
 
 
-def test_a_failing_pipe_says_its_exit_status_and_unknown_schemes_are_refused(tmp_path):
+def test_a_failing_pipe_says_its_exit_status_and_unknown_schemes_are_refused(tmp_path, monkeypatch):
     stats = StreamStats(list(COUNTERS), 0)
     assert list(raw_samples(["pipe:printf 'not found'; exit 22"], stats)) == []
     assert stats.totals()["shard_errors"] == 1
@@ -686,3 +694,5 @@ def test_a_failing_pipe_says_its_exit_status_and_unknown_schemes_are_refused(tmp
     with pytest.raises(ValueError, match=r"webdataset opens no s3:// URLs.*'pipe:aws s3 cp s3://b/t-\{0..1\}.tar -'"):
         expand_urls("s3://b/t-{0..1}.tar")
     assert expand_urls("https://host/t-{0..1}.tar") == ["https://host/t-0.tar", "https://host/t-1.tar"]
+    monkeypatch.setenv("GOPEN_REWRITE", "s3://b/=pipe:aws s3 cp s3://b/")  # webdataset's own rewrite to a command
+    assert expand_urls("s3://b/t-{0..1}.tar") == ["s3://b/t-0.tar", "s3://b/t-1.tar"]

@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 
 import braceexpand
 import webdataset as wds
-from webdataset.gopen import gopen_schemes
+from webdataset.gopen import gopen_schemes, rewrite_url
 from webdataset.tariterators import base_plus_ext
 
 # Members webdataset keeps for itself (``__index__`` ...) are not sample data; its tar_file_iterator skips them too.
@@ -55,7 +55,7 @@ def expand_urls(patterns: str | list[str]) -> list[str]:
     """
     urls = []
     for pattern in [patterns] if isinstance(patterns, str) else patterns:
-        scheme = urlparse(pattern).scheme
+        scheme = urlparse(rewrite_url(pattern)).scheme  # as gopen will see it (GOPEN_REWRITE)
         if scheme and scheme != "file" and scheme not in gopen_schemes:
             raise ValueError(
                 f"shard pattern {pattern!r}: webdataset opens no {scheme}:// URLs (it opens {', '.join(OPENED)}); "

@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Iterator
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities.combined_loader import _shutdown_workers_and_reset_iterator
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from core.data.decoders import RefusedSample, SampleError, decode_sample
@@ -313,8 +314,9 @@ class ShardLoader(DataLoader):
     (training) stream is started once and each pass takes its next ``batches`` batches, its workers living
     on between passes: restarted at every pass, a worker would read only the first (its share of an epoch +
     the shuffle buffer) samples of the shards it draws, and never the rest of a shard longer than that
-    (webdataset's ``with_epoch`` continues its stream too). Lightning shuts the workers down at the end of
-    the fit (through ``_iterator``, as for its persistent workers). A validation stream starts afresh at
+    (webdataset's ``with_epoch`` continues its stream too, with persistent workers). Lightning shuts the workers down at the end of
+    the fit (through ``_iterator``, as for its persistent workers; ``ShardDataModule.on_exception`` when a
+    validation pass raises). A validation stream starts afresh at
     every pass. ``on_batch`` runs in the main process after each batch. A pass that yields nothing
     although this rank has shards raises ``NoReadableShards``.
     """
@@ -434,6 +436,8 @@ class ShardDataModule(L.LightningDataModule):
         self.samples_per_epoch, self.seed = samples_per_epoch, seed
         self.train_transform, self.val_transform = train_transform, val_transform
         self.train_stream: ShardStream | None = None
+        self._train_loader: ShardLoader | None = None
+        self._train_loader_for: tuple[int, int] | None = None
         self.val_stream: ShardStream | None = None
         self._logged_step = -1
 
@@ -447,6 +451,11 @@ class ShardDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> ShardLoader:
         rank, world_size = self._rank_and_world_size()
+        self._logged_step = -1
+        # One loader for the datamodule's ranks, also under `reload_dataloaders_every_n_epochs`: a new one would
+        # start the stream (and its workers' reading of the shards from their heads) over.
+        if self._train_loader is not None and self._train_loader_for == (rank, world_size):
+            return self._train_loader
         sources = [expand_urls(pattern) for pattern in self.train]
         weights = self.train_weights or [float(len(urls)) for urls in sources]
         self.train_stream = ShardStream(
@@ -455,7 +464,9 @@ class ShardDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
         )  # fmt: skip
         batches = self.batches_per_epoch()
-        return ShardLoader(self.train_stream, self.num_workers, batches, self._global_step, self._log_train_stats)
+        self._train_loader = ShardLoader(self.train_stream, self.num_workers, batches, self._global_step, self._log_train_stats)
+        self._train_loader_for = (rank, world_size)
+        return self._train_loader
 
     def val_dataloader(self) -> ShardLoader | list:
         if not self.val:
@@ -475,6 +486,12 @@ class ShardDataModule(L.LightningDataModule):
         )  # fmt: skip
         return ShardLoader(self.val_stream, self.num_workers, self.val_batches)
 
+    def on_exception(self, exception: BaseException) -> None:
+        # The training loader's workers live through the fit; Lightning shuts them down at its end, but not
+        # when a validation pass raises (it tears the evaluation loop down then, not the fit's).
+        if self._train_loader is not None:
+            _shutdown_workers_and_reset_iterator(self._train_loader)
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         transform = self.train_transform if self.trainer is not None and self.trainer.training else self.val_transform
         on_device = getattr(transform, "on_device", None)
@@ -491,24 +508,25 @@ class ShardDataModule(L.LightningDataModule):
         return self.val_stream.stats.totals() if self.val_stream else {}
 
     def _global_step(self) -> int:
-        # Called when a pass over the train loader starts. On resume, Lightning restores the checkpoint's
-        # global step before it requests and iterates the train loader, so a resumed run draws new samples.
+        # Called when the training stream starts. On resume, Lightning restores the checkpoint's global step
+        # before it requests and iterates the train loader, so a resumed run draws new samples.
         return self.trainer.global_step if self.trainer is not None else 0
 
     def _log_train_stats(self) -> None:
         trainer = self.trainer
         if trainer is None or not trainer.loggers or trainer.global_step % max(1, trainer.log_every_n_steps):
             return
-        if trainer.global_step == self._logged_step:  # Lightning fetches a batch ahead: log each step once
+        if trainer.global_step == self._logged_step:  # several batches of one step (gradient accumulation)
             return
         self._logged_step = trainer.global_step
         # The validation counters (cumulative) ride along: here every rank is at the same step, where the
         # end of a validation pass is not a safe place for a collective (ranks can end their passes unevenly).
         counts = {**self.train_stats, **{f"val_{name}": value for name, value in self.val_stats.items()}}
         # Loggers write from rank 0 only: the counters are summed over the ranks first.
-        values = torch.tensor(list(counts.values()), dtype=torch.float64, device=trainer.strategy.root_device)
+        values = list(counts.values())
         if trainer.world_size > 1:
-            values = trainer.strategy.reduce(values, reduce_op="sum")
-        metrics = {f"data/{name}": int(value) for name, value in zip(counts, values.tolist())}
+            summed = torch.tensor(values, dtype=torch.int64, device=trainer.strategy.root_device)
+            values = trainer.strategy.reduce(summed, reduce_op="sum").tolist()
+        metrics = {f"data/{name}": value for name, value in zip(counts, values)}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
