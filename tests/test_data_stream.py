@@ -696,3 +696,23 @@ def test_a_failing_pipe_says_its_exit_status_and_unknown_schemes_are_refused(tmp
     assert expand_urls("https://host/t-{0..1}.tar") == ["https://host/t-0.tar", "https://host/t-1.tar"]
     monkeypatch.setenv("GOPEN_REWRITE", "s3://b/=pipe:aws s3 cp s3://b/")  # webdataset's own rewrite to a command
     assert expand_urls("s3://b/t-{0..1}.tar") == ["s3://b/t-0.tar", "s3://b/t-1.tar"]
+
+
+def test_npy_decoding_retries_cpython_s_spurious_ast_error(monkeypatch):
+    # CPython 3.11's ast state, which numpy's header parsing uses, can fail once in a worker (cpython#106905).
+    import core.data.decoders as decoders
+
+    real, calls = np.load, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise SystemError("AST constructor recursion depth mismatch (before=207, after=227)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decoders.np, "load", flaky)
+    array = np.arange(4, dtype=np.float32)
+    np.testing.assert_array_equal(decoders.decode_npy(npy_bytes(array)), array)
+    monkeypatch.setattr(decoders.np, "load", lambda *a, **k: (_ for _ in ()).throw(SystemError("other")))
+    with pytest.raises(SystemError, match="other"):
+        decoders.decode_npy(npy_bytes(array))

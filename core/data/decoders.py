@@ -103,8 +103,18 @@ def decode_label(data: bytes) -> int:
 
 
 def decode_npy(data: bytes) -> np.ndarray:
-    """Load a .npy array; object arrays (which would need pickle) are rejected by ``allow_pickle=False``."""
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    """Load a .npy array; object arrays (which would need pickle) are rejected by ``allow_pickle=False``.
+
+    numpy reads the header with ``ast.literal_eval``, whose state CPython 3.11 shares between concurrent and
+    nested uses (python/cpython#106905): in a DataLoader worker it can fail once with a SystemError, "AST
+    constructor recursion depth mismatch", on a sound sample (seen in the test suite: 1 sample of 50 skipped).
+    That error is retried once instead of skipping the sample."""
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except SystemError as error:
+        if "AST constructor recursion depth mismatch" not in str(error):
+            raise
+        return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def _single(key: str, decode: Callable[[bytes], Any]) -> Callable[[bytes], dict]:
