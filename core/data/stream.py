@@ -314,11 +314,11 @@ class ShardLoader(DataLoader):
     (training) stream is started once and each pass takes its next ``batches`` batches, its workers living
     on between passes: restarted at every pass, a worker would read only the first (its share of an epoch +
     the shuffle buffer) samples of the shards it draws, and never the rest of a shard longer than that
-    (webdataset's ``with_epoch`` continues its stream too, with persistent workers). Lightning shuts the workers down at the end of
-    the fit (through ``_iterator``, as for its persistent workers; ``ShardDataModule.on_exception`` when a
-    validation pass raises). A validation stream starts afresh at
-    every pass. ``on_batch`` runs in the main process after each batch. A pass that yields nothing
-    although this rank has shards raises ``NoReadableShards``.
+    (webdataset's ``with_epoch`` continues its stream too, with persistent workers). Lightning shuts the
+    workers down at the end of the fit (through ``_iterator``, as for its persistent workers;
+    ``ShardDataModule.on_exception`` when a validation pass raises). A validation stream starts afresh at
+    every pass. ``on_batch`` runs in the main process after each batch. A pass that yields nothing although
+    this rank has shards raises ``NoReadableShards``.
     """
 
     def __init__(
@@ -435,9 +435,7 @@ class ShardDataModule(L.LightningDataModule):
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.samples_per_epoch, self.seed = samples_per_epoch, seed
         self.train_transform, self.val_transform = train_transform, val_transform
-        self.train_stream: ShardStream | None = None
         self._train_loader: ShardLoader | None = None
-        self._train_loader_for: tuple[int, int] | None = None
         self.val_stream: ShardStream | None = None
         self._logged_step = -1
 
@@ -454,18 +452,18 @@ class ShardDataModule(L.LightningDataModule):
         self._logged_step = -1
         # One loader for the datamodule's ranks, also under `reload_dataloaders_every_n_epochs`: a new one would
         # start the stream (and its workers' reading of the shards from their heads) over.
-        if self._train_loader is not None and self._train_loader_for == (rank, world_size):
-            return self._train_loader
+        kept = self._train_loader
+        if kept is not None and (kept.stream.rank, kept.stream.world_size) == (rank, world_size):
+            return kept
         sources = [expand_urls(pattern) for pattern in self.train]
         weights = self.train_weights or [float(len(urls)) for urls in sources]
-        self.train_stream = ShardStream(
+        stream = ShardStream(
             sources, self.batch_size, resample=True, weights=weights, transform=self.train_transform,
             shuffle_buffer=self.shuffle_buffer, seed=self.seed, rank=rank, world_size=world_size,
             num_workers=self.num_workers,
         )  # fmt: skip
         batches = self.batches_per_epoch()
-        self._train_loader = ShardLoader(self.train_stream, self.num_workers, batches, self._global_step, self._log_train_stats)
-        self._train_loader_for = (rank, world_size)
+        self._train_loader = ShardLoader(stream, self.num_workers, batches, self._global_step, self._log_train_stats)
         return self._train_loader
 
     def val_dataloader(self) -> ShardLoader | list:
@@ -496,6 +494,10 @@ class ShardDataModule(L.LightningDataModule):
         transform = self.train_transform if self.trainer is not None and self.trainer.training else self.val_transform
         on_device = getattr(transform, "on_device", None)
         return on_device(batch) if on_device is not None else batch
+
+    @property
+    def train_stream(self) -> ShardStream | None:
+        return self._train_loader.stream if self._train_loader else None
 
     @property
     def train_stats(self) -> dict[str, int]:
