@@ -33,8 +33,11 @@ def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tens
 
 def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """-cos(p, stopgrad(z)), averaged over the batch (Chen & He, "Exploring Simple Siamese Representation
-    Learning", 2021). BYOL's loss (Grill et al. 2020) is 2 + 2 * this: the normalised MSE."""
-    return -F.cosine_similarity(p, z.detach(), dim=-1).mean()
+    Learning", 2021). BYOL's loss (Grill et al. 2020) is 2 + 2 * this: the normalised MSE.
+    In float32 at least, also under bf16 autocast: CUDA's autocast promotes cosine_similarity, CPU's does not, and
+    bf16 spaces cosines near 1 by 2^-8, which is the whole of BYOL's loss late in training."""
+    dtype = torch.promote_types(p.dtype, torch.float32)
+    return -F.cosine_similarity(p.to(dtype), z.detach().to(dtype), dim=-1).mean()
 
 
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 5e-3, gather: bool = True) -> torch.Tensor:

@@ -134,6 +134,13 @@ def warmup_and_total_steps(trainer, warmup_epochs: float) -> tuple[int, int]:
     else:
         if math.isinf(trainer.num_training_batches):  # a max_steps-only run has not loaded its train loader yet
             trainer.fit_loop.setup_data()
+        if math.isinf(trainer.num_training_batches):
+            if not warmup_epochs:
+                return 0, total
+            raise ValueError(
+                f"a warmup of {warmup_epochs} epochs needs the epoch's length, and the train loader has none: give it a "
+                "__len__ (core.data.ShardDataModule's has one, from data.samples_per_epoch) or set the model's warmup_epochs to 0"
+            )
         # Lightning also steps on an epoch's last, partial accumulation, as estimated_stepping_batches counts.
         per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
     return int(round(warmup_epochs * per_epoch)), total

@@ -31,6 +31,8 @@ def sincos_pos_embed(grid: tuple[int, ...], dim: int) -> torch.Tensor:
 
     Each axis gets an even share of the channels (the first axis takes the remainder), and within an
     axis half the channels are sines and half cosines of geometric frequencies (Vaswani et al. 2017).
+    The channels run in axis order (rows, then columns); MAE's `get_2d_sincos_pos_embed` puts the columns'
+    half first, so its table is this one with the two halves swapped (swap them to load MAE's weights).
     """
     if dim % 2:
         raise ValueError(f"position embedding dim must be even, got {dim}")
@@ -188,7 +190,7 @@ class ViT(nn.Module):
     pool: "cls" (the class token, as MAE's linear probe uses) or "mean" (average of patch tokens).
     drop_path: stochastic depth, rising linearly over the blocks from 0 to this rate at the last one
     (DeiT's and DINO's schedule; DINO's ViT-S: 0.1). 0 (the default) in masked-autoencoder pretraining.
-    pos_embed: "sincos" (fixed, MAE's) or "learned" (a trained table, DeiT's and DINO's).
+    pos_embed: "sincos" (fixed, as MAE's; `sincos_pos_embed`) or "learned" (a trained table, DeiT's and DINO's).
     init: "mae" (xavier-uniform linears, `init_weights`) or "trunc_normal" (DeiT's and DINO's, `init_trunc_normal`).
     """
 

@@ -85,6 +85,20 @@ def test_negative_cosine_random_case():
     assert negative_cosine(p, z).item() == pytest.approx(expected, rel=1e-12)
 
 
+def test_negative_cosine_keeps_float32_under_cpu_bf16_autocast():
+    """Under autocast the heads hand over bf16 embeddings. Near cos = 1 a bf16 cosine rounds BYOL's loss away
+    (its spacing there is 2^-8); CPU autocast does not promote cosine_similarity to float32 as CUDA's does."""
+    z = rand(64, 32, seed=5).bfloat16()
+    p = (z.double() + 0.01 * rand(64, 32, seed=6)).bfloat16().requires_grad_()
+    expected = negative_cosine(p.detach().double(), z.double()).item()  # the exact loss of these bf16 values
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = negative_cosine(p, z)
+    assert loss.dtype == torch.float32
+    assert 1 + loss.item() == pytest.approx(1 + expected, rel=1e-3) and 1 + expected > 1e-5
+    loss.backward()
+    assert p.grad.dtype == torch.bfloat16 and p.grad.abs().sum() > 0
+
+
 # ---------------------------------------------------------------- Barlow Twins / VICReg
 
 

@@ -181,17 +181,18 @@ def test_the_first_resumed_step_takes_this_runs_rate():
 
 
 class Steps(L.LightningModule):
-    """Records the warmup and total steps `warmup_and_total_steps` gives for one epoch of warmup."""
+    """Records the warmup and total steps `warmup_and_total_steps` gives (one epoch of warmup by default)."""
 
-    def __init__(self):
+    def __init__(self, warmup_epochs: float = 1):
         super().__init__()
         self.layer = nn.Linear(2, 1)
+        self.warmup_epochs = warmup_epochs
 
     def training_step(self, batch, batch_idx):
         return self.layer(batch[0]).sum()
 
     def configure_optimizers(self):
-        self.steps = warmup_and_total_steps(self.trainer, warmup_epochs=1)
+        self.steps = warmup_and_total_steps(self.trainer, self.warmup_epochs)
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
@@ -213,6 +214,27 @@ def test_a_run_without_a_length_is_told_to_set_one():
                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     with pytest.raises(ValueError, match="max_epochs / trainer.max_steps: the schedules need the run's length"):
         trainer.fit(model, loader)
+
+
+class Endless(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        while True:
+            yield (torch.randn(2),)
+
+
+@pytest.mark.parametrize("warmup_epochs", [1, 0])
+def test_a_loader_without_a_length_needs_a_warmup_in_steps(warmup_epochs):
+    """A max_steps run over an iterable without __len__ has no epoch to count a warmup in."""
+    model = Steps(warmup_epochs)
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    loader = torch.utils.data.DataLoader(Endless(), batch_size=2)
+    if warmup_epochs:
+        with pytest.raises(ValueError, match="a warmup of 1 epochs needs the epoch's length"):
+            trainer.fit(model, loader)
+    else:
+        trainer.fit(model, loader)
+        assert model.steps == (0, 4) and trainer.global_step == 4
 
 
 # ---------------------------------------------------------------- momentum
