@@ -233,13 +233,19 @@ def background(rng: np.random.Generator, kind: str, size: int, colors: tuple[np.
     return img + rng.normal(0, rng.uniform(0.01, 0.05), img.shape)
 
 
-def random_background(rng: np.random.Generator, size: int, object_color: np.ndarray) -> tuple[str, np.ndarray]:
-    """A random texture kind and its (size, size, 3) render, in two colors that keep clear of ``object_color``."""
+def background_colors(rng: np.random.Generator, object_color: np.ndarray) -> tuple[str, tuple[np.ndarray, np.ndarray]]:
+    """A random texture kind and its two colors: the first keeps clear of ``object_color``; the second is a
+    blend of it with another that does, and may itself come close (data/nuisance_cues.py measures how often)."""
     kind = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     _, c0 = pick_color(rng, avoid=(object_color * 255,), min_distance=MIN_CONTRAST)
     _, c1 = pick_color(rng, avoid=(object_color * 255,), min_distance=MIN_CONTRAST)
-    c1 = c0 + rng.uniform(0.2, 0.6) * (c1 - c0)  # a blend: the texture is milder than the object's contrast
-    return kind, background(rng, kind, size, (c0, c1))
+    return kind, (c0, c0 + rng.uniform(0.2, 0.6) * (c1 - c0))  # a blend: the texture is milder than the object's contrast
+
+
+def random_background(rng: np.random.Generator, size: int, object_color: np.ndarray) -> tuple[str, np.ndarray]:
+    """A random texture kind and its (size, size, 3) render in `background_colors`."""
+    kind, colors = background_colors(rng, object_color)
+    return kind, background(rng, kind, size, colors)
 
 
 def plain_background(rng: np.random.Generator, size: int, object_color: np.ndarray) -> tuple[str, np.ndarray]:
