@@ -37,7 +37,11 @@ STRATEGIES = {
 
 MASKED = ["--model.pictures_every_n_steps=1", "--model.encoder_depth=1"]
 # The siamese recipes with a ViT (the demos train ResNets); DINO with its per-parameter gradient clipping on
-# (on the shards under FSDP), BYOL with LARS at trust 1, unclipped, so that its weights move measurably.
+# (on the shards under FSDP), BYOL with LARS at trust 1, unclipped, so that its weights move measurably. Both
+# of those steps are blind to the gradients' scale (clipped norms, LARS's trust ratio), and Adam's nearly so
+# (only through its eps): DINO with plain SGD, unclipped and without weight decay (which would move DINO's
+# weights far more than its first gradients do), is the run whose weights part if FSDP summed the ranks'
+# gradients instead of averaging them.
 VIT = ["--model.backbone.class_path=core.vit.ViT", "--model.backbone.init_args.input_size=[32,32]", "--model.backbone.init_args.patch_size=[4,4]",
        "--model.backbone.init_args.size=tiny", "--model.backbone.init_args.depth=1"]  # fmt: skip
 # What a launcher sets in each rank; a pytest started under one must not hand its own to the runs.
@@ -45,7 +49,9 @@ RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP
                   "MASTER_ADDR", "MASTER_PORT")  # fmt: skip
 # name: (recipe, its arguments)
 RECIPES = {"mae": ("mae", MASKED), "videomae": ("videomae", MASKED), "audiomae": ("audiomae", MASKED), "cropmae": ("cropmae", MASKED),
-           "dino-vit": ("dino", [*VIT, "--model.clip_grad=0.001"]), "byol-vit": ("byol", [*VIT, "--model.lars_trust=1.0", "--model.lars_clip=false"])}  # fmt: skip
+           "dino-vit": ("dino", [*VIT, "--model.clip_grad=0.001"]), "byol-vit": ("byol", [*VIT, "--model.lars_trust=1.0", "--model.lars_clip=false"]),
+           "dino-vit-sgd": ("dino", [*VIT, "--model.optimizer=sgd", "--model.weight_decay=0", "--model.weight_decay_end=0", "--model.base_lr=5",
+                            "--trainer.gradient_clip_val=null"])}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +73,10 @@ def runs(tmp_path_factory):
             "--data.batch_size=4", "--data.val_batch_size=10", "--data.val_batches=1", "--data.num_workers=0",
             "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.num_sanity_val_steps=0",
             *([f"--ckpt_path={resume}", "--trainer.max_steps=3"] if resume else []),
-            *recipe_args,
             # No warmup and a learning rate for steps of about 1e-3, so that the runs' weights would part if
             # FSDP did not average the gradients over the ranks as DDP does.
             "--model.warmup_epochs=0", "--model.base_lr=0.05",
+            *recipe_args,
             "--checkpoint.every_n_train_steps=1", "--checkpoint.save_top_k=-1", "--checkpoint.filename={step}",
             f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
             f"--checkpoint.dirpath={out}/checkpoints",
@@ -151,7 +157,8 @@ def without_key_bias(key: str, value: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(
     "name, exported, trained",
     [("mae", "encoder.", "encoder."), ("videomae", "encoder.", "encoder."), ("audiomae", "encoder.", "encoder."),
-     ("cropmae", "encoder.", "encoder."), ("dino-vit", "teacher_backbone.", "backbone."), ("byol-vit", "backbone.", "backbone.")],
+     ("cropmae", "encoder.", "encoder."), ("dino-vit", "teacher_backbone.", "backbone."), ("byol-vit", "backbone.", "backbone."),
+     ("dino-vit-sgd", "teacher_backbone.", "backbone.")],
 )  # fmt: skip
 def test_fsdp_trains_as_ddp_does_and_its_checkpoint_exports(runs, tmp_path, name, exported, trained):
     # CropMAE runs its encoder twice a step (global and local view): FSDP gathers and frees it twice. DINO's
