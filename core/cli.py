@@ -13,6 +13,7 @@ and is driven by YAML: `python recipes/mae/train.py fit --config recipes/mae/con
 
 from __future__ import annotations
 
+import os
 import random
 
 import lightning as L
@@ -195,6 +196,24 @@ class RecipeCLI(LightningCLI):
         named = getattr(strategies, name, None) if isinstance(name, str) else None
         if isinstance(named, type) and issubclass(named, strategies.Strategy):
             config["trainer.strategy"] = Namespace(class_path=f"lightning.pytorch.strategies.{name}", init_args=Namespace())
+        refuse_unsafe_resume(config)
+
+
+def refuse_unsafe_resume(config: Namespace) -> None:
+    """Resume loads only tensors and plain containers (`weights_only=True` unless a config says otherwise),
+    never downloads, and never reads a sharded checkpoint folder, whose metadata is a pickle."""
+    if config.get("weights_only", "absent") is None:
+        config["weights_only"] = True
+    path = config.get("ckpt_path")
+    if not isinstance(path, str):
+        return
+    if "://" in path:
+        raise ValueError(f"ckpt_path={path!r}: checkpoints are not downloaded at run time; copy it to a local path and pass that")
+    if os.path.isdir(path):
+        raise ValueError(
+            f"ckpt_path={path!r} is a folder (a sharded checkpoint): its metadata is a pickle, which this project "
+            "does not load; resume from a full checkpoint (--trainer.strategy.save_distributed_checkpoint=false)"
+        )
 
 
 def run(model_class: type[L.LightningModule], datamodule_class: type[L.LightningDataModule] | None = None, args=None) -> RecipeCLI:

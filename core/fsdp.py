@@ -49,6 +49,13 @@ def shard_blocks(model: L.LightningModule) -> None:
             "trainer.sync_batchnorm: ModelParallelStrategy does not synchronise BatchNorm; train with "
             "--trainer.strategy=ddp, or set --trainer.sync_batchnorm=false to keep per-rank statistics"
         )
+    if isinstance(strategy, ModelParallelStrategy) and strategy._save_distributed_checkpoint:
+        # Its default: a folder of shards whose metadata is a pickle, which neither resume nor core.export loads.
+        raise ValueError(
+            "trainer.strategy.save_distributed_checkpoint: the sharded checkpoint folder it writes keeps its metadata "
+            "in a pickle, which this project does not load; set --trainer.strategy.save_distributed_checkpoint=false "
+            "(rank 0 writes the full weights in one file)"
+        )
     parts = [p for p in model.children() if not isinstance(p, FSDPModule) and next(p.parameters(), None) is not None]
     if model.device_mesh is None or not parts:
         return

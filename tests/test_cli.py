@@ -109,3 +109,22 @@ def test_a_strategy_named_by_its_class_name_is_that_class(name, expected):
     config = os.path.join(ROOT, "recipes/mae/configs/demo.yaml")
     cli = RecipeCLI(MAE, ShardDataModule, run=False, args=["--config", config, f"--trainer.strategy={name}"])
     assert type(cli.trainer.strategy).__name__ == expected
+
+
+def test_a_resume_loads_weights_only_and_neither_downloads_nor_reads_shard_folders(tmp_path):
+    from jsonargparse import Namespace
+
+    from core.cli import refuse_unsafe_resume
+
+    config = Namespace(ckpt_path=str(tmp_path / "last.ckpt"), weights_only=None)
+    refuse_unsafe_resume(config)
+    assert config.weights_only is True  # torch's own default yields to an environment variable
+    config = Namespace(ckpt_path="last", weights_only=False)  # said in a config: left as said
+    refuse_unsafe_resume(config)
+    assert config.weights_only is False
+    with pytest.raises(ValueError, match="is a folder .*sharded checkpoint.*save_distributed_checkpoint=false"):
+        refuse_unsafe_resume(Namespace(ckpt_path=str(tmp_path), weights_only=None))
+    # Lightning would fetch a URL with torch.hub and load it with weights_only=False; refused before anything runs.
+    args = ["fit", "--config", os.path.join(ROOT, "recipes/mae/configs/demo.yaml"), "--ckpt_path=https://example.com/last.ckpt"]
+    with pytest.raises(ValueError, match=r"ckpt_path='https://example.com/last.ckpt': checkpoints are not downloaded"):
+        RecipeCLI(MAE, ShardDataModule, args=args)

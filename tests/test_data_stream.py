@@ -286,6 +286,23 @@ def test_pickle_members_are_refused_and_never_unpickled(tmp_path):
     assert marker.exists()
 
 
+def test_object_npy_members_are_skipped_and_never_unpickled(tmp_path):
+    """An object array in a .npy member is a pickle inside numpy's format: allow_pickle=False is all that
+    keeps it from running."""
+    marker = tmp_path / "unpickled"
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([TouchFile(str(marker))], dtype=object), allow_pickle=True)
+    samples = vector_samples(4)
+    samples[2]["npy"] = buffer.getvalue()
+    write_shards(samples, str(tmp_path / "obj-%06d.tar"), max_count=10)
+    loader = read_batches(str(tmp_path / "obj-000000.tar"), to_tensors, batch_size=1)
+    assert sorted(keys_of(loader)) == [s["__key__"] for i, s in enumerate(samples) if i != 2]
+    assert loader.stream.stats.totals()["samples_skipped"] == 1
+    assert not marker.exists()
+    np.load(io.BytesIO(buffer.getvalue()), allow_pickle=True)  # the payload is live: unpickling it creates the file
+    assert marker.exists()
+
+
 def test_pipe_source_reads_like_the_local_file(tmp_path):
     pattern = write_vectors(tmp_path, "p", 10, per_shard=4)
     local = keys_of(read_batches(pattern, to_tensors, batch_size=3))

@@ -218,3 +218,14 @@ def test_synchronised_batchnorm_under_fsdp2_is_refused_not_dropped():
     ddp._layer_sync = TorchSyncBatchNorm()
     model.trainer = SimpleNamespace(strategy=ddp)
     shard_blocks(model)  # nothing to shard, nothing refused
+
+
+def test_sharded_checkpoint_folders_are_refused_naming_the_key():
+    """ModelParallelStrategy's default checkpoint, a folder of shards, keeps its metadata in a pickle: neither a
+    resume nor core.export would load it, so the run would train and leave nothing usable."""
+    model = MAE(image_size=32, patch_size=4, size="tiny", encoder_depth=1, decoder_dim=64, decoder_depth=1, decoder_heads=2)
+    model.trainer = SimpleNamespace(strategy=ModelParallelStrategy())
+    with pytest.raises(ValueError, match="trainer.strategy.save_distributed_checkpoint: .*=false"):
+        shard_blocks(model)
+    model.trainer = SimpleNamespace(strategy=ModelParallelStrategy(save_distributed_checkpoint=False))
+    shard_blocks(model)  # no device mesh outside a launched run: nothing to shard, nothing refused
