@@ -114,8 +114,16 @@ def evaluate(
     num_workers: int = 2, target: str = "label", attentive: bool = False, rank: bool = False, device: str = "cpu",
     init_seeds: int = 1,
 ) -> dict:
-    if init_seeds < 1:
-        raise ValueError(f"init_seeds={init_seeds} must be at least 1")
+    from core.data import expand_urls
+
+    for name, value in (("init_seeds", init_seeds), ("train_limit", train_limit), ("val_limit", val_limit)):
+        if value < 1:
+            raise ValueError(f"{name}={value} must be at least 1")
+    shared = sorted(set(expand_urls(train)) & set(expand_urls(val)))
+    if shared:
+        raise ValueError(
+            f"--train and --val share {len(shared)} shard(s), {shared[0]} first: the probes would be scored on samples they were fitted on"
+        )
     torch.manual_seed(0)  # the random-init encoder's weights
     encoders = {"pretrained": load_encoder(path).to(device), "random init": load_encoder(path, pretrained=False).to(device)}
     for seed in range(1, init_seeds):
@@ -154,8 +162,9 @@ def main(argv=None) -> None:
     parser.add_argument("encoder", help="folder written by python -m core.export")
     parser.add_argument("--train", required=True, help="labelled shards to fit the probes on")
     parser.add_argument("--val", required=True, help="held-out labelled shards to score them on")
-    parser.add_argument("--train-limit", type=int, default=10_000)
-    parser.add_argument("--val-limit", type=int, default=10_000)
+    # A limit takes the first samples in reading order, which depends on --num-workers (workers interleave shards).
+    parser.add_argument("--train-limit", type=int, default=10_000, help="fit on the first N training samples read")
+    parser.add_argument("--val-limit", type=int, default=10_000, help="score on the first N val samples read")
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--target", default="label", help="what the probes predict: label, or json.<field> of the metadata")
     parser.add_argument("--attentive", action="store_true", help="also fit an attentive probe on the patch tokens (ViT encoders)")

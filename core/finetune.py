@@ -89,6 +89,8 @@ def train_classifier(
     backbone.train()
     start = time.perf_counter()
     for step, (x, y) in zip(range(steps), batches):
+        if y.max() >= head.out_features:
+            raise ValueError(f"label {int(y.max())} in the training shards: num_classes={head.out_features} takes labels 0 to {head.out_features - 1}")
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"] * schedule(step)
         loss = F.cross_entropy(head(backbone(x)), y, label_smoothing=label_smoothing)
@@ -126,11 +128,18 @@ def finetune(
 ) -> dict[str, dict]:
     """{"pretrained" | "random init": {"val_acc", "seconds"}}: the exported encoder and the same architecture at
     random init, each fine-tuned the same way on the same batches."""
+    for option, value in (("num_classes", num_classes), ("steps", steps), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{option}={value} must be at least 1")
+    if not 0 <= drop_path < 1:
+        raise ValueError(f"drop_path={drop_path} must be in [0, 1)")
     results = {}
     for name, pretrained in (("pretrained", True), ("random init", False)):
         torch.manual_seed(0)  # the random init's weights, the head's and the order of the crops
         encoder = load_encoder(path, pretrained=pretrained)
         spec, key = encoder.input, encoder.input["modality"]
+        if drop_path and not hasattr(encoder.backbone, "blocks"):
+            raise ValueError(f"drop_path={drop_path}: stochastic depth is a ViT's, and this export's encoder is a {type(encoder.backbone).__name__}")
         if drop_path or hasattr(encoder.backbone, "blocks"):  # 0 too: an export may carry its pretraining's rate
             set_drop_path(encoder.vit_backbone(), drop_path)
         head = nn.Linear(encoder.embed_dim, num_classes)

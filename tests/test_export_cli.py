@@ -255,6 +255,20 @@ def test_evaluate_draws_the_random_init_baseline_at_several_seeds(tmp_path):
     assert len({three[d]["knn_acc"] for d in draws} | {three[d]["linear_acc"] for d in draws}) > 1  # other weights
 
 
+def test_evaluate_refuses_a_val_split_sharing_training_shards_and_limits_below_one(tmp_path):
+    """The same shards as --train and --val would score the probes on the samples they were fitted on."""
+    from core.evaluate import evaluate
+
+    fake_checkpoint(tmp_path / "last.ckpt", ResNet(18, small_images=True, width=4), IMAGE_8PX)
+    (folder,) = export_checkpoint(str(tmp_path / "last.ckpt"), str(tmp_path / "out"))
+    shards = tone_shards(tmp_path)
+    with pytest.raises(ValueError, match="--train and --val share 1 shard"):
+        evaluate(folder, f"{{{shards[1]},{shards[3]}}}", shards[3], num_workers=0, target="json.tone")
+    for limits in ({"train_limit": 0}, {"val_limit": -5}):
+        with pytest.raises(ValueError, match=f"{next(iter(limits))}={next(iter(limits.values()))} must be at least 1"):
+            evaluate(folder, shards[1], shards[3], num_workers=0, target="json.tone", **limits)
+
+
 def test_evaluate_probes_the_label_or_any_json_field(tmp_path, capsys):
     """The raw-input probes must find the tone and not the label."""
     from core.evaluate import main as evaluate_main

@@ -105,6 +105,18 @@ def test_finetune_needs_the_number_of_classes(tmp_path):
         finetune_main([str(tmp_path), "--train", "x", "--val", "y", "--steps", "1"])
 
 
+def test_finetune_names_the_option_a_wrong_value_breaks(tmp_path):
+    """--batch-size 0 trained on the whole split as one batch, --steps 0 scored an untrained head, a label past
+    --num-classes failed in cross_entropy without naming the option."""
+    shards, folder = tone_shards(tmp_path), export_vit(tmp_path, 0)
+    for option, value, message in [("--steps", "0", "steps=0 must be at least 1"), ("--batch-size", "-1", "batch_size=-1 must be at least 1"),
+                                   ("--drop-path", "1.5", r"drop_path=1.5 must be in \[0, 1\)")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            finetune_main([folder, *shards, "--num-classes", "2", "--steps", "1", option, value])
+    with pytest.raises(ValueError, match="label 1 in the training shards: num_classes=1 takes labels 0 to 0"):
+        finetune_main([folder, *shards, "--num-classes", "1", "--steps", "1", "--batch-size", "64"])
+
+
 def test_finetune_hands_stochastic_depth_and_label_smoothing_to_both_runs(tmp_path, capsys, monkeypatch):
     import core.finetune
 
