@@ -158,13 +158,13 @@ def measure(build: Build, impl: str, args) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
     before = resident_bytes()
     step = build(impl, args)
 
     def sync():
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
 
     with FlopCounterMode(display=False) as counter:
         step()
@@ -177,7 +177,7 @@ def measure(build: Build, impl: str, args) -> dict:
     sync()
     seconds = (time.perf_counter() - start) / args.steps
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
+        peak = torch.cuda.max_memory_allocated(device)
     else:  # ru_maxrss is in KiB on Linux
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     return {"impl": impl, "seconds_per_step": seconds, "flops_per_step": counter.get_total_flops(), "peak_memory_bytes": peak}

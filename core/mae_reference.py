@@ -85,7 +85,9 @@ class ReferenceMAE(nn.Module):
         noise = torch.rand(B, N, device=x.device) if noise is None else noise
         shuffle = noise.argsort(dim=1)  # (B, N): kept patches first
         restore = shuffle.argsort(dim=1)
-        x = x.gather(1, shuffle[:, :keep, None].expand(-1, -1, D))  # (B, K, D)
+        # repeat, not expand, as models_mae.py: gather keeps its index for the backward, and the reference's
+        # memory is the official code's, a full int64 (B, K, D) index here and (B, N, D') in unshuffle.
+        x = x.gather(1, shuffle[:, :keep, None].repeat(1, 1, D))  # (B, K, D)
         mask = torch.ones(B, N, device=x.device)
         mask[:, :keep] = 0
         return self.encode(x), mask.gather(1, restore), restore  # the mask in patch order
@@ -94,8 +96,8 @@ class ReferenceMAE(nn.Module):
         """Embedded visible tokens (B, 1 + K, D') -> with a mask token at every hidden place, in patch order,
         positions added: (B, 1 + N, D')."""
         B, N = restore.shape
-        hidden = self.mask_token.expand(B, N + 1 - x.shape[1], -1)
-        seq = torch.cat([x[:, 1:], hidden], dim=1).gather(1, restore[..., None].expand(-1, -1, x.shape[-1]))  # (B, N, D')
+        hidden = self.mask_token.repeat(B, N + 1 - x.shape[1], 1)
+        seq = torch.cat([x[:, 1:], hidden], dim=1).gather(1, restore[..., None].repeat(1, 1, x.shape[-1]))  # (B, N, D')
         return torch.cat([x[:, :1], seq], dim=1) + self.decoder_pos_embed
 
     def forward_decoder(self, x: torch.Tensor, restore: torch.Tensor) -> torch.Tensor:

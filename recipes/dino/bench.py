@@ -16,7 +16,10 @@ weights and crops, the two give the same loss, clipped gradients, teacher step a
 (tests/test_dino.py). Each step here is the whole of a training step at epoch 0 (the prototypes frozen, as
 in DINO's first epoch): the teacher on the global crops, the student on all of them, the loss, backward,
 clipping, AdamW, the teacher's and the center's EMA steps; ours also computes the teacher's entropy, the
-KL and the embedding std it logs. The timing itself is core.bench's.
+KL and the embedding std it logs. Under bf16-mixed the two part in one place: ours computes the prototypes'
+cosines in float32 (the head's logits are cosines near 1, which bf16 spaces by 2^-8), the official head in
+bf16: for the ViT-S at batch 128 with 65,536 prototypes, about 110 GFLOP a step run in float32 instead of bf16
+(counted, not yet timed apart on a GPU), which the ratio includes. The timing itself is core.bench's.
 
     python -m recipes.dino.bench --batch 8                            # the paper's ViT-S/16: 2 x 224 px + 10 x 96 px crops, 65536 prototypes
     python -m recipes.dino.bench --backbone resnet --global-size 32 --local-size 16 --local-crops 4 \
