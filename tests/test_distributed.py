@@ -7,7 +7,6 @@ compare them with a single-process reference computed here.
 
 import gc
 import math
-import socket
 import time
 from datetime import timedelta
 from types import SimpleNamespace
@@ -172,10 +171,10 @@ def sharded_dtypes(precision: str, mesh) -> dict[str, str]:
     return {**seen, "block_grad": str(block.weight.grad.dtype), "norm_grad": str(norm.weight.grad.dtype)}
 
 
-def worker(rank: int, port: int, out_dir: str) -> None:
+def worker(rank: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30)
+        "gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30)
     )
     try:
         torch.save(rank_results(rank), f"{out_dir}/rank{rank}.pt")
@@ -186,19 +185,13 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("ddp")
     # Forked ranks inherit the imported torch instead of importing it again (seconds each on a busy CI box);
     # like DataLoader workers, they use one intra-op thread, which keeps fork safe with OpenMP.
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    ranks = mp.start_processes(worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=False, start_method=method)
+    ranks = mp.start_processes(worker, args=(str(out_dir),), nprocs=WORLD, join=False, start_method=method)
     deadline = time.monotonic() + 60
     while not ranks.join(timeout=0.5):  # raises if a rank failed
         if time.monotonic() > deadline:

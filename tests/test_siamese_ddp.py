@@ -8,7 +8,6 @@ the module; each writes its gradients with torch.save and the tests compare them
 reference computed here.
 """
 
-import socket
 import warnings
 from datetime import timedelta
 
@@ -122,11 +121,11 @@ def gradients(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def worker(rank: int, port: int, out_dir: str) -> None:
+def worker(rank: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")  # self.log() outside a Trainer
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
+        "gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
     )
     try:
         results = {}
@@ -141,19 +140,13 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("siamese_ddp")
     # Forked ranks inherit the imported torch and recipes instead of importing them again; like DataLoader
     # workers they use one intra-op thread, which keeps fork safe with OpenMP.
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=True, start_method=method)
+    mp.start_processes(worker, args=(str(out_dir),), nprocs=WORLD, join=True, start_method=method)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
