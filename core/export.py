@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,7 +27,20 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 FORMAT_VERSION = 1
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+def ship_tokenizer(source: str, folder: str, what: str) -> None:
+    """Save the tokenizer of `source` into `folder` with every file it needs (vocab/merges of a BPE tokenizer, a
+    sentencepiece model, ...), as transformers writes them, and check the copy tokenizes as the original does."""
+    from core.text import load_tokenizer
+
+    if not any(os.path.isfile(os.path.join(source, file)) for file in ("tokenizer.json", "tokenizer_config.json")):
+        raise FileNotFoundError(f"{what}, {source!r}, holds no tokenizer.json or tokenizer_config.json; the export would not load without it")
+    original = load_tokenizer(source)
+    original.save_pretrained(folder)
+    probe = "Pretrain encoders on your own data: 123 héllo\tworld!"
+    if load_tokenizer(folder)(probe)["input_ids"] != original(probe)["input_ids"]:
+        raise ValueError(f"{what}, {source!r}, does not tokenize the same once saved to {folder!r}; the export would not match its weights")
 
 
 def backbone_classes() -> dict[str, type[nn.Module]]:
@@ -157,15 +169,7 @@ def export_checkpoint(ckpt_path: str, out: str) -> list[str]:
             raise ValueError(f"no weights under {prefix!r} in {ckpt_path}")
         input_spec = dict(entry["input"])
         if input_spec["modality"] == "text":  # ship the tokenizer with the weights
-            tokenizer = input_spec["tokenizer"]
-            files = [file for file in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer, file))]
-            if not {"tokenizer.json", "tokenizer_config.json"} & set(files):  # what core.text loads from
-                raise FileNotFoundError(
-                    f"{ckpt_path}: the tokenizer of encoder {name!r}, {tokenizer!r}, holds no tokenizer.json or "
-                    "tokenizer_config.json; the export would not load without it"
-                )
-            for file in files:
-                shutil.copy(os.path.join(tokenizer, file), os.path.join(folder, file))
+            ship_tokenizer(input_spec["tokenizer"], folder, f"{ckpt_path}: the tokenizer of encoder {name!r}")
             input_spec["tokenizer"] = "."
         save_file(weights, os.path.join(folder, "model.safetensors"))
         config = {"format_version": FORMAT_VERSION, "name": name, "backbone": entry["backbone"], "input": input_spec}

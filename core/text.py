@@ -16,16 +16,17 @@ CLI: `python -m core.text train-tokenizer (--files F [F ...] | --shards PATTERN)
 from __future__ import annotations
 
 import argparse
-import glob
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
-import webdataset as wds
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from core.data.decoders import member_extension
+from core.data.shards import expand_urls, read_shard
 from core.vit import Block, init_weights
 
 PAD, BOS, EOS, MASK = "<pad>", "<bos>", "<eos>", "<mask>"
@@ -91,6 +92,9 @@ class TextTokenizer:
         self.tokenizer = load_tokenizer(path)
         if self.tokenizer.pad_token_id is None:
             raise ValueError(f"the tokenizer in {path!r} has no pad token, so it cannot pad to max_len={max_len}")
+        # Right-side padding and truncation whatever the tokenizer's config says: with left padding, learned
+        # absolute positions would shift with the padded length (decoder tokenizers often pad left).
+        self.tokenizer.padding_side = self.tokenizer.truncation_side = "right"
         self.max_len = max_len
         self.pad_id: int = self.tokenizer.pad_token_id
         self.mask_id: int | None = self.tokenizer.mask_token_id
@@ -177,19 +181,28 @@ class HFTextEncoder(nn.Module):
     Only safetensors weights are read (`use_safetensors=True`: a checkpoint that only has pickled weights is
     refused, never unpickled) and nothing is downloaded. Tokenize with `TextTokenizer(path)` of the same directory.
     The embedding is the mean of the last hidden states over the attention mask, as sentence-transformers pools;
-    it is not L2-normalised (contrastive losses normalise).
+    it is not L2-normalised (contrastive losses normalise). `core.export` does not export it yet (its config
+    is only the local path it was read from): a continued model is saved by its training checkpoint.
     """
 
     def __init__(self, path: str):
         super().__init__()
         folder = _local_dir(path, ("config.json",), "HFTextEncoder")
         self.config = dict(path=path)
-        self.model = AutoModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+        # float32 master weights whatever dtype the checkpoint was saved in (transformers keeps the stored one).
+        self.model = AutoModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True, dtype=torch.float32)
+        # BERT's pooler (a dense layer on [CLS]) is not used by mean pooling: it would get no gradient, which
+        # DDP without find_unused_parameters stops on at the second step.
+        if getattr(self.model, "pooler", None) is not None:
+            self.model.pooler = None
         self.embed_dim: int = self.model.config.hidden_size
+        self.max_len: int | None = getattr(self.model.config, "max_position_embeddings", None)
         self.train()  # from_pretrained leaves the model in eval mode; a fresh module is in train mode, like any other
 
     def tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Per-token states (B, L, D): the model's last hidden layer."""
+        if self.max_len is not None and input_ids.shape[1] > self.max_len:
+            raise ValueError(f"input_ids has {input_ids.shape[1]} tokens, more than the model's {self.max_len} positions: tokenize with a smaller max_len")
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -206,15 +219,31 @@ def read_text_files(paths: Iterable[str]) -> Iterator[str]:
 def read_shard_texts(pattern: str, key: str = "txt") -> Iterator[str]:
     """The `key` member of every sample in the WebDataset shards matching `pattern`, decoded as UTF-8.
 
-    pattern: a brace pattern (`data/train-{000000..000009}.tar`) or a glob (`data/train-*.tar`).
+    pattern: a brace pattern (`data/train-{000000..000009}.tar`), a glob (`data/train-*.tar`) or a pipe/URL, as
+    the training stream takes. Samples without the member, with bytes that are not UTF-8, or cut short by a
+    failed read are skipped and counted (a warning names the first); no sample with text is an error.
     """
-    urls = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else pattern
-    if not urls:
-        raise FileNotFoundError(f"no shards match {pattern!r}")
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        if key not in sample:
-            raise KeyError(f"sample {sample['__key__']!r} in {sample['__url__']} has no {key!r} member (has {sorted(sample)})")
-        yield sample[key].decode("utf-8")
+    found, skipped, first = 0, 0, ""
+    for url in expand_urls(pattern):
+        for sample in read_shard(url):
+            # The member itself, or the one member whose last extension it is, as the training stream decodes
+            # (`caption.txt` or `0001.txt` of a dotted key for "txt").
+            members = [k for k in sample if not k.startswith("__") and (k == key or member_extension(k) == key)]
+            data = sample[members[0]] if len(members) == 1 and "__partial__" not in sample else None
+            try:
+                text = data.decode("utf-8") if isinstance(data, bytes) else None
+            except UnicodeDecodeError:
+                text = None
+            if text is None:
+                skipped += 1
+                first = first or f"sample {sample['__key__']!r} of {url} (members: {sorted(k for k in sample if not k.startswith('__'))})"
+                continue
+            found += 1
+            yield text
+    if skipped:
+        warnings.warn(f"skipped {skipped} samples without a UTF-8 {key!r} member in {pattern!r}, the first {first}")
+    if not found:
+        raise KeyError(f"no sample in {pattern!r} has a UTF-8 {key!r} member ({skipped} read; the first: {first})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,6 +6,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
+import json
 import pickle
 import shutil
 
@@ -184,3 +185,76 @@ def test_cli_trains_from_files_and_shards(tmp_path):
         main(["train-tokenizer", "--shards", glob_pattern, "--key", "caption", "--vocab-size", "300", "--out", str(tmp_path / "x")])
     with pytest.raises(FileNotFoundError, match="nothing-"):
         main(["train-tokenizer", "--shards", str(tmp_path / "nothing-*.tar"), "--vocab-size", "300", "--out", str(tmp_path / "x")])
+
+
+def test_hf_encoder_trains_every_weight_in_float32_within_its_positions(tmp_path, minilm_dir):
+    """A checkpoint saved in bf16 loads as float32 master weights; BERT's pooler, unused by mean pooling, is
+    dropped (DDP stops at the second step on a parameter without a gradient); more tokens than the model has
+    positions is an error naming the limit."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_position_embeddings=24)
+    BertModel(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    for file in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(os.path.join(minilm_dir, file), tmp_path)
+    encoder = HFTextEncoder(str(tmp_path))
+    assert {p.dtype for p in encoder.parameters()} == {torch.float32}
+    encoder(**TextTokenizer(str(tmp_path), max_len=16)(["a red circle", "a blue square in the corner"])).sum().backward()
+    assert [n for n, p in encoder.named_parameters() if p.grad is None] == []
+    with pytest.raises(ValueError, match="32 tokens, more than the model's 24 positions"):
+        encoder(**TextTokenizer(str(tmp_path), max_len=32)(["word " * 40]))
+
+
+def test_text_tokenizer_pads_right_whatever_its_config_says(tokenizer_dir, tmp_path):
+    """Left padding would move every token's learned position with the padded length."""
+    shutil.copytree(tokenizer_dir, tmp_path / "left")
+    config_path = tmp_path / "left" / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "padding_side": "left", "truncation_side": "left"}))
+    short, long = TextTokenizer(str(tmp_path / "left"), max_len=16), TextTokenizer(str(tmp_path / "left"), max_len=24)
+    assert short("a red circle")["attention_mask"][0] == 1 and short("a red circle")["attention_mask"][-1] == 0
+    model = TextTransformer(short.vocab_size, dim=32, depth=1, heads=2, max_len=24, pad_id=short.pad_id).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**short(["a red circle"])), model(**long(["a red circle"])), rtol=1e-5, atol=1e-6)
+    assert short(CORPUS[0])["input_ids"][0] == short.tokenizer(CORPUS[0])["input_ids"][0]  # the end is cut, not the start
+
+
+def test_shard_texts_skip_and_count_what_is_not_text(tmp_path):
+    """Samples without the member, or whose bytes are not UTF-8, are skipped and counted, not the end of a
+    tokenizer's training; dotted keys are read as the training stream reads them."""
+    from core.text import read_shard_texts
+
+    import io
+    import tarfile
+
+    members = [("000000.txt", b"one"), ("000001.txt", b"\xff\xfe not utf-8"), ("img.0002.txt", b"dotted"), ("000003.json", b"{}")]
+    with tarfile.open(tmp_path / "t-000000.tar", "w") as tar:  # another writer's shard: ours refuses dotted keys
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.warns(UserWarning, match=r"skipped 2 samples without a UTF-8 'txt' member .* the first sample '000001'"):
+        assert list(read_shard_texts(str(tmp_path / "t-*.tar"))) == ["one", "dotted"]
+    with pytest.warns(UserWarning), pytest.raises(KeyError, match="no sample in .* has a UTF-8 'caption' member"):
+        list(read_shard_texts(str(tmp_path / "t-*.tar"), key="caption"))
+
+
+def test_an_export_ships_every_file_its_tokenizer_needs(tokenizer_dir, tmp_path):
+    """A GPT-2-style tokenizer (vocab.json + merges.txt, no tokenizer.json) lost its vocabulary in the export,
+    which then tokenized every text to the same ids without an error."""
+    from core.export import describe_encoder, export_checkpoint, load_encoder
+
+    source = tmp_path / "gpt2-style"
+    source.mkdir()
+    load_tokenizer(tokenizer_dir).backend_tokenizer.model.save(str(source))  # vocab.json, merges.txt
+    special = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<eos>"}
+    (source / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer", **special}))
+    tok = TextTokenizer(str(source), max_len=16)
+    model = TextTransformer(tok.vocab_size, dim=32, depth=1, heads=2, max_len=16, pad_id=tok.pad_id)
+    spec = {"modality": "text", "tokenizer": str(source), "max_len": 16}
+    torch.save({"state_dict": {"encoder." + k: v for k, v in model.state_dict().items()},
+                "encoders": {"text": describe_encoder("encoder.", model, spec)}}, tmp_path / "last.ckpt")  # fmt: skip
+    (folder,) = export_checkpoint(str(tmp_path / "last.ckpt"), str(tmp_path / "export"))
+    shutil.rmtree(source)
+    exported = load_encoder(folder).tokenizer(["a red circle"])["input_ids"]
+    assert exported.equal(tok(["a red circle"])["input_ids"]) and len(set(exported[0].tolist())) > 3
