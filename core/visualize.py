@@ -27,17 +27,21 @@ def reconstruction_rows(
     return [to_image(target * (1 - hidden)), to_image(pred), to_image(target * (1 - hidden) + pred * hidden)]
 
 
-def to_display(x: torch.Tensor, mean: list[float] | None = None, std: list[float] | None = None) -> torch.Tensor:
+def to_display(x: torch.Tensor, mean: list[float] | None = None, std: list[float] | None = None, scale_by: torch.Tensor | None = None) -> torch.Tensor:
     """Images (B, C, H, W), clips (B, C, T, H, W) -> displayable (B, C, H, W') in [0, 1]. Clips lay their
-    frames side by side; without mean/std (spectrograms) each item is min-max scaled."""
-    x = x.detach().float().cpu()
-    if x.ndim == 5:
-        x = torch.cat(x.unbind(2), dim=-1)  # (B, C, H, T * W)
+    frames side by side; without mean/std (spectrograms) each item is min-max scaled by the range of its own
+    values in `scale_by` (the original's, so that a flat prediction shows flat), or in x itself."""
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().float().cpu()
+        return torch.cat(t.unbind(2), dim=-1) if t.ndim == 5 else t  # (B, C, H, T * W)
+
+    x = flat(x)
     if mean is not None and std is not None:
         x = x * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
     else:
-        lo = x.amin(dim=(1, 2, 3), keepdim=True)
-        hi = x.amax(dim=(1, 2, 3), keepdim=True)
+        reference = x if scale_by is None else flat(scale_by)
+        lo = reference.amin(dim=(1, 2, 3), keepdim=True)
+        hi = reference.amax(dim=(1, 2, 3), keepdim=True)
         x = (x - lo) / (hi - lo).clamp(min=1e-6)
     return x.clamp(0, 1)
 
@@ -46,7 +50,7 @@ def save_reconstructions(path: str, rows: list[torch.Tensor], mean=None, std=Non
     """Save a grid whose columns are items and whose rows are `rows` (e.g. original, masked, prediction,
     pasted). Spectrograms are shown with low frequencies at the bottom."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    shown = [to_display(r[:max_items], mean, std) for r in rows]
+    shown = [to_display(r[:max_items], mean, std, scale_by=rows[0][:max_items]) for r in rows]  # rows[0]: the original
     if mean is None:
         shown = [r.flip(-2) for r in shown]
     n = shown[0].shape[0]

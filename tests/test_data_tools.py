@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from core.data import read_batches
 from core.data.inspect import main as inspect_main
@@ -297,7 +298,7 @@ def test_write_module_runs_from_the_command_line(tmp_path, capsys):
     assert [raw["txt"] for raw in read_shard(str(tmp_path / "w-000000.tar"))] == [b"hello"]
     with pytest.raises(SystemExit):
         write_main(["--out", str(tmp_path / "w.tar"), "text", str(tmp_path / "docs")])
-    assert "needs a shard number field" in capsys.readouterr().err
+    assert "needs exactly one shard number field" in capsys.readouterr().err
 
 
 def test_inspect_reports_reasons_examples_and_extensions(tmp_path, capsys):
@@ -330,3 +331,67 @@ def test_inspect_exit_codes_when_nothing_is_readable(tmp_path):
     assert "undecodable .png: 3" in result.stdout and "no sample could be read" in result.stderr
     result = tool("core.data.inspect", str(tmp_path / "absent-{0..3}.tar"))
     assert result.returncode == 2 and "absent-{0..3}.tar" in result.stderr
+
+
+def test_shard_patterns_need_one_number_field_and_the_check_sees_its_width(tmp_path):
+    """`%s` or a space-padded `%6d` wrote names the existing-shard check did not see, so a second run replaced
+    the first's shards without --overwrite; a pattern with two fields failed in a TypeError."""
+    sample = [{"__key__": "a", "txt": b"x"}]
+    for pattern in ("x-%s.tar", "x-%6d.tar", "x-%06d-%d.tar", "50%-x-%06d.tar", "x.tar"):
+        with pytest.raises(ValueError, match="needs exactly one shard number field"):
+            write_shards(sample, str(tmp_path / pattern))
+    (tmp_path / "train-2023.tar").write_bytes(b"a year, not a shard")
+    write_shards(sample, str(tmp_path / "train-%06d.tar"))
+    write_shards(sample, str(tmp_path / "train-%06d.tar"), overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["train-000000.tar", "train-2023.tar"]  # 4 digits are not a %06d number
+
+
+def test_gzipped_patterns_are_gzipped(tmp_path):
+    import gzip
+
+    write_shards([{"__key__": "a", "txt": b"x"}], str(tmp_path / "z-%06d.tar.gz"))
+    with gzip.open(tmp_path / "z-000000.tar.gz") as f:
+        assert f.read(512)[:5] == b"a.txt"  # a tar header inside the gzip stream
+    assert [raw["txt"] for raw in read_shard(str(tmp_path / "z-000000.tar.gz"))] == [b"x"]
+
+
+def test_float_written_integer_labels_are_integers_and_fractions_are_errors(tmp_path):
+    """pandas writes an integer column that has a missing value as 2.0, 10.0: those were class names, sorted
+    as text (10.0 before 2.0)."""
+    from core.data.write import table_labels
+
+    wheres = [f"t.csv line {i + 2}" for i in range(3)]
+    assert table_labels(["2.0", "10.0", "1"], wheres) == ([2, 10, 1], [])
+    with pytest.raises(ValueError, match=r"t.csv line 3: label '2.5' is a number but not an integer"):
+        table_labels(["1", "2.5", "3"], wheres)
+    with pytest.raises(ValueError, match="line 2: a negative label"):
+        table_labels(["-1.0", "2", "3"], wheres)
+    assert table_labels(["cat", "dog", "cat"], wheres) == ([0, 1, 0], ["cat", "dog"])
+
+
+def test_per_line_texts_are_shuffled_across_files(tmp_path):
+    """One file per class gave one-class shards: only the files were shuffled, each file's lines in order."""
+    (tmp_path / "docs").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "docs" / f"{name}.txt").write_text("".join(f"{name} line {i}\n" for i in range(20)))
+    write_main(["--out", str(tmp_path / "l-%06d.tar"), "--max-count", "10", "text", str(tmp_path / "docs"), "--per-line"])
+    shards = [[raw["txt"].decode()[0] for raw in read_shard(str(tmp_path / f"l-{i:06d}.tar"))] for i in range(4)]
+    assert sorted(sum(shards, [])) == ["a"] * 20 + ["b"] * 20
+    assert all(set(shard) == {"a", "b"} for shard in shards)
+
+
+def test_inspect_limit_must_be_positive(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        inspect_main([str(tmp_path / "x.tar"), "--limit", "0"])
+    assert "--limit 0: must be at least 1" in capsys.readouterr().err
+
+
+def test_spectrogram_pictures_scale_every_row_by_the_original():
+    """Each row was min-max scaled on its own, so a flat prediction showed as full contrast."""
+    from core.visualize import to_display
+
+    original = torch.linspace(-3, 4, 64).view(1, 1, 8, 8)
+    flat = torch.full_like(original, 0.5) + 0.01 * torch.randn_like(original)
+    shown = to_display(flat, scale_by=original)
+    assert shown.max() - shown.min() < 0.01
+    assert to_display(original, scale_by=original).aminmax() == (torch.tensor(0.0), torch.tensor(1.0))

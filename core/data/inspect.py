@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="stop after this many samples")
     parser.add_argument("--strict", action="store_true", help="exit 1 when any sample is skipped or any shard unreadable")
     args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit {args.limit}: must be at least 1")
     try:
         report = inspect_shards(args.patterns, args.limit)
     except (FileNotFoundError, ValueError) as error:

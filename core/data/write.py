@@ -31,12 +31,23 @@ import webdataset as wds
 from core.data.decoders import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, member_extension
 
 
+def shard_number_field(pattern: str) -> re.Match:
+    """The one shard number field of a pattern, ``%d`` or ``%0Nd``; any other ``%`` is an error (a ``%s`` or
+    space-padded ``%6d`` would write names the existing-shard check and the brace pattern do not see)."""
+    fields = list(re.finditer(r"%(0\d+)?d", pattern))
+    if len(fields) != 1 or pattern.count("%") != 1:
+        raise ValueError(f"shard pattern {pattern!r} needs exactly one shard number field, %d or %0Nd (e.g. out/train-%06d.tar), and no other %")
+    return fields[0]
+
+
 def existing_shards(pattern: str) -> list[str]:
     """The files a shard pattern names that exist: ``out/train-%06d.tar`` -> ``out/train-000000.tar``, ...
-    (digits where the number goes; ``out/train-extra.tar`` is not one of them)."""
-    parts = re.split(r"%0?\d*d", pattern)
-    candidates = glob.glob("*".join(glob.escape(part) for part in parts))
-    return sorted(f for f in candidates if re.fullmatch(r"\d+".join(re.escape(part) for part in parts), f))
+    (digits where the number goes, at least as many as its width; ``out/train-extra.tar`` is not one of them)."""
+    field = shard_number_field(pattern)
+    before, after = pattern[: field.start()], pattern[field.end() :]
+    width = int(field[1]) if field[1] else 1
+    candidates = glob.glob(glob.escape(before) + "*" + glob.escape(after))
+    return sorted(f for f in candidates if re.fullmatch(re.escape(before) + r"\d{%d,}" % width + re.escape(after), f))
 
 
 def write_shards(
@@ -57,7 +68,7 @@ def write_shards(
     """
     if max_count < 1 or max_bytes < 1:
         raise ValueError(f"max_count ({max_count}) and max_bytes ({max_bytes}) must be at least 1")
-    existing = existing_shards(pattern)
+    existing = existing_shards(pattern)  # checks the pattern too
     if existing and not overwrite:
         raise FileExistsError(
             f"{len(existing)} shards already match {pattern} (e.g. {existing[0]}); "
@@ -75,7 +86,9 @@ def write_shards(
                     if writer is not None:
                         writer.close()
                     files.append(pattern % len(files))
-                    writer, count = wds.TarWriter(files[-1] + ".partial", mtime=mtime), 0  # it opens and closes the file
+                    # TarWriter picks compression from the name it writes, which ends in .partial: from the final name.
+                    writer = wds.TarWriter(files[-1] + ".partial", mtime=mtime, compress=files[-1].endswith(("gz", ".tgz")))
+                    count = 0  # it opens and closes the file
                 writer.write(sample)
                 extensions.update(k for k in sample if not k.startswith("__"))
                 count, n = count + 1, n + 1
@@ -89,8 +102,16 @@ def write_shards(
         raise
     if n == 0:
         raise ValueError(f"no samples to write to {pattern}")
+    for file in files:  # on disk before they get their names: a crash must not leave a complete-looking, zero-filled shard
+        with open(file + ".partial", "rb") as f:
+            os.fsync(f.fileno())
     for file in files:
         os.replace(file + ".partial", file)
+    folder = os.open(os.path.dirname(os.path.abspath(pattern)), os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the renames themselves
+    finally:
+        os.close(folder)
     for stale in set(existing) - set(files):
         os.remove(stale)
     return {
@@ -261,15 +282,27 @@ def table_rows(path: str) -> list[tuple[str, dict]]:
     raise ValueError(f"{path}: expected a .csv or .jsonl file")
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def table_labels(values: list, wheres: list[str]) -> tuple[list[int], list[str]]:
     """Integer labels (0 and up) as they are, or class names mapped to their sorted index; not a mix.
     Returns (labels, class names)."""
     for value, where in zip(values, wheres):
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise ValueError(f"{where}: label {value!r} is neither an integer nor a class name")
-    numbers = [isinstance(v, int) or re.fullmatch(r"-?\d+", v.strip()) is not None for v in values]
+    for value, where in zip(values, wheres):
+        if isinstance(value, str) and re.fullmatch(r"-?\d+(\.0*)?", value.strip()) is None and _is_number(value):
+            raise ValueError(f"{where}: label {value!r} is a number but not an integer")
+    # "2.0": how pandas writes an integer column that has a missing value.
+    numbers = [isinstance(v, int) or re.fullmatch(r"-?\d+(\.0*)?", v.strip()) is not None for v in values]
     if all(numbers):
-        labels = [int(v) for v in values]
+        labels = [int(float(v)) if isinstance(v, str) else v for v in values]
         negative = [where for label, where in zip(labels, wheres) if label < 0]
         if negative:
             raise ValueError(f"{negative[0]}: a negative label; class indices start at 0 (leave unlabelled rows out of a labelled table)")
@@ -332,8 +365,8 @@ def table_samples(
 
 def text_samples(paths: list[str], per_line: bool = False, seed: int | None = None) -> Iterator[dict]:
     """Samples of ``txt`` from text files (folders are searched for ``*.txt``): one per file, or one per
-    non-empty line (``\\n`` or ``\\r\\n`` ends a line) with ``per_line``. ``seed`` shuffles the files (a file's
-    lines stay in their order). With several paths, a key starts with the path's position (``1_doc_txt``),
+    non-empty line (``\\n`` or ``\\r\\n`` ends a line) with ``per_line``. ``seed`` shuffles the files, or with
+    ``per_line`` the lines of all files together (held in memory). With several paths, a key starts with the path's position (``1_doc_txt``),
     so that ``a/doc.txt`` and ``b/doc.txt`` do not clash."""
     files = []  # (file, its name relative to the path given)
     for number, path in enumerate(paths):
@@ -345,16 +378,18 @@ def text_samples(paths: list[str], per_line: bool = False, seed: int | None = No
             files.append((path, prefix + os.path.basename(path)))
     if not files:
         raise FileNotFoundError(f"no .txt files in {paths}")
-    for file, name in shuffled_order(files, seed):
-        key, text = sample_key(name), _read_text(file)
-        if not per_line:
-            yield {"__key__": key, "__origin__": file, "txt": text.encode("utf-8")}
-            continue
-        for number, line in enumerate(text.split("\n")):  # not splitlines: it also splits at \x0c, \u2028, ...
+    if not per_line:
+        for file, name in shuffled_order(files, seed):
+            yield {"__key__": sample_key(name), "__origin__": file, "txt": _read_text(file).encode("utf-8")}
+        return
+    lines = []  # every file's lines, so that the shuffle mixes files: one file per class would give one-class shards
+    for file, name in files:
+        key = sample_key(name)
+        for number, line in enumerate(_read_text(file).split("\n")):  # not splitlines: it also splits at \x0c, \u2028, ...
             line = line.removesuffix("\r")
             if line.strip():
-                origin = f"{file} line {number + 1}"
-                yield {"__key__": f"{key}_{number:07d}", "__origin__": origin, "txt": line.encode("utf-8")}
+                lines.append({"__key__": f"{key}_{number:07d}", "__origin__": f"{file} line {number + 1}", "txt": line.encode("utf-8")})
+    yield from shuffled_order(lines, seed)
 
 
 def brace_pattern(pattern: str, shards: int) -> str:
@@ -385,8 +420,10 @@ def main(argv: list[str] | None = None) -> dict:
     text.add_argument("paths", nargs="+", help=".txt files or folders of them")
     text.add_argument("--per-line", action="store_true", help="one document per non-empty line")
     args = parser.parse_args(argv)
-    if "%" not in args.out:
-        parser.error(f"--out {args.out!r} needs a shard number field such as %06d")
+    try:
+        shard_number_field(args.out)
+    except ValueError as error:
+        parser.error(f"--out: {error}")
 
     classes: list[str] = []
     seed = None if args.in_order else args.seed
