@@ -264,6 +264,7 @@ class ImageCrop:
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
     ):
+        self.mean, self.std = tuple(mean), tuple(std)  # checked against the model's at fit start (core.cli.InputsMatchModel)
         self.view = v2.Compose([crop_transform(size, scale, ratio, interpolation, 0.5 if flip else 0.0), *_normalize(mean, std)])
 
     def __call__(self, sample: dict) -> dict:
@@ -285,6 +286,7 @@ class ImageEval:
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
     ):
+        self.mean, self.std = tuple(mean), tuple(std)  # checked against the model's at fit start (core.cli.InputsMatchModel)
         resize = resize if resize is not None else round(size / 0.875)
         if resize < size:
             raise ValueError(f"ImageEval resize={resize} must be at least size={size}")
@@ -334,6 +336,7 @@ class TwoViews:
         std: tuple[float, float, float] = IMAGENET_STD,
         device_color: bool = False,
     ):
+        self.mean, self.std = tuple(mean), tuple(std)  # checked against the model's at fit start (core.cli.InputsMatchModel)
         self.views = [
             View(
                 crop_transform(size, scale, ratio, interpolation, flip_prob),
@@ -386,6 +389,7 @@ class MultiCrop:
         std: tuple[float, float, float] = IMAGENET_STD,
         device_color: bool = False,
     ):
+        self.mean, self.std = tuple(mean), tuple(std)  # checked against the model's at fit start (core.cli.InputsMatchModel)
         def view(size, scale, blur, solarize):
             color = ColorAugment(jitter, jitter_prob, grayscale_prob, blur, blur_kernel_size(size), blur_sigma, solarize, mean, std)
             return View(crop_transform(size, scale, ratio, interpolation, flip_prob), color, device_color)
@@ -495,6 +499,7 @@ class GlobalLocalCrop:
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
     ):
+        self.mean, self.std = tuple(mean), tuple(std)  # checked against the model's at fit start (core.cli.InputsMatchModel)
         self.size, self.global_scale, self.local_scale, self.ratio = size, global_scale, local_scale, ratio
         self.interpolation = v2.InterpolationMode(interpolation)
         self.finish = v2.Compose([v2.RandomHorizontalFlip(flip_prob)] + _normalize(mean, std))
@@ -571,6 +576,7 @@ class VideoClip:
         short_clips: str = "error",
         crop: str = "random_resized",
     ):
+        self.mean, self.std = tuple(mean), tuple(std)  # checked against the model's at fit start (core.cli.InputsMatchModel)
         if short_clips not in ("error", "skip", "repeat_last"):
             raise ValueError(f"short_clips={short_clips!r} must be 'error', 'skip' or 'repeat_last'")
         if crop not in ("random_resized", "multiscale"):
@@ -632,7 +638,7 @@ class AudioClip:
     """
 
     def __init__(self, sample_rate: int, seconds: float, train: bool = True):
-        self.sample_rate, self.train = sample_rate, train
+        self.sample_rate, self.seconds, self.train = sample_rate, seconds, train
         self.length = round(sample_rate * seconds)
 
     def __call__(self, sample: dict) -> dict:

@@ -144,6 +144,26 @@ class SameStepOnResume(Callback):
             )
 
 
+class InputsMatchModel(Callback):
+    """Refuses at fit start a data transform whose normalisation (an image's or clip's mean and std) or audio
+    clip (sample rate, seconds) is not the model's: the model's are what its export records, so
+    core.evaluate, core.finetune and the reconstruction pictures would see other inputs than training did."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model = pl_module.hparams
+        for name in ("train_transform", "val_transform"):
+            transform = getattr(trainer.datamodule, name, None)
+            for key in ("mean", "std", "sample_rate", "seconds"):
+                if transform is None or not hasattr(transform, key) or key not in model:
+                    continue
+                ours, theirs = np.atleast_1d(np.asarray(getattr(transform, key), float)), np.atleast_1d(np.asarray(model[key], float))
+                if ours.shape != theirs.shape or not np.allclose(ours, theirs):
+                    raise ValueError(
+                        f"data.{name}.init_args.{key}={getattr(transform, key)} but model.{key}={model[key]}: set them alike "
+                        "(the model's go into its export, which evaluation and fine-tuning normalise inputs with)"
+                    )
+
+
 class LastCheckpoint(ModelCheckpoint):
     """ModelCheckpoint whose `last.ckpt` also holds the end of training. Lightning's saves it at the end
     only when no `last.ckpt` was written before, so with `every_n_train_steps` a run of 395 steps saving
@@ -225,7 +245,7 @@ def run(model_class: type[L.LightningModule], datamodule_class: type[L.Lightning
         model_class,
         datamodule_class,
         seed_everything_default=0,
-        trainer_defaults={"callbacks": [RankSeed(), SameStepOnResume()]},
+        trainer_defaults={"callbacks": [RankSeed(), SameStepOnResume(), InputsMatchModel()]},
         save_config_kwargs={"overwrite": True},
         args=args,
     )

@@ -128,3 +128,22 @@ def test_a_resume_loads_weights_only_and_neither_downloads_nor_reads_shard_folde
     args = ["fit", "--config", os.path.join(ROOT, "recipes/mae/configs/demo.yaml"), "--ckpt_path=https://example.com/last.ckpt"]
     with pytest.raises(ValueError, match=r"ckpt_path='https://example.com/last.ckpt': checkpoints are not downloaded"):
         RecipeCLI(MAE, ShardDataModule, args=args)
+
+
+def test_a_transform_normalising_otherwise_than_the_model_is_refused_naming_both_keys():
+    """The model's mean/std (and an audio model's rate and length) go into its export: a transform with other
+    values trained on inputs that core.evaluate, core.finetune and the pictures would not reproduce."""
+    from core.augment import AudioClip, ImageCrop, ImageEval
+    from core.cli import InputsMatchModel
+    from recipes.audiomae.model import AudioMAE
+
+    model = MAE(image_size=32, patch_size=4, size="tiny", encoder_depth=1, decoder_dim=64, decoder_depth=1, decoder_heads=2)
+    data = SimpleNamespace(train_transform=ImageCrop(32, mean=(0.5, 0.5, 0.5)), val_transform=ImageEval(32))
+    with pytest.raises(ValueError, match=r"data.train_transform.init_args.mean=\(0.5, 0.5, 0.5\) but model.mean="):
+        InputsMatchModel().on_fit_start(SimpleNamespace(datamodule=data), model)
+    data.train_transform = ImageCrop(32)
+    InputsMatchModel().on_fit_start(SimpleNamespace(datamodule=data), model)
+    audio = AudioMAE(sample_rate=16000, seconds=1.0, n_frames=96, size="tiny", encoder_depth=1, decoder_dim=64, decoder_depth=1, decoder_heads=2)
+    data = SimpleNamespace(train_transform=AudioClip(8000, 2.0), val_transform=AudioClip(16000, 1.0, train=False))
+    with pytest.raises(ValueError, match="data.train_transform.init_args.sample_rate=8000 but model.sample_rate=16000"):
+        InputsMatchModel().on_fit_start(SimpleNamespace(datamodule=data), audio)
