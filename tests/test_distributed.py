@@ -9,7 +9,6 @@ import gc
 import math
 import time
 from datetime import timedelta
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -127,48 +126,12 @@ def rank_results(rank: int) -> dict:
     clip_each_gradient(params, CLIP)
     results["clipped"] = [p.grad.full_tensor() for p in params]
 
-    for precision in ("bf16-mixed", "32-true"):
-        results[f"fsdp_dtypes/{precision}"] = sharded_dtypes(precision, mesh)
-
     try:
         gather_with_grad(torch.zeros(3 if rank == 0 else 2, DIM))
         results["mismatch"] = "no error"
     except ValueError as e:
         results["mismatch"] = str(e)
     return results
-
-
-def sharded_dtypes(precision: str, mesh) -> dict[str, str]:
-    """What `shard_blocks` gives a block and the rest of a part during a forward under autocast: the dtype of
-    the gathered weights each sees, of the block's input, and of the gradient shards each reduces into."""
-    import lightning as L
-
-    from core.fsdp import shard_blocks
-
-    class Part(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.blocks = nn.ModuleList([nn.Linear(4, 4)])
-            self.norm = nn.LayerNorm(4)
-
-        def forward(self, x):
-            return self.norm(x + self.blocks[0](x))
-
-    class Model(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.encoder = Part()
-
-    model = Model()
-    model._trainer, model._device_mesh = SimpleNamespace(strategy=SimpleNamespace(), precision=precision), mesh
-    shard_blocks(model)
-    seen = {}
-    block, norm = model.encoder.blocks[0], model.encoder.norm
-    block.register_forward_pre_hook(lambda m, args: seen.update(block=str(m.weight.dtype), block_input=str(args[0].dtype)))
-    norm.register_forward_pre_hook(lambda m, args: seen.update(norm=str(m.weight.dtype)))
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-        model.encoder(torch.randn(2, 4)).float().sum().backward()
-    return {**seen, "block_grad": str(block.weight.grad.dtype), "norm_grad": str(norm.weight.grad.dtype)}
 
 
 def worker(rank: int, out_dir: str) -> None:
@@ -247,15 +210,6 @@ def test_dino_clips_each_sharded_gradient_by_the_norm_of_the_whole(ranks):
 def test_mismatched_batch_sizes_raise_on_every_rank(ranks):
     for res in ranks:
         assert "equal batch sizes" in res["mismatch"] and "[3, 2]" in res["mismatch"]
-
-
-def test_fsdp_blocks_gather_in_bf16_under_bf16_mixed_and_keep_the_stream_float32(ranks):
-    """FSDP2's default policy gathers float32 weights, which autocast casts again at every matmul: twice the
-    traffic of bf16 gathers. Only the blocks gather in bf16; gradients reduce in float32 everywhere."""
-    float32 = {"block": "torch.float32", "block_input": "torch.float32", "norm": "torch.float32", "block_grad": "torch.float32", "norm_grad": "torch.float32"}
-    for r in ranks:
-        assert r["fsdp_dtypes/bf16-mixed"] == {**float32, "block": "torch.bfloat16"}
-        assert r["fsdp_dtypes/32-true"] == float32
 
 
 def test_single_process_is_identity():
