@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import warnings
 
 import torch
@@ -119,7 +120,10 @@ def evaluate(
     for name, value in (("init_seeds", init_seeds), ("train_limit", train_limit), ("val_limit", val_limit)):
         if value < 1:
             raise ValueError(f"{name}={value} must be at least 1")
-    shared = sorted(set(expand_urls(train)) & set(expand_urls(val)))
+    def same_files(pattern: str) -> set[str]:  # ./val-0.tar and /abs/val-0.tar are one file
+        return {url if ":" in url.split("/")[0] else os.path.realpath(url) for url in expand_urls(pattern)}
+
+    shared = sorted(same_files(train) & same_files(val))
     if shared:
         raise ValueError(
             f"--train and --val share {len(shared)} shard(s), {shared[0]} first: the probes would be scored on samples they were fitted on"

@@ -116,6 +116,8 @@ def accuracy(backbone: nn.Module, head: nn.Module, pattern: str, transform, key:
     backbone.eval()
     correct = total = 0
     for batch in read_batches(pattern, transform, 100):
+        if batch["label"].max() >= head.out_features:
+            raise ValueError(f"label {int(batch['label'].max())} in the val shards: num_classes={head.out_features} takes labels 0 to {head.out_features - 1}")
         correct += (head(backbone(batch[key])).argmax(1) == batch["label"]).sum().item()
         total += len(batch["label"])
     return correct / total

@@ -171,7 +171,7 @@ def test_table_rows_that_do_not_fit_the_header_are_errors_naming_the_line(tmp_pa
     with pytest.raises(ValueError, match=r"bad.jsonl line 2: not JSON"):
         write_main([*out, str(tmp_path / "bad.jsonl")])
     for name, labels, message in [
-        ("float.jsonl", [1.0, 2], "label 1.0 is neither an integer nor a class name"),
+        ("float.jsonl", [1.5, 2], "label 1.5 is neither an integer nor a class name"),  # 1.0 reads as 1
         ("mixed.jsonl", [1, "cat"], "an integer label in a table of class names"),
         ("negative.jsonl", [0, -1], "line 2: a negative label"),
     ]:
@@ -362,6 +362,8 @@ def test_float_written_integer_labels_are_integers_and_fractions_are_errors(tmp_
 
     wheres = [f"t.csv line {i + 2}" for i in range(3)]
     assert table_labels(["2.0", "10.0", "1"], wheres) == ([2, 10, 1], [])
+    assert table_labels([2.0, 10.0, 1], wheres) == ([2, 10, 1], [])  # the same from JSON
+    assert table_labels(["1e3", "nan", "1_2"], wheres) == ([1, 2, 0], ["1_2", "1e3", "nan"])  # names, as before
     with pytest.raises(ValueError, match=r"t.csv line 3: label '2.5' is a number but not an integer"):
         table_labels(["1", "2.5", "3"], wheres)
     with pytest.raises(ValueError, match="line 2: a negative label"):

@@ -216,7 +216,7 @@ def test_text_tokenizer_pads_right_whatever_its_config_says(tokenizer_dir, tmp_p
     model = TextTransformer(short.vocab_size, dim=32, depth=1, heads=2, max_len=24, pad_id=short.pad_id).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(**short(["a red circle"])), model(**long(["a red circle"])), rtol=1e-5, atol=1e-6)
-    assert short(CORPUS[0])["input_ids"][0] == short.tokenizer(CORPUS[0])["input_ids"][0]  # the end is cut, not the start
+    assert short(CORPUS[0])["input_ids"][:8].tolist() == short.tokenizer(CORPUS[0])["input_ids"][:8]  # the end is cut, not the start
 
 
 def test_shard_texts_skip_and_count_what_is_not_text(tmp_path):

@@ -31,6 +31,9 @@ import webdataset as wds
 from core.data.decoders import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, member_extension
 
 
+INTEGER_LABEL = re.compile(r"-?\d+(\.0*)?")  # 3, or 3.0 as pandas writes an integer column with a gap
+
+
 def shard_number_field(pattern: str) -> re.Match:
     """The one shard number field of a pattern, ``%d`` or ``%0Nd``; any other ``%`` is an error (a ``%s`` or
     space-padded ``%6d`` would write names the existing-shard check and the brace pattern do not see)."""
@@ -282,27 +285,19 @@ def table_rows(path: str) -> list[tuple[str, dict]]:
     raise ValueError(f"{path}: expected a .csv or .jsonl file")
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 def table_labels(values: list, wheres: list[str]) -> tuple[list[int], list[str]]:
     """Integer labels (0 and up) as they are, or class names mapped to their sorted index; not a mix.
     Returns (labels, class names)."""
+    # "2.0": how pandas writes an integer column that has a missing value (CSV and JSON alike).
+    values = [int(v) if isinstance(v, float) and v.is_integer() else v for v in values]
     for value, where in zip(values, wheres):
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise ValueError(f"{where}: label {value!r} is neither an integer nor a class name")
-    for value, where in zip(values, wheres):
-        if isinstance(value, str) and re.fullmatch(r"-?\d+(\.0*)?", value.strip()) is None and _is_number(value):
+        if isinstance(value, str) and re.fullmatch(r"-?\d+\.\d*", value.strip()) and not INTEGER_LABEL.fullmatch(value.strip()):
             raise ValueError(f"{where}: label {value!r} is a number but not an integer")
-    # "2.0": how pandas writes an integer column that has a missing value.
-    numbers = [isinstance(v, int) or re.fullmatch(r"-?\d+(\.0*)?", v.strip()) is not None for v in values]
+    numbers = [isinstance(v, int) or INTEGER_LABEL.fullmatch(v.strip()) is not None for v in values]
     if all(numbers):
-        labels = [int(float(v)) if isinstance(v, str) else v for v in values]
+        labels = [v if isinstance(v, int) else int(v.strip().split(".")[0]) for v in values]
         negative = [where for label, where in zip(labels, wheres) if label < 0]
         if negative:
             raise ValueError(f"{negative[0]}: a negative label; class indices start at 0 (leave unlabelled rows out of a labelled table)")
@@ -382,19 +377,26 @@ def text_samples(paths: list[str], per_line: bool = False, seed: int | None = No
         for file, name in shuffled_order(files, seed):
             yield {"__key__": sample_key(name), "__origin__": file, "txt": _read_text(file).encode("utf-8")}
         return
-    lines = []  # every file's lines, so that the shuffle mixes files: one file per class would give one-class shards
-    for file, name in files:
+    def lines_of(file: str, name: str) -> Iterator[dict]:
         key = sample_key(name)
         for number, line in enumerate(_read_text(file).split("\n")):  # not splitlines: it also splits at \x0c, \u2028, ...
             line = line.removesuffix("\r")
             if line.strip():
-                lines.append({"__key__": f"{key}_{number:07d}", "__origin__": f"{file} line {number + 1}", "txt": line.encode("utf-8")})
-    yield from shuffled_order(lines, seed)
+                yield {"__key__": f"{key}_{number:07d}", "__origin__": f"{file} line {number + 1}", "txt": line.encode("utf-8")}
+
+    if seed is None:  # in order: streamed file by file
+        for file, name in files:
+            yield from lines_of(file, name)
+        return
+    # Every file's lines at once, so that the shuffle mixes files: one file per class would give one-class shards.
+    yield from shuffled_order([line for file, name in files for line in lines_of(file, name)], seed)
 
 
 def brace_pattern(pattern: str, shards: int) -> str:
     """The brace pattern naming the written shards: ``out/train-%06d.tar`` -> ``out/train-{000000..000002}.tar``."""
-    return re.sub(r"%0?(\d*)d", lambda m: "{" + f"{0:0{m[1] or 1}d}..{shards - 1:0{m[1] or 1}d}" + "}", pattern)
+    field = shard_number_field(pattern)
+    width = int(field[1]) if field[1] else 1
+    return pattern[: field.start()] + "{" + f"{0:0{width}d}..{shards - 1:0{width}d}" + "}" + pattern[field.end() :]
 
 
 def main(argv: list[str] | None = None) -> dict:
