@@ -120,6 +120,7 @@ def evaluate(
     for name, value in (("init_seeds", init_seeds), ("train_limit", train_limit), ("val_limit", val_limit)):
         if value < 1:
             raise ValueError(f"{name}={value} must be at least 1")
+
     def same_files(pattern: str) -> set[str]:  # ./val-0.tar and /abs/val-0.tar are one file
         return {url if ":" in url.split("/")[0] else os.path.realpath(url) for url in expand_urls(pattern)}
 

@@ -77,6 +77,11 @@ def layer_decay_groups(backbone: nn.Module, head: nn.Module, weight_decay: float
     return list(groups.values())
 
 
+def check_labels(labels: torch.Tensor, head: nn.Linear, split: str) -> None:
+    if labels.max() >= head.out_features:
+        raise ValueError(f"label {int(labels.max())} in the {split} shards: num_classes={head.out_features} takes labels 0 to {head.out_features - 1}")
+
+
 def train_classifier(
     backbone: nn.Module, head: nn.Module, batches, steps: int, lr: float, weight_decay: float = 0.05, layer_decay: float = 1.0,
     label_smoothing: float = 0.0,
@@ -89,8 +94,7 @@ def train_classifier(
     backbone.train()
     start = time.perf_counter()
     for step, (x, y) in zip(range(steps), batches):
-        if y.max() >= head.out_features:
-            raise ValueError(f"label {int(y.max())} in the training shards: num_classes={head.out_features} takes labels 0 to {head.out_features - 1}")
+        check_labels(y, head, "training")
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"] * schedule(step)
         loss = F.cross_entropy(head(backbone(x)), y, label_smoothing=label_smoothing)
@@ -116,8 +120,7 @@ def accuracy(backbone: nn.Module, head: nn.Module, pattern: str, transform, key:
     backbone.eval()
     correct = total = 0
     for batch in read_batches(pattern, transform, 100):
-        if batch["label"].max() >= head.out_features:
-            raise ValueError(f"label {int(batch['label'].max())} in the val shards: num_classes={head.out_features} takes labels 0 to {head.out_features - 1}")
+        check_labels(batch["label"], head, "val")
         correct += (head(backbone(batch[key])).argmax(1) == batch["label"]).sum().item()
         total += len(batch["label"])
     return correct / total

@@ -34,21 +34,21 @@ from core.data.decoders import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, VIDEO_EXTENSI
 INTEGER_LABEL = re.compile(r"-?\d+(\.0*)?")  # 3, or 3.0 as pandas writes an integer column with a gap
 
 
-def shard_number_field(pattern: str) -> re.Match:
-    """The one shard number field of a pattern, ``%d`` or ``%0Nd``; any other ``%`` is an error (a ``%s`` or
-    space-padded ``%6d`` would write names the existing-shard check and the brace pattern do not see)."""
+def shard_number_field(pattern: str) -> tuple[str, str, int]:
+    """(what comes before, after, digits at least) of a pattern's one shard number field, ``%d`` or ``%0Nd``;
+    any other ``%`` is an error (a ``%s`` or space-padded ``%6d`` would write names that the existing-shard
+    check and the brace pattern do not see)."""
     fields = list(re.finditer(r"%(0\d+)?d", pattern))
     if len(fields) != 1 or pattern.count("%") != 1:
         raise ValueError(f"shard pattern {pattern!r} needs exactly one shard number field, %d or %0Nd (e.g. out/train-%06d.tar), and no other %")
-    return fields[0]
+    field = fields[0]
+    return pattern[: field.start()], pattern[field.end() :], int(field[1]) if field[1] else 1
 
 
 def existing_shards(pattern: str) -> list[str]:
     """The files a shard pattern names that exist: ``out/train-%06d.tar`` -> ``out/train-000000.tar``, ...
     (digits where the number goes, at least as many as its width; ``out/train-extra.tar`` is not one of them)."""
-    field = shard_number_field(pattern)
-    before, after = pattern[: field.start()], pattern[field.end() :]
-    width = int(field[1]) if field[1] else 1
+    before, after, width = shard_number_field(pattern)
     candidates = glob.glob(glob.escape(before) + "*" + glob.escape(after))
     return sorted(f for f in candidates if re.fullmatch(re.escape(before) + r"\d{%d,}" % width + re.escape(after), f))
 
@@ -361,8 +361,9 @@ def table_samples(
 def text_samples(paths: list[str], per_line: bool = False, seed: int | None = None) -> Iterator[dict]:
     """Samples of ``txt`` from text files (folders are searched for ``*.txt``): one per file, or one per
     non-empty line (``\\n`` or ``\\r\\n`` ends a line) with ``per_line``. ``seed`` shuffles the files, or with
-    ``per_line`` the lines of all files together (held in memory). With several paths, a key starts with the path's position (``1_doc_txt``),
-    so that ``a/doc.txt`` and ``b/doc.txt`` do not clash."""
+    ``per_line`` the lines of all files together (held in memory; without a seed they stream). With several
+    paths, a key starts with the path's position (``1_doc_txt``), so that ``a/doc.txt`` and ``b/doc.txt`` do
+    not clash."""
     files = []  # (file, its name relative to the path given)
     for number, path in enumerate(paths):
         prefix = f"{number}/" if len(paths) > 1 else ""
@@ -377,6 +378,7 @@ def text_samples(paths: list[str], per_line: bool = False, seed: int | None = No
         for file, name in shuffled_order(files, seed):
             yield {"__key__": sample_key(name), "__origin__": file, "txt": _read_text(file).encode("utf-8")}
         return
+
     def lines_of(file: str, name: str) -> Iterator[dict]:
         key = sample_key(name)
         for number, line in enumerate(_read_text(file).split("\n")):  # not splitlines: it also splits at \x0c, \u2028, ...
@@ -394,9 +396,8 @@ def text_samples(paths: list[str], per_line: bool = False, seed: int | None = No
 
 def brace_pattern(pattern: str, shards: int) -> str:
     """The brace pattern naming the written shards: ``out/train-%06d.tar`` -> ``out/train-{000000..000002}.tar``."""
-    field = shard_number_field(pattern)
-    width = int(field[1]) if field[1] else 1
-    return pattern[: field.start()] + "{" + f"{0:0{width}d}..{shards - 1:0{width}d}" + "}" + pattern[field.end() :]
+    before, after, width = shard_number_field(pattern)
+    return before + "{" + f"{0:0{width}d}..{shards - 1:0{width}d}" + "}" + after
 
 
 def main(argv: list[str] | None = None) -> dict:
