@@ -229,6 +229,8 @@ def refuse_unsafe_resume(config: Namespace) -> None:
         return
     if "://" in path:
         raise ValueError(f"ckpt_path={path!r}: checkpoints are not downloaded at run time; copy it to a local path and pass that")
+    if path == "last" and config.get("checkpoint.dirpath"):  # what Lightning will resolve it to
+        path = os.path.join(config["checkpoint.dirpath"], "last.ckpt")
     if os.path.isdir(path):
         raise ValueError(
             f"ckpt_path={path!r} is a folder (a sharded checkpoint): its metadata is a pickle, which this project "

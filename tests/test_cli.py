@@ -124,6 +124,9 @@ def test_a_resume_loads_weights_only_and_neither_downloads_nor_reads_shard_folde
     assert config.weights_only is False
     with pytest.raises(ValueError, match="is a folder .*sharded checkpoint.*save_distributed_checkpoint=false"):
         refuse_unsafe_resume(Namespace(ckpt_path=str(tmp_path), weights_only=None))
+    (tmp_path / "last.ckpt").mkdir()  # an FSDP run's sharded last checkpoint
+    with pytest.raises(ValueError, match="last.ckpt' is a folder"):
+        refuse_unsafe_resume(Namespace({"ckpt_path": "last", "weights_only": None, "checkpoint.dirpath": str(tmp_path)}))
     # Lightning would fetch a URL with torch.hub and load it with weights_only=False; refused before anything runs.
     args = ["fit", "--config", os.path.join(ROOT, "recipes/mae/configs/demo.yaml"), "--ckpt_path=https://example.com/last.ckpt"]
     with pytest.raises(ValueError, match=r"ckpt_path='https://example.com/last.ckpt': checkpoints are not downloaded"):
