@@ -61,7 +61,10 @@ def expand_urls(patterns: str | list[str]) -> list[str]:
                 f"shard pattern {pattern!r}: webdataset opens no {scheme}:// URLs (it opens {', '.join(OPENED)}); "
                 f"read them through a command, e.g. 'pipe:aws s3 cp {pattern} -'"
             )
-        urls += list(braceexpand.braceexpand(pattern)) if scheme else local_files(pattern)
+        if scheme == "file":  # a local path all the same: checked and globbed as one
+            urls += local_files(pattern.removeprefix("file://") if pattern.startswith("file://") else pattern[5:])
+        else:
+            urls += list(braceexpand.braceexpand(pattern)) if scheme else local_files(pattern)
     if not urls:
         raise ValueError(f"no shard pattern given: {patterns!r}")
     return urls
@@ -124,6 +127,15 @@ def samples_of(members: Iterator[dict]) -> Iterator[dict]:
         yield sample
 
 
+def failed_command(stream) -> str | None:
+    """For a ``pipe:`` stream whose command failed, "command '...' exited with status N" (webdataset's own
+    message is its Popen arguments' repr); None otherwise."""
+    proc = getattr(stream, "proc", None)  # webdataset's Pipe
+    if proc is None or proc.poll() in (None, *getattr(stream, "ignore_status", [0])):
+        return None
+    return f"command {proc.args!r} exited with status {proc.returncode}"
+
+
 def read_shard(url: str) -> Iterator[dict]:
     """Raw samples of one tar shard (``{"__key__", "__url__", "<ext>": bytes}``), in file order.
 
@@ -137,7 +149,7 @@ def read_shard(url: str) -> Iterator[dict]:
         try:
             stream.close()
         except Exception as closing:  # a failed command's exit status says more than the tar it left behind
-            raise OSError(f"{type(error).__name__}: {error}; then, closing the stream: {closing}") from error
+            raise OSError(failed_command(stream) or f"{type(error).__name__}: {error}; then, closing the stream: {closing}") from error
         raise
     except GeneratorExit:  # stopped early: a killed pipe's exit status means nothing
         try:

@@ -82,16 +82,22 @@ class ShardRead:
 
 class ReadHealth:
     """Stops an endless stream that can read nothing: raises once the latest finished pass over *every*
-    shard gave no decodable sample. A shard revives as soon as a pass over it gives one.
+    shard gave no decodable sample, or, before any sample was decoded, once `first_tries` different shards
+    gave none. A shard revives as soon as a pass over it gives one.
 
     Passes are tracked (rather than, say, a run of failures) because the shuffle buffer interleaves samples of
-    many passes: a few bad samples in a row say nothing about whether good ones exist."""
+    many passes: a few bad samples in a row say nothing about whether good ones exist. The early rule is for
+    sources that never worked (a mistyped bucket, missing credentials): shards drawn with replacement reach
+    every one of N only after about N ln N draws, 98,000 failing commands for 10,000 shards."""
 
-    def __init__(self, urls: list[str]):
+    def __init__(self, urls: list[str], first_tries: int = 16):
         self.urls = set(urls)
+        self.first_tries = min(len(self.urls), first_tries)
         self.dead: dict[str, str] = {}  # url -> why its latest finished pass gave nothing
+        self.any_good = False
 
     def record(self, read: ShardRead) -> None:
+        self.any_good |= read.good > 0
         if not read.finished:
             return
         if read.good:
@@ -99,8 +105,15 @@ class ReadHealth:
             return
         self.dead[read.url] = read.error
         if self.dead.keys() >= self.urls:
-            reasons = sorted(f"{url} ({why})" for url, why in self.dead.items())
-            raise NoReadableShards(f"no sample could be read from any of {len(self.urls)} shards: {listing(reasons)}")
+            raise NoReadableShards(f"no sample could be read from any of {len(self.urls)} shards: {self.reasons()}")
+        if not self.any_good and len(self.dead) >= self.first_tries:
+            raise NoReadableShards(
+                f"no sample could be read from the first {len(self.dead)} shards tried of {len(self.urls)}, "
+                f"and none from any other yet: {self.reasons()}"
+            )
+
+    def reasons(self) -> str:
+        return listing(sorted(f"{url} ({why})" for url, why in self.dead.items()))
 
 
 def raw_samples(urls: Iterable[str], stats: StreamStats, health: ReadHealth | None = None) -> Iterator[dict]:
@@ -114,7 +127,7 @@ def raw_samples(urls: Iterable[str], stats: StreamStats, health: ReadHealth | No
                 count += 1
                 yield sample
         except Exception as error:
-            read.error = f"{type(error).__name__}: {error.args[0] if error.args else error}"
+            read.error = f"{type(error).__name__}: {error}"  # str(): an OSError's args[0] is its errno
             stats.add("shard_errors")
             stats.warn_once(url, "", f"cannot read shard {url} after {count} samples: {read.error}")
         read.total = count
@@ -452,8 +465,11 @@ class ShardDataModule(L.LightningDataModule):
         self._logged_step = -1
         # One loader for the datamodule's ranks, also under `reload_dataloaders_every_n_epochs`: a new one would
         # start the stream (and its workers' reading of the shards from their heads) over.
-        kept = self._train_loader
-        if kept is not None and (kept.stream.rank, kept.stream.world_size) == (rank, world_size):
+        kept, batches = self._train_loader, self.batches_per_epoch()
+        # Lightning's batch-size tuner sets `batch_size` and asks again: that needs a new loader.
+        if kept is not None and (kept.stream.rank, kept.stream.world_size, kept.stream.batch_size, kept.batches) == (
+            rank, world_size, self.batch_size, batches
+        ):
             return kept
         sources = [expand_urls(pattern) for pattern in self.train]
         weights = self.train_weights or [float(len(urls)) for urls in sources]
@@ -462,7 +478,6 @@ class ShardDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer, seed=self.seed, rank=rank, world_size=world_size,
             num_workers=self.num_workers,
         )  # fmt: skip
-        batches = self.batches_per_epoch()
         self._train_loader = ShardLoader(stream, self.num_workers, batches, self._global_step, self._log_train_stats)
         return self._train_loader
 
