@@ -264,7 +264,8 @@ class ImageCrop:
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
     ):
-        self.mean, self.std = tuple(mean), tuple(std)  # checked against the model's at fit start (core.cli.InputsMatchModel)
+        # Checked against the model's at fit start (core.cli.InputsMatchModel):
+        self.mean, self.std, self.size = tuple(mean), tuple(std), size
         self.view = v2.Compose([crop_transform(size, scale, ratio, interpolation, 0.5 if flip else 0.0), *_normalize(mean, std)])
 
     def __call__(self, sample: dict) -> dict:
@@ -286,7 +287,8 @@ class ImageEval:
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
     ):
-        self.mean, self.std = tuple(mean), tuple(std)  # checked against the model's at fit start (core.cli.InputsMatchModel)
+        # Checked against the model's at fit start (core.cli.InputsMatchModel):
+        self.mean, self.std, self.size = tuple(mean), tuple(std), size
         resize = resize if resize is not None else round(size / 0.875)
         if resize < size:
             raise ValueError(f"ImageEval resize={resize} must be at least size={size}")
@@ -336,7 +338,8 @@ class TwoViews:
         std: tuple[float, float, float] = IMAGENET_STD,
         device_color: bool = False,
     ):
-        self.mean, self.std = tuple(mean), tuple(std)  # checked against the model's at fit start (core.cli.InputsMatchModel)
+        # Checked against the model's at fit start (core.cli.InputsMatchModel):
+        self.mean, self.std, self.size = tuple(mean), tuple(std), size
         self.views = [
             View(
                 crop_transform(size, scale, ratio, interpolation, flip_prob),
@@ -389,7 +392,8 @@ class MultiCrop:
         std: tuple[float, float, float] = IMAGENET_STD,
         device_color: bool = False,
     ):
-        self.mean, self.std = tuple(mean), tuple(std)  # checked against the model's at fit start (core.cli.InputsMatchModel)
+        # Checked against the model's at fit start (core.cli.InputsMatchModel):
+        self.mean, self.std, self.global_size, self.local_size = tuple(mean), tuple(std), global_size, local_size
         def view(size, scale, blur, solarize):
             color = ColorAugment(jitter, jitter_prob, grayscale_prob, blur, blur_kernel_size(size), blur_sigma, solarize, mean, std)
             return View(crop_transform(size, scale, ratio, interpolation, flip_prob), color, device_color)
@@ -576,7 +580,8 @@ class VideoClip:
         short_clips: str = "error",
         crop: str = "random_resized",
     ):
-        self.mean, self.std = tuple(mean), tuple(std)  # checked against the model's at fit start (core.cli.InputsMatchModel)
+        # Checked against the model's at fit start (core.cli.InputsMatchModel):
+        self.mean, self.std, self.size = tuple(mean), tuple(std), size
         if short_clips not in ("error", "skip", "repeat_last"):
             raise ValueError(f"short_clips={short_clips!r} must be 'error', 'skip' or 'repeat_last'")
         if crop not in ("random_resized", "multiscale"):

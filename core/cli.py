@@ -144,23 +144,30 @@ class SameStepOnResume(Callback):
             )
 
 
+# (the transform's attribute, the model's hyperparameter) that must agree
+MATCHING_INPUTS = [
+    ("mean", "mean"), ("std", "std"), ("sample_rate", "sample_rate"), ("seconds", "seconds"),
+    ("size", "image_size"), ("size", "global_size"), ("global_size", "global_size"), ("local_size", "local_size"),
+]  # fmt: skip
+
+
 class InputsMatchModel(Callback):
-    """Refuses at fit start a data transform whose normalisation (an image's or clip's mean and std) or audio
-    clip (sample rate, seconds) is not the model's: the model's are what its export records, so
+    """Refuses at fit start a data transform whose normalisation (an image's or clip's mean and std), view
+    size or audio clip (sample rate, seconds) is not the model's: the model's are what its export records, so
     core.evaluate, core.finetune and the reconstruction pictures would see other inputs than training did."""
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         model = pl_module.hparams
         for name in ("train_transform", "val_transform"):
             transform = getattr(trainer.datamodule, name, None)
-            for key in ("mean", "std", "sample_rate", "seconds"):
-                if transform is None or not hasattr(transform, key) or key not in model:
+            for key, model_key in MATCHING_INPUTS:
+                if transform is None or not hasattr(transform, key) or model_key not in model:
                     continue
-                ours, theirs = np.atleast_1d(np.asarray(getattr(transform, key), float)), np.atleast_1d(np.asarray(model[key], float))
+                ours, theirs = np.atleast_1d(np.asarray(getattr(transform, key), float)), np.atleast_1d(np.asarray(model[model_key], float))
                 if ours.shape != theirs.shape or not np.allclose(ours, theirs):
                     raise ValueError(
-                        f"data.{name}.init_args.{key}={getattr(transform, key)} but model.{key}={model[key]}: set them alike "
-                        "(the model's go into its export, which evaluation and fine-tuning normalise inputs with)"
+                        f"data.{name}.init_args.{key}={getattr(transform, key)} but model.{model_key}={model[model_key]}: "
+                        "set them alike (the model's go into its export, which evaluation and fine-tuning take inputs by)"
                     )
 
 

@@ -150,3 +150,24 @@ def test_a_transform_normalising_otherwise_than_the_model_is_refused_naming_both
     data = SimpleNamespace(train_transform=AudioClip(8000, 2.0), val_transform=AudioClip(16000, 1.0, train=False))
     with pytest.raises(ValueError, match="data.train_transform.init_args.sample_rate=8000 but model.sample_rate=16000"):
         InputsMatchModel().on_fit_start(SimpleNamespace(datamodule=data), audio)
+
+
+def test_a_view_sized_otherwise_than_the_model_is_refused_naming_both_keys():
+    """A ResNet takes any size, so a 64-px val view of a model recorded at 32 px trained silently, and the
+    export then described a 32-px view: core.evaluate scored other inputs than the online probe had."""
+    from core.augment import ImageEval, MultiCrop, TwoViews
+    from core.cli import InputsMatchModel
+    from core.resnet import ResNet
+    from recipes.byol.model import BYOL
+    from recipes.dino.model import DINO
+
+    byol = BYOL(ResNet(18, width=8), image_size=32, projector_hidden=16, projection_dim=8, predictor_hidden=16)
+    data = SimpleNamespace(train_transform=TwoViews(32), val_transform=ImageEval(64, resize=64))
+    with pytest.raises(ValueError, match=r"data.val_transform.init_args.size=64 but model.image_size=32"):
+        InputsMatchModel().on_fit_start(SimpleNamespace(datamodule=data), byol)
+    data.val_transform = ImageEval(32, resize=32)
+    InputsMatchModel().on_fit_start(SimpleNamespace(datamodule=data), byol)
+    dino = DINO(ResNet(18, width=8), global_size=32, local_size=16, out_dim=64, hidden_dim=16, bottleneck_dim=8)
+    data = SimpleNamespace(train_transform=MultiCrop(32, 24, n_local=2), val_transform=ImageEval(32, resize=32))
+    with pytest.raises(ValueError, match=r"data.train_transform.init_args.local_size=24 but model.local_size=16"):
+        InputsMatchModel().on_fit_start(SimpleNamespace(datamodule=data), dino)

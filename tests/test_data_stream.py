@@ -193,6 +193,15 @@ def test_clashing_or_undecodable_members_raise_naming_the_sample():
         decode_sample({"__key__": "k", "__url__": "u", "txt": b"a", "caption.txt": b"b"})
     with pytest.raises(UndecodableSample, match="no member with a known extension"):
         decode_sample({"__key__": "k", "__url__": "u", "tiff": b"..."})
+    # -100 is cross-entropy's ignore_index, -3 would index a head from its end: skipped, not trained on
+    for label in (b"-3", b"-100"):
+        with pytest.raises(UndecodableSample, match="'cls'.*class index -[0-9]+ is negative"):
+            decode_sample({"__key__": "k", "__url__": "u", "cls": label})
+
+
+def test_no_training_pattern_is_refused_naming_the_key():
+    with pytest.raises(ValueError, match="data.train: no shard pattern given"):
+        ShardDataModule([])
 
 
 # ---- bad samples and bad shards ------------------------------------------------------------------------

@@ -98,8 +98,12 @@ def decode_video(data: bytes) -> tuple[torch.Tensor, float]:
 
 
 def decode_label(data: bytes) -> int:
-    """Decode a class index stored as ASCII digits."""
-    return int(data.decode("ascii").strip())
+    """Decode a class index stored as ASCII digits. A negative one is refused (the sample skipped): -100 is
+    cross-entropy's ignore_index, and any other would index a class head from its end or fail inside it."""
+    label = int(data.decode("ascii").strip())
+    if label < 0:
+        raise ValueError(f"class index {label} is negative")
+    return label
 
 
 def decode_npy(data: bytes) -> np.ndarray:

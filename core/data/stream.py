@@ -431,6 +431,8 @@ class ShardDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.train = [train] if isinstance(train, str) else list(train)
+        if not self.train:
+            raise ValueError("data.train: no shard pattern given")
         self.val = [val] if isinstance(val, str) else val
         if train_weights is not None and (
             len(train_weights) != len(self.train) or min(train_weights) < 0 or sum(train_weights) <= 0
