@@ -204,12 +204,66 @@ def test_folder_reports_what_it_leaves_out_and_refuses_a_class_it_cannot_fill(tm
 
     (root / "bird").mkdir()
     (root / "bird" / "e.gif").write_bytes(b"gif")
-    with pytest.raises(FileNotFoundError, match=r"class folder .*bird has no any files .*left out: 1 \.gif"):
+    with pytest.raises(FileNotFoundError, match=r"class folder .*bird has no media files .*left out: 1 \.gif"):
         write_main(["--out", str(tmp_path / "b-%06d.tar"), "folder", str(root)])
     (root / "bird" / "e.gif").unlink()
     (root / "bird" / "f.png").symlink_to(root / "gone.png")
     with pytest.raises(FileNotFoundError, match=r"bird/f.png is a link to .*gone.png.*which does not exist"):
         write_main(["--out", str(tmp_path / "b-%06d.tar"), "folder", str(root)])
+
+
+def labels_by_caption(pattern: str) -> dict[str, int]:
+    return {raw["txt"].decode(): int(raw["cls"]) for raw in raw_members(pattern).values()}
+
+
+def test_a_split_written_apart_numbers_its_classes_as_train_did(tmp_path, capsys):
+    """Each run numbered the classes it found: a val split without `green` gave `red` label 1 where train
+    had 2, and core.evaluate and core.finetune scored against shifted labels, silently."""
+    for split, names in [("train", ["blue", "green", "red"]), ("val", ["blue", "red"])]:
+        for name in names:
+            (tmp_path / split / name).mkdir(parents=True)
+            (tmp_path / split / name / "a.png").write_bytes(image_bytes(pixels(9), "png"))
+    write_main(["--out", str(tmp_path / "s" / "train-%06d.tar"), "folder", str(tmp_path / "train")])
+    listed = tmp_path / "s" / "train.classes.txt"
+    assert listed.read_text() == "blue\ngreen\nred\n"
+    assert f"write other splits with --classes {listed}" in capsys.readouterr().out
+    (tmp_path / "val" / "green").mkdir()  # an empty class folder is a class this split lacks, once pinned
+    write_main(["--out", str(tmp_path / "s" / "val-%06d.tar"), "folder", str(tmp_path / "val"), "--classes", str(listed)])
+    assert labels_by_caption(str(tmp_path / "s" / "val-000000.tar")) == {"blue": 0, "red": 2}
+    assert (tmp_path / "s" / "val.classes.txt").read_text() == listed.read_text()
+
+    (tmp_path / "val" / "mauve").mkdir()
+    (tmp_path / "val" / "mauve" / "b.png").write_bytes(image_bytes(pixels(9), "png"))
+    with pytest.raises(ValueError, match=r"classes \['mauve'\] are not in --classes \(3 classes: blue, green, red\)"):
+        write_main(["--out", str(tmp_path / "t" / "val-%06d.tar"), "folder", str(tmp_path / "val"), "--classes", str(listed)])
+
+    (tmp_path / "val.csv").write_text("path,caption,label\nval/red/a.png,red,red\nval/blue/a.png,blue,blue\n")
+    write_main(["--out", str(tmp_path / "c" / "val-%06d.tar"), "table", str(tmp_path / "val.csv"), "--classes", str(listed)])
+    assert labels_by_caption(str(tmp_path / "c" / "val-000000.tar")) == {"blue": 0, "red": 2}
+    (tmp_path / "int.csv").write_text("path,caption,label\nval/red/a.png,red,2\n")
+    with pytest.raises(ValueError, match="the labels are integers already"):
+        write_main(["--out", str(tmp_path / "d" / "val-%06d.tar"), "table", str(tmp_path / "int.csv"), "--classes", str(listed)])
+
+
+def test_numbered_class_folders_take_their_numbers_and_names_are_compared_in_one_unicode_form(tmp_path, capsys):
+    for name in ["0", "1", "2", "10"]:  # sorted as text, folder 10 would take label 2
+        (tmp_path / "n" / name).mkdir(parents=True)
+        (tmp_path / "n" / name / "a.png").write_bytes(image_bytes(pixels(9), "png"))
+    write_main(["--out", str(tmp_path / "n-%06d.tar"), "folder", str(tmp_path / "n")])
+    assert labels_by_caption(str(tmp_path / "n-000000.tar")) == {"0": 0, "1": 1, "2": 2, "10": 10}
+    assert not (tmp_path / "n.classes.txt").exists() and "classes:" not in capsys.readouterr().out
+    # The same names spelled decomposed (as folders copied from macOS are) sort and store as composed ones.
+    for name in ["Zürich", "A\u0308rger", "cat"]:
+        (tmp_path / "u" / name).mkdir(parents=True)
+        (tmp_path / "u" / name / "a.png").write_bytes(image_bytes(pixels(9), "png"))
+    write_main(["--out", str(tmp_path / "u-%06d.tar"), "folder", str(tmp_path / "u")])
+    assert (tmp_path / "u.classes.txt").read_text(encoding="utf-8") == "Zürich\ncat\nÄrger\n"  # decomposed, Ärger came first
+
+
+def test_the_writer_tool_reports_a_bad_input_in_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = tool("core.data.write", "--out", str(tmp_path / "x-%06d.tar"), "folder", str(tmp_path / "empty"))
+    assert result.returncode == 2 and result.stderr.startswith("error: no media files") and "Traceback" not in result.stderr
 
 
 def test_names_in_other_scripts_get_keys_of_their_own(tmp_path):

@@ -23,6 +23,7 @@ import os
 import random
 import re
 import sys
+import unicodedata
 from collections import Counter
 from typing import Iterable, Iterator
 
@@ -182,9 +183,46 @@ def _media_files(folder: str, extensions: frozenset[str], recursive: bool) -> tu
     return sorted(files), left_out
 
 
-def folder_classes(root: str) -> list[str]:
-    """Class names of a folder: its sub-folders, sorted (label = index); ``[]`` for a flat folder."""
-    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+def class_name(name: str) -> str:
+    """A class name as compared and stored: Unicode NFC (a folder copied from macOS spells "Ä" as "A" plus a
+    combining mark, which sorts elsewhere)."""
+    return unicodedata.normalize("NFC", name)
+
+
+def class_indices(names: list[str], pinned: list[str] | None, where: str) -> tuple[dict[str, int], list[str]]:
+    """The label of each class name, and the class list (label = index): the name's position in ``pinned``
+    (a ``--classes`` file: another split's classes, so that both number them alike), else in ``names``
+    sorted, or the number itself when every name is a non-negative integer (folders ``0``..``9``: label 2 for
+    folder ``2``, as a table's integer labels, and no list; sorted as text, folder ``10`` would take label 2).
+    A name the pinned list lacks is an error."""
+    broken = [name for name in names if "\n" in name or "\r" in name]
+    if broken:
+        raise ValueError(f"{where}: class name {broken[0]!r} holds a line break")
+    if pinned is not None:
+        unknown = sorted(set(names) - set(pinned))
+        if unknown:
+            shown = ", ".join(pinned[:10]) + (", ..." if len(pinned) > 10 else "")
+            raise ValueError(f"{where}: classes {unknown} are not in --classes ({len(pinned)} classes: {shown})")
+        return {name: pinned.index(name) for name in names}, pinned
+    if names and all(name.isascii() and name.isdigit() for name in names):
+        return {name: int(name) for name in names}, []
+    classes = sorted(set(names))
+    return {name: index for index, name in enumerate(classes)}, classes
+
+
+def read_classes(path: str) -> list[str]:
+    """Class names from a ``--classes`` file: one per line, line i holding label i (what the tool writes)."""
+    names = [class_name(line) for line in _read_text(path).splitlines()]
+    if not names or "" in names or len(set(names)) != len(names):
+        raise ValueError(f"--classes {path}: one class name per line, none empty or repeated")
+    return names
+
+
+def classes_file(pattern: str) -> str:
+    """Where the class names of shards ``out/train-%06d.tar`` go: ``out/train.classes.txt``."""
+    before, _, _ = shard_number_field(pattern)
+    stem = before.rstrip("-_.")
+    return stem + ".classes.txt" if stem and not stem.endswith(os.sep) else os.path.join(stem, "classes.txt")
 
 
 def shuffled_order(items: list, seed: int | None) -> list:
@@ -202,45 +240,55 @@ def describe_left_out(left_out: Counter) -> str:
     return ", ".join(f"{n} {what}" for what, n in sorted(left_out.items())) or "nothing"
 
 
-def folder_samples(root: str, kind: str = "any", seed: int | None = None) -> Iterator[dict]:
-    """Samples from a folder of image, audio or video files, in the order ``shuffled_order(seed)`` gives.
+def folder_samples(
+    root: str, kind: str = "any", seed: int | None = None, pinned: list[str] | None = None
+) -> tuple[Iterator[dict], list[str]]:
+    """Samples from a folder of image, audio or video files, in the order ``shuffled_order(seed)`` gives,
+    and the class names (label = index; ``[]`` for a flat folder or integer labels).
 
-    Class sub-folders give ``cls`` (the sorted class index) and a ``txt`` caption (the class name); a flat
-    folder gives unlabelled samples. A ``<name>.txt`` file next to a media file is its caption instead.
-    The files left out (other extensions, linked sub-folders) are counted on stderr; a class folder with no
-    file to take is an error, not a class the shards silently lack.
+    Class sub-folders give ``cls`` (the label ``class_indices`` gives the folder's name; ``pinned``: another
+    split's class list) and a ``txt`` caption (the class name); a flat folder gives unlabelled
+    samples. A ``<name>.txt`` file next to a media file is its caption instead. The files left out (other
+    extensions, linked sub-folders) are counted on stderr; a class folder with no file to take is an error,
+    not a class the shards silently lack, unless ``pinned`` numbers the classes (a split may lack one).
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root} is not a folder")
-    extensions, classes = MEDIA_KINDS[kind], folder_classes(root)
+    extensions, what = MEDIA_KINDS[kind], "media" if kind == "any" else kind
     top_level, left_out = _media_files(root, extensions, recursive=False)
-    if classes and top_level:
-        raise ValueError(f"{root} has both class folders {classes} and loose media files, e.g. {top_level[0]}")
-    files = [(f, None) for f in top_level]
-    for label, name in enumerate(classes):
-        found, class_left_out = _media_files(os.path.join(root, name), extensions, recursive=True)
-        if not found:
+    folders = {class_name(entry.name): entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith(".")}
+    if folders and top_level:
+        raise ValueError(f"{root} has both class folders {sorted(folders)} and loose media files, e.g. {top_level[0]}")
+    labels, classes = class_indices(list(folders), pinned, root)
+    files = [(f, None, None) for f in top_level]
+    for name in sorted(folders):
+        found, class_left_out = _media_files(os.path.join(root, folders[name]), extensions, recursive=True)
+        if not found and pinned is None:
             raise FileNotFoundError(
-                f"class folder {os.path.join(root, name)} has no {kind} files ({', '.join(sorted(extensions))}); "
+                f"class folder {os.path.join(root, folders[name])} has no {what} files ({', '.join(sorted(extensions))}); "
                 f"left out: {describe_left_out(class_left_out)}"
             )
-        files += [(f, label) for f in found]
+        files += [(f, labels[name], name) for f in found]
         left_out += class_left_out
     if not files:
-        raise FileNotFoundError(f"no {kind} files ({', '.join(sorted(extensions))}) in {root}; left out: {describe_left_out(left_out)}")
+        raise FileNotFoundError(f"no {what} files ({', '.join(sorted(extensions))}) in {root}; left out: {describe_left_out(left_out)}")
     if left_out:
-        print(f"left out of {root}: {describe_left_out(left_out)} (not {kind} files)", file=sys.stderr)
-    for path, label in shuffled_order(files, seed):
-        relative = os.path.relpath(path, root)
-        sample = {"__key__": sample_key(relative), "__origin__": path, **media_member(path)}
-        caption_file = os.path.splitext(path)[0] + ".txt"
-        if os.path.isfile(caption_file):
-            sample["txt"] = _read_text(caption_file).strip().encode("utf-8")
-        elif label is not None:
-            sample["txt"] = classes[label].encode("utf-8")
-        if label is not None:
-            sample["cls"] = str(label).encode("ascii")
-        yield sample
+        print(f"left out of {root}: {describe_left_out(left_out)} (not {what} files)", file=sys.stderr)
+
+    def samples() -> Iterator[dict]:
+        for path, label, name in shuffled_order(files, seed):
+            relative = os.path.relpath(path, root)
+            sample = {"__key__": sample_key(relative), "__origin__": path, **media_member(path)}
+            caption_file = os.path.splitext(path)[0] + ".txt"
+            if os.path.isfile(caption_file):
+                sample["txt"] = _read_text(caption_file).strip().encode("utf-8")
+            elif label is not None:
+                sample["txt"] = name.encode("utf-8")
+            if label is not None:
+                sample["cls"] = str(label).encode("ascii")
+            yield sample
+
+    return samples(), classes
 
 
 def _read_text(path: str) -> str:
@@ -285,9 +333,9 @@ def table_rows(path: str) -> list[tuple[str, dict]]:
     raise ValueError(f"{path}: expected a .csv or .jsonl file")
 
 
-def table_labels(values: list, wheres: list[str]) -> tuple[list[int], list[str]]:
-    """Integer labels (0 and up) as they are, or class names mapped to their sorted index; not a mix.
-    Returns (labels, class names)."""
+def table_labels(values: list, wheres: list[str], classes: list[str] | None = None) -> tuple[list[int], list[str]]:
+    """Integer labels (0 and up) as they are, or class names mapped to their sorted index (their index in
+    ``classes``, another split's list, when given); not a mix. Returns (labels, class names)."""
     # "2.0": how pandas writes an integer column that has a missing value (CSV and JSON alike).
     values = [int(v) if isinstance(v, float) and v.is_integer() else v for v in values]
     for value, where in zip(values, wheres):
@@ -297,6 +345,8 @@ def table_labels(values: list, wheres: list[str]) -> tuple[list[int], list[str]]
             raise ValueError(f"{where}: label {value!r} is a number but not an integer")
     numbers = [isinstance(v, int) or INTEGER_LABEL.fullmatch(v.strip()) is not None for v in values]
     if all(numbers):
+        if classes is not None:
+            raise ValueError(f"{wheres[0]}: the labels are integers already; --classes numbers class names")
         labels = [v if isinstance(v, int) else int(v.strip().split(".")[0]) for v in values]
         negative = [where for label, where in zip(labels, wheres) if label < 0]
         if negative:
@@ -305,13 +355,14 @@ def table_labels(values: list, wheres: list[str]) -> tuple[list[int], list[str]]
     if any(numbers):
         where = wheres[numbers.index(True)]
         raise ValueError(f"{where}: an integer label in a table of class names ({values[numbers.index(False)]!r}, ...): use one kind")
-    classes = sorted(set(values))
-    return [classes.index(v) for v in values], classes
+    values = [class_name(v) for v in values]
+    labels, classes = class_indices(values, classes, wheres[0].rsplit(" line ", 1)[0])
+    return [labels[v] for v in values], classes
 
 
 def table_samples(
     path: str, path_column: str = "path", caption_column: str = "caption", label_column: str | None = None,
-    seed: int | None = None,
+    seed: int | None = None, classes: list[str] | None = None,
 ) -> tuple[Iterator[dict], list[str]]:
     """Samples from a CSV/JSONL of (media path, caption[, label]), in the order ``shuffled_order(seed)`` gives;
     media paths are relative to the table. Keys are row numbers.
@@ -319,6 +370,7 @@ def table_samples(
     ``label_column`` names the labels' column; by default a column ``label`` is used when the table has one.
     Every row has a label or none does: a table labelled in part, or a named label column that no row
     fills, is refused rather than written without its labels.
+    ``classes`` (another split's class names) numbers names as that split did.
     Returns the samples and the class names when labels are names rather than integers.
     """
     numbered = table_rows(path)
@@ -341,7 +393,7 @@ def table_samples(
         listed = ", ".join(wheres[number].rsplit(" ", 1)[-1] for number in unlabelled[:10]) + (", ..." if len(unlabelled) > 10 else "")
         raise ValueError(f"{path}: {len(unlabelled)} of {len(rows)} rows have no {column!r} (lines {listed}): label every row or none")
     has_labels = bool(rows) and not unlabelled
-    labels, classes = table_labels([row[column] for row in rows], wheres) if has_labels else ([None] * len(rows), [])
+    labels, classes = table_labels([row[column] for row in rows], wheres, classes) if has_labels else ([None] * len(rows), [])
     width = len(str(max(len(rows) - 1, 0)))
 
     def samples() -> Iterator[dict]:
@@ -419,6 +471,11 @@ def main(argv: list[str] | None = None) -> dict:
     table.add_argument("--path-column", default="path")
     table.add_argument("--caption-column", default="caption")
     table.add_argument("--label-column", default=None, help="the labels' column (default: label, when the table has one)")
+    for labelled in (folder, table):
+        labelled.add_argument(
+            "--classes", default=None,
+            help="number the classes as another split's shards did: the .classes.txt written beside them",
+        )  # fmt: skip
     text = inputs.add_parser("text", help="text files: one document per file, or per line")
     text.add_argument("paths", nargs="+", help=".txt files or folders of them")
     text.add_argument("--per-line", action="store_true", help="one document per non-empty line")
@@ -430,10 +487,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     classes: list[str] = []
     seed = None if args.in_order else args.seed
+    pinned = read_classes(args.classes) if getattr(args, "classes", None) else None
     if args.input == "folder":
-        samples, classes = folder_samples(args.root, args.media, seed), folder_classes(args.root)
+        samples, classes = folder_samples(args.root, args.media, seed, pinned)
     elif args.input == "table":
-        samples, classes = table_samples(args.file, args.path_column, args.caption_column, args.label_column, seed)
+        samples, classes = table_samples(args.file, args.path_column, args.caption_column, args.label_column, seed, pinned)
     else:
         samples = text_samples(args.paths, args.per_line, seed)
     summary = write_shards(unique_keys(samples), args.out, args.max_count, args.max_bytes, overwrite=args.overwrite)
@@ -441,9 +499,19 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"shards: {brace_pattern(args.out, summary['shards'])}")
     print(f"extensions: {', '.join(summary['extensions'])}")
     if classes:
+        # Beside the shards, for the other splits: numbered by their own folders, a split that lacks a class
+        # would shift every label after it.
+        path = classes_file(args.out)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("".join(name + "\n" for name in classes))
         print("classes: " + ", ".join(f"{i}={name}" for i, name in enumerate(classes)))
+        print(f"class list: {path}" + ("" if pinned else f" (write other splits with --classes {path})"))
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as error:  # the input's fault: a message, not a traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
