@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import random
+import zipfile
 
 import lightning as L
 import numpy as np
@@ -181,6 +182,19 @@ class LastCheckpoint(ModelCheckpoint):
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        """Written beside the checkpoint, then renamed over it: Lightning's save goes through a temporary file in
+        $TMPDIR and a move, which across filesystems (a node's local /tmp, shared checkpoint storage) copies
+        over the old file, so a run killed mid-copy was left with a cut-short `last.ckpt` and nothing to
+        resume from. A rename within one folder replaces the old file whole or not at all."""
+        if "://" in filepath:  # object stores write whole objects
+            return super()._save_checkpoint(trainer, filepath)
+        partial = filepath + ".partial"
+        super()._save_checkpoint(trainer, partial)
+        if trainer.is_global_zero:
+            os.replace(partial, filepath)
+        self._last_checkpoint_saved = filepath
+
 
 class LearningRates(LearningRateMonitor):
     """Lightning's LearningRateMonitor, idle in a run without a logger (``--trainer.logger=false``), which
@@ -242,6 +256,12 @@ def refuse_unsafe_resume(config: Namespace) -> None:
         raise ValueError(
             f"ckpt_path={path!r} is a folder (a sharded checkpoint): its metadata is a pickle, which this project "
             "does not load; resume from a full checkpoint (--trainer.strategy.save_distributed_checkpoint=false)"
+        )
+    if os.path.isfile(path) and not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        others = sorted(f for f in os.listdir(os.path.dirname(path) or ".") if f.endswith(".ckpt") and f != os.path.basename(path))
+        raise ValueError(
+            f"ckpt_path={path!r} is not a whole checkpoint ({os.path.getsize(path):,} bytes, not a zip archive: a save cut "
+            f"short?); resume from another one in its folder ({', '.join(others) or 'none there'})"
         )
 
 

@@ -2,6 +2,7 @@
 continues the random streams of the broken one."""
 
 import csv
+import io
 import os
 import random
 from types import SimpleNamespace
@@ -53,6 +54,44 @@ def test_last_checkpoint_holds_the_final_step_and_a_run_resumes_from_it(tmp_path
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["last.ckpt"]
     # Without a logger the run trains (Lightning's LearningRateMonitor refuses to start without one).
     mae_demo_run(MAE, "mae", tmp_path, "--model.encoder_depth=1", "--trainer.logger=false", check_logs=False)
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_whole_and_a_cut_one_is_refused_by_name(tmp_path, monkeypatch):
+    """Lightning's save writes a temporary file in $TMPDIR and moves it: across filesystems the move copies over
+    the old `last.ckpt`, and a kill mid-copy left neither checkpoint whole. A cut-short file given to resume
+    failed deep in torch.load (a bare EOFError)."""
+    from jsonargparse import Namespace
+
+    from core.cli import LastCheckpoint, refuse_unsafe_resume
+
+    def fit(max_steps):
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[LastCheckpoint(tmp_path, save_last=True, save_top_k=0, every_n_train_steps=2, enable_version_counter=False)],
+        )  # fmt: skip
+        trainer.fit(Draws(), DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=1))
+
+    fit(2)
+    last = tmp_path / "last.ckpt"
+    whole = last.read_bytes()
+
+    def killed_midway(checkpoint, path):  # the copy onto `path` stops after 100 bytes
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        with open(path, "wb") as f:
+            f.write(buffer.getvalue()[:100])
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr("lightning.fabric.plugins.io.torch_io._atomic_save", killed_midway)
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(4)
+    assert last.read_bytes() == whole  # the step-2 checkpoint, untouched
+    assert (tmp_path / "last.ckpt.partial").stat().st_size == 100
+
+    last.write_bytes(whole[:100])  # a cut-short last.ckpt, as the old save could leave
+    (tmp_path / "step=2.ckpt").write_bytes(whole)
+    with pytest.raises(ValueError, match=r"last.ckpt' is not a whole checkpoint \(100 bytes.*a save cut short.*in its folder \(step=2.ckpt\)"):
+        refuse_unsafe_resume(Namespace({"ckpt_path": "last", "weights_only": None, "checkpoint.dirpath": str(tmp_path)}))
 
 
 class Draws(L.LightningModule):
