@@ -34,6 +34,7 @@ import warnings
 
 import torch
 
+from core.data.decoders import UnusableSample
 from core.export import Encoder, load_encoder
 from core.probe import attentive_probe_accuracy, probe_scores, rankme
 
@@ -65,13 +66,14 @@ class WithTarget:
     def __call__(self, sample: dict) -> dict:
         out = self.view(sample)
         where = f"sample {sample.get('__key__')!r} of {sample.get('__url__')!r}"
+        # Skipped and counted by the stream, as an undecodable sample is, rather than ending the evaluation.
         if self.target == "label" and "label" not in sample:
-            raise KeyError(f"{where} has no label (a .cls member); --target json.<field> probes a metadata field")
+            raise UnusableSample("no 'label'", f"{where} has no label (a .cls member); --target json.<field> probes a metadata field")
         if self.target != "label":
             field = self.target.removeprefix("json.")
             meta = sample.get("json")
             if not isinstance(meta, dict) or field not in meta:
-                raise KeyError(f"{where} has no JSON field {field!r}")
+                raise UnusableSample(f"no json.{field}", f"{where} has no JSON field {field!r}")
             out["target"] = str(meta[field])
         return out
 

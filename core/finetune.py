@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.data import read_batches
+from core.data import Requires, read_batches
 from core.evaluate import eval_transform
 from core.export import load_encoder
 from core.optim import decayed, param_groups
@@ -109,7 +109,7 @@ def endless(pattern: str, transform, batch_size: int, key: str):
     whose workers seed from its pass count: a new loader each pass would repeat the first pass's crops). The
     shards are read front to back, in the order they were written: write them shuffled (``core.data.write``
     does), or class-sorted shards give one-class batches."""
-    loader = read_batches(pattern, transform, batch_size, num_workers=1)
+    loader = read_batches(pattern, Requires(transform, ["label"], "core.finetune"), batch_size, num_workers=1)
     while True:
         for batch in loader:
             yield batch[key], batch["label"]
@@ -119,7 +119,7 @@ def endless(pattern: str, transform, batch_size: int, key: str):
 def accuracy(backbone: nn.Module, head: nn.Module, pattern: str, transform, key: str) -> float:
     backbone.eval()
     correct = total = 0
-    for batch in read_batches(pattern, transform, 100):
+    for batch in read_batches(pattern, Requires(transform, ["label"], "core.finetune"), 100):
         check_labels(batch["label"], head, "val")
         correct += (head(backbone(batch[key])).argmax(1) == batch["label"]).sum().item()
         total += len(batch["label"])

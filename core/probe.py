@@ -224,6 +224,13 @@ class OnlineProbe(L.Callback):
         self.embedded = 0  # rows embedded this run, repeats included: every rank stops at the same batch
         self.seen: set[tuple[str, str]] = set()  # (shard, key) of the samples kept this run
 
+    needs_why = "the online probe (off: --probe.max_samples 0)"
+
+    @property
+    def needs_entries(self) -> tuple[str, ...]:
+        """What every validation sample must hold: the datamodule skips and counts those without it."""
+        return ("label",) if self.max_samples > 0 else ()
+
     def on_validation_epoch_start(self, trainer, pl_module):
         self.features, self.labels, self.embedded, self.seen = [], [], 0, set()
 

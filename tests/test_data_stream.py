@@ -199,6 +199,29 @@ def test_clashing_or_undecodable_members_raise_naming_the_sample():
             decode_sample({"__key__": "k", "__url__": "u", "cls": label})
 
 
+def test_an_unlabelled_sample_leaves_training_batches_without_labels_and_is_skipped_where_labels_are_needed(tmp_path):
+    """One sample without a .cls crashed the batching of a whole pretraining run (labels unused), and gave the
+    online probe a batch without labels."""
+    from core.data.stream import collate
+    from core.probe import OnlineProbe
+
+    batch = collate([{"npy": torch.zeros(2), "label": 1}, {"npy": torch.ones(2)}])
+    assert sorted(batch) == ["npy"] and batch["npy"].shape == (2, 2)
+    samples = vector_samples(6)
+    del samples[2]["cls"]
+    summary = write_shards(samples, str(tmp_path / "m-%06d.tar"))
+    pattern = str(tmp_path / "m-000000.tar")
+    assert summary["samples"] == 6
+    dm = ShardDataModule(pattern, val=pattern, batch_size=3, val_batch_size=3, num_workers=0, samples_per_epoch=6,
+                         train_transform=to_tensors, val_transform=to_tensors, shuffle_buffer=0)  # fmt: skip
+    assert sum(len(b["npy"]) for b in dm.train_dataloader()) == 6  # pretraining keeps every sample
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=1, strategy=None, callbacks=[OnlineProbe()])
+    labelled = [b["label"].tolist() for b in dm.val_dataloader()]
+    assert sum(map(len, labelled)) == 5 and dm.val_stream.stats.totals()["samples_skipped"] == 1
+    dm.trainer.callbacks = [OnlineProbe(max_samples=0)]  # the probe off: nothing needs a label
+    assert sum(len(b["npy"]) for b in dm.val_dataloader()) == 6
+
+
 def test_no_training_pattern_is_refused_naming_the_key():
     with pytest.raises(ValueError, match="data.train: no shard pattern given"):
         ShardDataModule([])

@@ -27,7 +27,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.combined_loader import _shutdown_workers_and_reset_iterator
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from core.data.decoders import RefusedSample, SampleError, decode_sample
+from core.data.decoders import RefusedSample, SampleError, UnusableSample, decode_sample
 from core.data.shards import expand_urls, listing, read_shard
 
 log = logging.getLogger(__name__)
@@ -203,8 +203,36 @@ def transformed(sample: dict, transform: SampleTransform | None) -> dict:
         ) from error
 
 
+class Requires:
+    """``transform``, whose output must hold ``entries`` (the label a probe or a classifier needs): a sample
+    without one is skipped and counted (``UnusableSample``), where a batch would lose that entry for every
+    sample in it (``collate``) or fail."""
+
+    def __init__(self, transform: SampleTransform | None, entries: Iterable[str], who: str):
+        self.transform, self.entries, self.who = transform, tuple(entries), who
+
+    def __call__(self, sample: dict) -> dict:
+        out = sample if self.transform is None else self.transform(sample)
+        missing = [entry for entry in self.entries if entry not in out]
+        if missing:
+            raise UnusableSample(
+                f"no {missing[0]!r}",
+                f"{self.who} needs {missing[0]!r}, but sample {sample.get('__key__', '?')!r} from "
+                f"{sample.get('__url__', '?')!r} has none (for 'label': a .cls member)",
+            )
+        return out
+
+    def __repr__(self) -> str:
+        return repr(self.transform)
+
+
 def collate(samples: list[dict]) -> dict:
-    """Batch samples with torch's default collate (tensors stacked, numbers to tensors, strings to lists)."""
+    """Batch samples with torch's default collate (tensors stacked, numbers to tensors, strings to lists).
+    Entries that not every sample has are left out of the batch: an unlabelled source mixed into a labelled
+    one gives batches without labels, which pretraining does not use; where they are needed, ``Requires``."""
+    common = set.intersection(*(set(sample) for sample in samples))
+    if any(len(sample) != len(common) for sample in samples):
+        samples = [{key: value for key, value in sample.items() if key in common} for sample in samples]
     try:
         return default_collate(samples)
     except Exception as error:
@@ -495,8 +523,12 @@ class ShardDataModule(L.LightningDataModule):
                 f"split evenly over the {world_size} ranks and their workers, val samples / (val_batch_size x "
                 f"{world_size}) sees every sample (core/data/README.md for uneven shares)"
             )
+        transform = self.val_transform
+        for callback in getattr(self.trainer, "callbacks", []):
+            if getattr(callback, "needs_entries", ()):  # the online probe's labels
+                transform = Requires(transform, callback.needs_entries, getattr(callback, "needs_why", type(callback).__name__))
         self.val_stream = ShardStream(
-            [expand_urls(self.val)], self.val_batch_size, resample=False, transform=self.val_transform,
+            [expand_urls(self.val)], self.val_batch_size, resample=False, transform=transform,
             rank=rank, world_size=world_size, num_workers=self.num_workers, repeat=self.val_batches is not None,
         )  # fmt: skip
         return ShardLoader(self.val_stream, self.num_workers, self.val_batches)
