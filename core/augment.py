@@ -608,11 +608,11 @@ class VideoClip:
         if frames < self.span and self.short_clips != "repeat_last":
             message = (
                 f"'video' of {where} has {frames} frames, but num_frames={self.num_frames} with "
-                f"stride={self.stride} needs at least {self.span} (or set short_clips='skip' or 'repeat_last')"
+                f"stride={self.stride} needs at least {self.span}"
             )
             if self.short_clips == "skip":
                 raise UnusableSample("clip too short", message)
-            raise ValueError(message)
+            raise ValueError(message + " (or set short_clips='skip' or 'repeat_last')")
         if frames < self.span:
             start = 0
         elif self.train:

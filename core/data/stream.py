@@ -32,9 +32,17 @@ from core.data.shards import expand_urls, listing, read_shard
 
 log = logging.getLogger(__name__)
 
-# Our training loader's length is exact by construction (a fixed number of batches drawn from an infinite
-# stream), which is what this generic Lightning warning about IterableDataset lengths is worried about.
-warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined", category=UserWarning)
+
+def quiet_lightning_warnings() -> None:
+    """Two Lightning warnings about what these loaders do by design. Set when a datamodule is made (not at
+    import, which a `warnings.catch_warnings` block around it, as pytest's, would undo)."""
+    # The training loader's length is exact by construction (a fixed number of batches drawn from an infinite
+    # stream), which is what this generic warning about IterableDataset lengths is worried about.
+    warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined", category=UserWarning)
+    # A resumed run draws a new stream from its resume step (core/data/README.md: a resume is not exact),
+    # which is what the warning about loaders without `state_dict` on a mid-epoch resume is about.
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch", category=UserWarning)
+
 
 SampleTransform = Callable[[dict], dict]
 COUNTERS = ("samples_read", "samples_skipped", "samples_refused", "shard_errors")
@@ -458,6 +466,7 @@ class ShardDataModule(L.LightningDataModule):
         seed: int = 0,
     ):
         super().__init__()
+        quiet_lightning_warnings()
         self.train = [train] if isinstance(train, str) else list(train)
         if not self.train:
             raise ValueError("data.train: no shard pattern given")
