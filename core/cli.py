@@ -13,6 +13,7 @@ and is driven by YAML: `python recipes/mae/train.py fit --config recipes/mae/con
 
 from __future__ import annotations
 
+import glob
 import os
 import random
 import zipfile
@@ -25,6 +26,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import strategies
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_warn
 
 from core.probe import OnlineProbe
@@ -237,12 +239,31 @@ class RecipeCLI(LightningCLI):
         named = getattr(strategies, name, None) if isinstance(name, str) else None
         if isinstance(named, type) and issubclass(named, strategies.Strategy):
             config["trainer.strategy"] = Namespace(class_path=f"lightning.pytorch.strategies.{name}", init_args=Namespace())
+        newest_resume_point(config)
         refuse_unsafe_resume(config)
 
 
+def newest_resume_point(config: Namespace) -> None:
+    """Resume from the newest of `last.ckpt` and Lightning's SLURM requeue checkpoints, for `--ckpt_path last`
+    and, under SLURM, for no ckpt_path. On SIGUSR1 (`sbatch --signal=SIGUSR1@90`) Lightning saves
+    `hpc_ckpt_N.ckpt` in trainer.default_root_dir and requeues the job; it then resumes "last" from
+    `last.ckpt` even when the requeue save is later, and no ckpt_path from the highest-numbered requeue save
+    however old, which a later `last.ckpt` then lost to: each picks the newest file here."""
+    path = config.get("ckpt_path")
+    if path != "last" and not (path is None and SLURMEnvironment.detect()):
+        return
+    candidates = glob.glob(os.path.join(glob.escape(config.get("trainer.default_root_dir") or os.getcwd()), "hpc_ckpt_*.ckpt"))
+    if path is not None or candidates:  # without requeue saves, no ckpt_path stays a fresh start
+        candidates.append(os.path.join(config.get("checkpoint.dirpath") or "", "last.ckpt"))
+    existing = [candidate for candidate in candidates if os.path.isfile(candidate)]
+    if existing:
+        config["ckpt_path"] = max(existing, key=os.path.getmtime)
+
+
 def refuse_unsafe_resume(config: Namespace) -> None:
-    """Resume loads only tensors and plain containers (`weights_only=True` unless a config says otherwise),
-    never downloads, and never reads a sharded checkpoint folder, whose metadata is a pickle."""
+    """Resume loads only tensors and plain containers (`weights_only=True` unless a config says otherwise,
+    which this sets in the config), never downloads, never reads a sharded checkpoint folder, whose metadata is
+    a pickle, and refuses a checkpoint cut short."""
     if config.get("weights_only", "absent") is None:
         config["weights_only"] = True
     path = config.get("ckpt_path")

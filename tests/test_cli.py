@@ -98,6 +98,39 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_whole_and_a_cut_one
         refuse_unsafe_resume(Namespace({"ckpt_path": "last", "weights_only": None, "checkpoint.dirpath": str(tmp_path)}))
 
 
+def test_a_resume_takes_the_newest_of_last_ckpt_and_slurms_requeue_saves(tmp_path, monkeypatch):
+    """Lightning resumes "last" from last.ckpt even when a SLURM requeue save (hpc_ckpt_N.ckpt, on SIGUSR1) is
+    later, and, under SLURM without ckpt_path, from the requeue save however old: a later run then lost the
+    steps since, writing over last.ckpt."""
+    from jsonargparse import Namespace
+
+    from core.cli import newest_resume_point
+
+    (tmp_path / "checkpoints").mkdir()
+    last, requeued = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "hpc_ckpt_1.ckpt"
+    last.write_bytes(b"step 400")
+    requeued.write_bytes(b"step 14")
+
+    def resolved(ckpt_path):
+        config = Namespace({"ckpt_path": ckpt_path, "trainer.default_root_dir": str(tmp_path), "checkpoint.dirpath": str(tmp_path / "checkpoints")})
+        newest_resume_point(config)
+        return config.ckpt_path
+
+    os.utime(requeued, (1_000, 1_000))
+    os.utime(last, (2_000, 2_000))
+    assert resolved("last") == str(last)
+    assert resolved(None) is None  # not under SLURM: no ckpt_path is a fresh start
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_JOB_NAME", "pretrain")
+    assert resolved(None) == str(last)  # Lightning alone would take the older requeue save
+    os.utime(requeued, (3_000, 3_000))
+    assert resolved("last") == str(requeued)  # Lightning alone would take last.ckpt, 386 steps behind
+    assert resolved(str(last)) == str(last)  # a named checkpoint is what it names
+    requeued.unlink()
+    last.unlink()
+    assert resolved(None) is None and resolved("last") == "last"  # nothing to resume: Lightning starts afresh
+
+
 class Draws(L.LightningModule):
     """Records what torch, numpy and Python's random draw at each training step, as a mask or a crop would."""
 
