@@ -217,7 +217,8 @@ class LearningRates(LearningRateMonitor):
 
 class RecipeCLI(LightningCLI):
     """Adds, to every recipe, an online probe (`probe.*`), checkpointing that keeps `last.ckpt` (`checkpoint.*`:
-    every 500 steps and at the end), so `fit --ckpt_path last` resumes a broken run, and `RankSeed`."""
+    every 500 steps and at the end), so `fit --ckpt_path last` resumes a broken run, and a learning-rate
+    monitor; before anything is built, it resolves and checks the resume checkpoint."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(OnlineProbe, "probe")
@@ -287,6 +288,9 @@ def refuse_unsafe_resume(config: Namespace) -> None:
 
 
 def run(model_class: type[L.LightningModule], datamodule_class: type[L.LightningDataModule] | None = None, args=None) -> RecipeCLI:
+    """A recipe's command line (its train.py calls this): `RecipeCLI` over the recipe's LightningModule and
+    the shard datamodule (`datamodule_class`: another one of yours), with the callbacks every run gets:
+    `RankSeed`, `SameStepOnResume` and `InputsMatchModel`."""
     if datamodule_class is None:
         from core.data import ShardDataModule
 

@@ -228,7 +228,8 @@ class OnlineProbe(L.Callback):
 
     @property
     def needs_entries(self) -> tuple[str, ...]:
-        """What every validation sample must hold: the datamodule skips and counts those without it."""
+        """What every validation sample must hold: `core.data.ShardDataModule.val_dataloader` reads this (and
+        `needs_why`) from the trainer's callbacks and skips and counts the samples without it."""
         return ("label",) if self.max_samples > 0 else ()
 
     def on_validation_epoch_start(self, trainer, pl_module):

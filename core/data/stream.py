@@ -131,7 +131,7 @@ def raw_samples(urls: Iterable[str], stats: StreamStats, health: ReadHealth | No
         count = 0
         try:
             for sample in read_shard(url):
-                sample["__read__"] = read
+                sample["__read__"] = read  # the shuffle buffer interleaves shards: each sample carries its shard's record
                 count += 1
                 yield sample
         except Exception as error:
@@ -474,14 +474,14 @@ class ShardDataModule(L.LightningDataModule):
         if train_weights is not None and (
             len(train_weights) != len(self.train) or min(train_weights) < 0 or sum(train_weights) <= 0
         ):
-            raise ValueError(f"train_weights {train_weights}: need one weight >= 0 per train source {self.train}")
+            raise ValueError(f"data.train_weights={train_weights}: need one weight >= 0 per train source {self.train}")
         val_batch_size = val_batch_size or batch_size
         sizes = {"batch_size": batch_size, "val_batch_size": val_batch_size, "samples_per_epoch": samples_per_epoch}
         if val_batches is not None:
             sizes["val_batches"] = val_batches
         for name, value in sizes.items():
             if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
+                raise ValueError(f"data.{name}={value}: must be at least 1")
         self.train_weights, self.batch_size, self.val_batch_size = train_weights, batch_size, val_batch_size
         self.val_batches = val_batches
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer

@@ -79,23 +79,23 @@ def write_shards(
             "remove them or pass --overwrite (overwrite=True) to replace them"
         )
     os.makedirs(os.path.dirname(os.path.abspath(pattern)), exist_ok=True)
-    files, n, count, extensions, writer = [], 0, 0, set(), None
+    files, total, in_shard, extensions, writer = [], 0, 0, set(), None
     try:
         try:
             for sample in samples:
                 key = sample.get("__key__")
                 if not isinstance(key, str) or not key or "." in key.rsplit("/", 1)[-1]:
                     raise ValueError(f"sample key {key!r}: a key is a non-empty string without a dot in its last part")
-                if writer is None or count >= max_count or writer.tarstream.offset >= max_bytes:
+                if writer is None or in_shard >= max_count or writer.tarstream.offset >= max_bytes:
                     if writer is not None:
                         writer.close()
                     files.append(pattern % len(files))
                     # TarWriter picks compression from the name it writes, which ends in .partial: from the final name.
-                    writer = wds.TarWriter(files[-1] + ".partial", mtime=mtime, compress=files[-1].endswith(("gz", ".tgz")))
-                    count = 0  # it opens and closes the file
+                    writer = wds.TarWriter(files[-1] + ".partial", mtime=mtime, compress=files[-1].endswith((".gz", ".tgz")))
+                    in_shard = 0
                 writer.write(sample)
                 extensions.update(k for k in sample if not k.startswith("__"))
-                count, n = count + 1, n + 1
+                in_shard, total = in_shard + 1, total + 1
         finally:
             if writer is not None:
                 writer.close()
@@ -104,7 +104,7 @@ def write_shards(
             if os.path.exists(file + ".partial"):
                 os.remove(file + ".partial")
         raise
-    if n == 0:
+    if total == 0:
         raise ValueError(f"no samples to write to {pattern}")
     for file in files:  # on disk before they get their names: a crash must not leave a complete-looking, zero-filled shard
         with open(file + ".partial", "rb") as f:
@@ -119,7 +119,7 @@ def write_shards(
     for stale in set(existing) - set(files):
         os.remove(stale)
     return {
-        "samples": n,
+        "samples": total,
         "shards": len(files),
         "bytes": sum(os.path.getsize(f) for f in files),
         "extensions": sorted(extensions),
@@ -158,7 +158,7 @@ def unique_keys(samples: Iterable[dict]) -> Iterator[dict]:
         yield sample
 
 
-def _media_files(folder: str, extensions: frozenset[str], recursive: bool) -> tuple[list[str], Counter]:
+def _files_with_extensions(folder: str, extensions: frozenset[str], recursive: bool) -> tuple[list[str], Counter]:
     """The files under ``folder`` with one of ``extensions``, sorted, and a count of the files left out by
     extension (captions aside). Hidden files and folders (``.DS_Store``, macOS's ``._photo.jpg``) are
     skipped. Linked files are taken; linked folders inside are not followed (one linking back up would
@@ -218,11 +218,16 @@ def read_classes(path: str) -> list[str]:
     return names
 
 
-def classes_file(pattern: str) -> str:
-    """Where the class names of shards ``out/train-%06d.tar`` go: ``out/train.classes.txt``."""
+def write_classes_file(pattern: str, classes: list[str]) -> str:
+    """Write the class names of shards ``out/train-%06d.tar`` to ``out/train.classes.txt``, one a line (line i:
+    label i), for the other splits' runs (``--classes``): numbered by their own folders, a split that lacks a
+    class would shift every label after it. Returns the file's path."""
     before, _, _ = shard_number_field(pattern)
     stem = before.rstrip("-_.")
-    return stem + ".classes.txt" if stem and not stem.endswith(os.sep) else os.path.join(stem, "classes.txt")
+    path = stem + ".classes.txt" if stem and not stem.endswith(os.sep) else os.path.join(stem, "classes.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("".join(name + "\n" for name in classes))
+    return path
 
 
 def shuffled_order(items: list, seed: int | None) -> list:
@@ -255,14 +260,14 @@ def folder_samples(
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root} is not a folder")
     extensions, what = MEDIA_KINDS[kind], "media" if kind == "any" else kind
-    top_level, left_out = _media_files(root, extensions, recursive=False)
+    top_level, left_out = _files_with_extensions(root, extensions, recursive=False)
     folders = {class_name(entry.name): entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith(".")}
     if folders and top_level:
         raise ValueError(f"{root} has both class folders {sorted(folders)} and loose media files, e.g. {top_level[0]}")
     labels, classes = class_indices(list(folders), pinned, root)
     files = [(f, None, None) for f in top_level]
     for name in sorted(folders):
-        found, class_left_out = _media_files(os.path.join(root, folders[name]), extensions, recursive=True)
+        found, class_left_out = _files_with_extensions(os.path.join(root, folders[name]), extensions, recursive=True)
         if not found and pinned is None:
             raise FileNotFoundError(
                 f"class folder {os.path.join(root, folders[name])} has no {what} files ({', '.join(sorted(extensions))}); "
@@ -420,7 +425,9 @@ def text_samples(paths: list[str], per_line: bool = False, seed: int | None = No
     for number, path in enumerate(paths):
         prefix = f"{number}/" if len(paths) > 1 else ""
         if os.path.isdir(path):
-            found, _ = _media_files(path, frozenset({"txt"}), recursive=True)
+            found, left_out = _files_with_extensions(path, frozenset({"txt"}), recursive=True)
+            if left_out:
+                print(f"left out of {path}: {describe_left_out(left_out)} (not .txt files)", file=sys.stderr)
             files += [(f, prefix + os.path.relpath(f, path)) for f in found]
         else:
             files.append((path, prefix + os.path.basename(path)))
@@ -499,11 +506,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"shards: {brace_pattern(args.out, summary['shards'])}")
     print(f"extensions: {', '.join(summary['extensions'])}")
     if classes:
-        # Beside the shards, for the other splits: numbered by their own folders, a split that lacks a class
-        # would shift every label after it.
-        path = classes_file(args.out)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write("".join(name + "\n" for name in classes))
+        path = write_classes_file(args.out, classes)
         print("classes: " + ", ".join(f"{i}={name}" for i, name in enumerate(classes)))
         print(f"class list: {path}" + ("" if pinned else f" (write other splits with --classes {path})"))
     return summary

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.augment import IMAGENET_MEAN, IMAGENET_STD
 from core.export import describe_encoder, validation_view
 from core.fsdp import shard_blocks
 from core.heads import scatter_visible
@@ -30,8 +31,6 @@ from core.schedules import WarmupCosine, step_scheduler, warmup_and_total_steps
 from core.visualize import pictures_due, pictures_path, reconstruction_rows, save_reconstructions
 from core.vit import Attention, CrossAttention, ViT, init_weights, sincos_pos_embed
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 # The fixed view pair of the validation loss: the whole image as the global view and its central crop,
 # 0.67 of the side (45% of the area, inside the paper's 30-60% local scale), as the local view.
 VAL_LOCAL_SIDE = 0.67
@@ -129,8 +128,8 @@ class CropMAE(L.LightningModule):
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_epochs: float = 20,
-        mean: list[float] = IMAGENET_MEAN,
-        std: list[float] = IMAGENET_STD,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
         pictures_every_n_steps: int = 1000,
     ):
         super().__init__()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from core.augment import IMAGENET_MEAN, IMAGENET_STD
 from core.export import describe_encoder, validation_view
 from core.fsdp import shard_blocks
 from core.heads import MAEDecoder
@@ -22,16 +23,16 @@ from core.schedules import WarmupCosine, step_scheduler, warmup_and_total_steps
 from core.visualize import pictures_due, pictures_path, reconstruction_rows, save_reconstructions
 from core.vit import ViT
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
-
 
 class MAE(L.LightningModule):
     """image_size/patch_size/size/encoder_depth: the ViT encoder (paper: 224, 16, base).
+    pool: the representation the probes and the export take, "cls" (the paper's linear probe) or "mean".
     decoder_*: the decoder (paper: 512 wide, 8 deep, 16 heads).
+    mask_ratio: the share of patches hidden (paper: 0.75). norm_pix_loss: targets normalised per patch (paper: on).
     base_lr: the learning rate per 256 samples of effective batch (paper: 1.5e-4); AdamW with betas
     (0.9, 0.95) and weight decay 0.05 on weights only; linear warmup for `warmup_epochs`, then cosine.
     mean/std: the input normalisation the data transform applies (recorded for export and pictures).
+    pictures_every_n_steps: reconstruction pictures to the run's log folder (0: none).
     """
 
     def __init__(
@@ -50,8 +51,8 @@ class MAE(L.LightningModule):
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_epochs: float = 40,
-        mean: list[float] = IMAGENET_MEAN,
-        std: list[float] = IMAGENET_STD,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
         pictures_every_n_steps: int = 1000,
     ):
         super().__init__()

@@ -30,7 +30,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from core import bench
-from recipes.videomae.model import IMAGENET_MEAN, IMAGENET_STD, VideoMAE
+from core.augment import IMAGENET_MEAN, IMAGENET_STD
+from recipes.videomae.model import VideoMAE
 
 
 class ReferenceVideoMAE(nn.Module):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from core.augment import IMAGENET_MEAN, IMAGENET_STD
 from core.export import describe_encoder, validation_view
 from core.fsdp import shard_blocks
 from core.heads import MAEDecoder
@@ -27,8 +28,6 @@ from core.visualize import pictures_due, pictures_path, reconstruction_rows, sav
 from core.vit import ViT
 
 MASKINGS = ("tube", "random")
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 def tubelet_targets(video: torch.Tensor, patch_size: tuple[int, int, int], normalize: bool, per_channel: bool = True):
@@ -93,8 +92,8 @@ class VideoMAE(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_epochs: float = 40,
         min_lr_ratio: float = 1e-5 / 1.5e-4,
-        mean: list[float] = IMAGENET_MEAN,
-        std: list[float] = IMAGENET_STD,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
         pictures_every_n_steps: int = 1000,
     ):
         super().__init__()
