@@ -17,6 +17,7 @@ import glob
 import os
 import random
 import zipfile
+from weakref import proxy
 
 import lightning as L
 import numpy as np
@@ -191,11 +192,16 @@ class LastCheckpoint(ModelCheckpoint):
         resume from. A rename within one folder replaces the old file whole or not at all."""
         if "://" in filepath:  # object stores write whole objects
             return super()._save_checkpoint(trainer, filepath)
+        # Lightning's own steps (private; lightning is pinned below 2.7), with the rename before the loggers
+        # hear of the file (one that uploads it would find the old one, or none).
         partial = filepath + ".partial"
-        super()._save_checkpoint(trainer, partial)
+        trainer.save_checkpoint(partial, self.save_weights_only)  # every rank; rank 0 writes, then a barrier
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
         if trainer.is_global_zero:
             os.replace(partial, filepath)
-        self._last_checkpoint_saved = filepath
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
 
 
 class LearningRates(LearningRateMonitor):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import ROOT, mae_demo_run
@@ -68,14 +69,21 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_whole_and_a_cut_one
 
     from core.cli import LastCheckpoint, refuse_unsafe_resume
 
+    class Uploader(CSVLogger):  # a logger that uploads each checkpoint when told of it, as Wandb's can
+        seen = []
+
+        def after_save_checkpoint(self, checkpoint_callback):
+            self.seen.append(torch.load(checkpoint_callback.last_model_path, weights_only=True)["global_step"])
+
     def fit(max_steps):
         trainer = L.Trainer(
-            accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            accelerator="cpu", max_steps=max_steps, logger=Uploader(tmp_path), enable_progress_bar=False, enable_model_summary=False,
             callbacks=[LastCheckpoint(tmp_path, save_last=True, save_top_k=0, every_n_train_steps=2, enable_version_counter=False)],
         )  # fmt: skip
         trainer.fit(Draws(), DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=1))
 
     fit(2)
+    assert Uploader.seen == [2]  # told once the file is in place
     last = tmp_path / "last.ckpt"
     whole = last.read_bytes()
 
@@ -244,6 +252,8 @@ def test_a_view_sized_otherwise_than_the_model_is_refused_naming_both_keys():
     data.val_transform = ImageEval(32, resize=32)
     InputsMatchModel().on_fit_start(SimpleNamespace(datamodule=data), byol)
     dino = DINO(ResNet(18, width=8), global_size=32, local_size=16, out_dim=64, hidden_dim=16, bottleneck_dim=8)
-    data = SimpleNamespace(train_transform=MultiCrop(32, 24, n_local=2), val_transform=ImageEval(32, resize=32))
-    with pytest.raises(ValueError, match=r"data.train_transform.init_args.local_size=24 but model.local_size=16"):
-        InputsMatchModel().on_fit_start(SimpleNamespace(datamodule=data), dino)
+    for train, val, wrong in [(MultiCrop(32, 24, n_local=2), ImageEval(32, resize=32), r"train_transform.init_args.local_size=24 but model.local_size=16"),
+                              (MultiCrop(48, 16, n_local=2), ImageEval(32, resize=32), r"train_transform.init_args.global_size=48 but model.global_size=32"),
+                              (MultiCrop(32, 16, n_local=2), ImageEval(64, resize=64), r"val_transform.init_args.size=64 but model.global_size=32")]:  # fmt: skip
+        with pytest.raises(ValueError, match=wrong):
+            InputsMatchModel().on_fit_start(SimpleNamespace(datamodule=SimpleNamespace(train_transform=train, val_transform=val)), dino)

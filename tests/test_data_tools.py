@@ -243,6 +243,12 @@ def test_a_split_written_apart_numbers_its_classes_as_train_did(tmp_path, capsys
     (tmp_path / "int.csv").write_text("path,caption,label\nval/red/a.png,red,2\n")
     with pytest.raises(ValueError, match="the labels are integers already"):
         write_main(["--out", str(tmp_path / "d" / "val-%06d.tar"), "table", str(tmp_path / "int.csv"), "--classes", str(listed)])
+    # --classes on input without labels (ImageNet's val is one flat folder) would write unlabelled shards
+    (tmp_path / "nolabel.csv").write_text("path,caption\nval/red/a.png,red\n")
+    with pytest.raises(ValueError, match="--classes given, but .*nolabel.csv has no 'label' column"):
+        write_main(["--out", str(tmp_path / "e" / "val-%06d.tar"), "table", str(tmp_path / "nolabel.csv"), "--classes", str(listed)])
+    with pytest.raises(ValueError, match="--classes given, but .*red has no class folders"):
+        write_main(["--out", str(tmp_path / "f" / "val-%06d.tar"), "folder", str(tmp_path / "val" / "red"), "--classes", str(listed)])
 
 
 def test_numbered_class_folders_take_their_numbers_and_names_are_compared_in_one_unicode_form(tmp_path, capsys):
@@ -258,12 +264,26 @@ def test_numbered_class_folders_take_their_numbers_and_names_are_compared_in_one
         (tmp_path / "u" / name / "a.png").write_bytes(image_bytes(pixels(9), "png"))
     write_main(["--out", str(tmp_path / "u-%06d.tar"), "folder", str(tmp_path / "u")])
     assert (tmp_path / "u.classes.txt").read_text(encoding="utf-8") == "Zürich\ncat\nÄrger\n"  # decomposed, Ärger came first
+    # A --classes file and a table in the other spelling number the same classes.
+    (tmp_path / "nfd.classes.txt").write_text("Zu\u0308rich\ncat\nA\u0308rger\n", encoding="utf-8")
+    (tmp_path / "u.csv").write_text("path,caption,label\nu/cat/a.png,x,A\u0308rger\nu/cat/a.png,y,cat\n", encoding="utf-8")
+    write_main(["--out", str(tmp_path / "t-%06d.tar"), "table", str(tmp_path / "u.csv"), "--classes", str(tmp_path / "nfd.classes.txt")])
+    assert labels_by_caption(str(tmp_path / "t-000000.tar")) == {"x": 2, "y": 1}
+    (tmp_path / "u" / "Ärger").mkdir()  # the composed spelling beside the decomposed one: two folders, one class
+    (tmp_path / "u" / "Ärger" / "b.png").write_bytes(image_bytes(pixels(9), "png"))
+    with pytest.raises(ValueError, match="one class name in two Unicode spellings"):
+        write_main(["--out", str(tmp_path / "v-%06d.tar"), "folder", str(tmp_path / "u")])
 
 
 def test_the_writer_tool_reports_a_bad_input_in_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     result = tool("core.data.write", "--out", str(tmp_path / "x-%06d.tar"), "folder", str(tmp_path / "empty"))
     assert result.returncode == 2 and result.stderr.startswith("error: no media files") and "Traceback" not in result.stderr
+    (tmp_path / "empty" / "a.png").write_bytes(image_bytes(pixels(9), "png"))
+    for returncode in (0, 2):  # the same command again: its shards are there already
+        result = tool("core.data.write", "--out", str(tmp_path / "x-%06d.tar"), "folder", str(tmp_path / "empty"))
+        assert result.returncode == returncode and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: 1 shards already match")
 
 
 def test_names_in_other_scripts_get_keys_of_their_own(tmp_path):

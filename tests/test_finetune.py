@@ -47,16 +47,16 @@ def test_layer_decay_scales_each_block_and_skips_decay_on_biases_and_norms():
     assert group["lr_scale"] == 0.5**4 and group["weight_decay"] == 0.0
 
 
-def tone_shards(tmp_path, unlabelled: str = "") -> list[str]:
-    """8x8 noise images, dark or light; the label is the tone. 64 training and 40 validation samples; the one
-    keyed `unlabelled` has no label."""
+def tone_shards(tmp_path, unlabelled: tuple[str, ...] = ()) -> list[str]:
+    """8x8 noise images, dark or light; the label is the tone. 64 training and 40 validation samples; those
+    keyed in `unlabelled` have no label."""
     rng = np.random.default_rng(0)
 
     def samples(n, prefix):
         for i in range(n):
             buf = io.BytesIO()
             Image.fromarray((rng.integers(0, 100, (8, 8, 3)) + 150 * (i % 2)).astype(np.uint8)).save(buf, format="PNG")
-            yield {"__key__": f"{prefix}{i}", "png": buf.getvalue(), **({} if unlabelled == f"{prefix}{i}" else {"cls": i % 2})}
+            yield {"__key__": f"{prefix}{i}", "png": buf.getvalue(), **({} if f"{prefix}{i}" in unlabelled else {"cls": i % 2})}
 
     write_shards(samples(64, "t"), str(tmp_path / "train-%06d.tar"))
     write_shards(samples(40, "v"), str(tmp_path / "val-%06d.tar"))
@@ -120,7 +120,7 @@ def test_finetune_names_the_option_a_wrong_value_breaks(tmp_path):
 
 def test_a_sample_without_a_label_is_skipped_not_a_failed_run(tmp_path, capsys):
     """It failed the batching of the whole run (a TypeError, or a KeyError when first in its batch)."""
-    shards, folder = tone_shards(tmp_path, unlabelled="t0"), export_vit(tmp_path, 0)
+    shards, folder = tone_shards(tmp_path, unlabelled=("t0", "v0")), export_vit(tmp_path, 0)
     finetune_main([folder, *shards, "--num-classes", "2", "--steps", "2", "--batch-size", "64"])
     assert "| pretrained" in capsys.readouterr().out
 

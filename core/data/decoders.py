@@ -98,12 +98,16 @@ def decode_video(data: bytes) -> tuple[torch.Tensor, float]:
 
 
 def decode_label(data: bytes) -> int:
-    """Decode a class index stored as ASCII digits. A negative one is refused (the sample skipped): -100 is
-    cross-entropy's ignore_index, and any other would index a class head from its end or fail inside it."""
-    label = int(data.decode("ascii").strip())
-    if label < 0:
-        raise ValueError(f"class index {label} is negative")
-    return label
+    """Decode a class index stored as ASCII digits."""
+    return int(data.decode("ascii").strip())
+
+
+def _label(data: bytes) -> dict:
+    """A ``label``; a negative class index gives none (-1 marks unlabelled images, as in STL-10): the sample is
+    kept for pretraining and skipped where a label is needed (``core.data.Requires``), where -100 would be
+    cross-entropy's ignore_index and any other negative index a class head's from its end."""
+    label = decode_label(data)
+    return {"label": label} if label >= 0 else {}
 
 
 def decode_npy(data: bytes) -> np.ndarray:
@@ -141,7 +145,7 @@ DECODERS: dict[str, Callable[[bytes], dict]] = {
     **{ext: _audio for ext in AUDIO_EXTENSIONS},
     **{ext: _video for ext in VIDEO_EXTENSIONS},
     "txt": _single("text", lambda data: data.decode("utf-8")),
-    "cls": _single("label", decode_label),
+    "cls": _label,
     "json": _single("json", json.loads),
     "npy": _single("npy", decode_npy),
 }

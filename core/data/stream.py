@@ -91,7 +91,7 @@ class ShardRead:
 class ReadHealth:
     """Stops an endless stream that can read nothing: raises once the latest finished pass over *every*
     shard gave no decodable sample, or, before any sample was decoded, once `first_tries` different shards
-    gave none. A shard revives as soon as a pass over it gives one.
+    gave none (read no sample at all). A shard revives as soon as a pass over it gives one.
 
     Passes are tracked (rather than, say, a run of failures) because the shuffle buffer interleaves samples of
     many passes: a few bad samples in a row say nothing about whether good ones exist. The early rule is for
@@ -105,7 +105,9 @@ class ReadHealth:
         self.any_good = False
 
     def record(self, read: ShardRead) -> None:
-        self.any_good |= read.good > 0
+        # A shard that gave raw samples counts too: behind a shuffle buffer, none is decoded until it fills,
+        # while shards that fail to open are dead at once.
+        self.any_good |= read.good > 0 or bool(read.total)
         if not read.finished:
             return
         if read.good:

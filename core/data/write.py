@@ -261,9 +261,16 @@ def folder_samples(
         raise FileNotFoundError(f"{root} is not a folder")
     extensions, what = MEDIA_KINDS[kind], "media" if kind == "any" else kind
     top_level, left_out = _files_with_extensions(root, extensions, recursive=False)
-    folders = {class_name(entry.name): entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith(".")}
+    folders: dict[str, str] = {}  # class name -> folder name
+    for entry in sorted(os.scandir(root), key=lambda entry: entry.name):
+        if entry.is_dir() and not entry.name.startswith("."):
+            if class_name(entry.name) in folders:
+                raise ValueError(f"{root}: folders {folders[class_name(entry.name)]!r} and {entry.name!r} are one class name in two Unicode spellings; merge them")
+            folders[class_name(entry.name)] = entry.name
     if folders and top_level:
         raise ValueError(f"{root} has both class folders {sorted(folders)} and loose media files, e.g. {top_level[0]}")
+    if pinned is not None and not folders:
+        raise ValueError(f"--classes given, but {root} has no class folders: its samples would be written unlabelled")
     labels, classes = class_indices(list(folders), pinned, root)
     files = [(f, None, None) for f in top_level]
     for name in sorted(folders):
@@ -398,6 +405,8 @@ def table_samples(
         listed = ", ".join(wheres[number].rsplit(" ", 1)[-1] for number in unlabelled[:10]) + (", ..." if len(unlabelled) > 10 else "")
         raise ValueError(f"{path}: {len(unlabelled)} of {len(rows)} rows have no {column!r} (lines {listed}): label every row or none")
     has_labels = bool(rows) and not unlabelled
+    if classes is not None and not has_labels:
+        raise ValueError(f"--classes given, but {path} has no {column!r} column: its samples would be written unlabelled")
     labels, classes = table_labels([row[column] for row in rows], wheres, classes) if has_labels else ([None] * len(rows), [])
     width = len(str(max(len(rows) - 1, 0)))
 
@@ -515,6 +524,6 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError) as error:  # the input's fault: a message, not a traceback
+    except (FileExistsError, FileNotFoundError, ValueError) as error:  # the input's fault: a message, not a traceback
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
