@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import nn
+
+from core.schedules import cosine_ramp
 
 
 def momentum_copy(model: nn.Module) -> nn.Module:
@@ -33,5 +34,4 @@ def update_momentum(model: nn.Module, target: nn.Module, m: float, copy_buffers:
 
 def cosine_momentum(step: int, max_steps: int, base: float = 0.996, end: float = 1.0) -> float:
     """BYOL's schedule: m = end - (end - base) * (cos(pi * step / max_steps) + 1) / 2."""
-    progress = min(step, max_steps) / max(max_steps, 1)
-    return end - (end - base) * (math.cos(math.pi * progress) + 1) / 2
+    return cosine_ramp(min(step, max_steps) / max(max_steps, 1), base, end)

@@ -21,7 +21,9 @@ def _linear_warmup(step: int, warmup_steps: int) -> float:
     return (step + 1) / warmup_steps if step < warmup_steps else 1.0
 
 
-def _cosine(progress: float, start: float, end: float) -> float:
+def cosine_ramp(progress: float, start: float, end: float) -> float:
+    """Half a cosine from `start` (progress 0) to `end` (progress 1 and after): the learning rate's decay, the
+    EMA momentum of BYOL and DINO (`core.momentum.cosine_momentum`) and DINO's weight decay."""
     progress = min(max(progress, 0.0), 1.0)
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -41,7 +43,7 @@ class WarmupCosine:
         if step < self.warmup_steps:
             return _linear_warmup(step, self.warmup_steps)
         progress = (step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1)
-        return _cosine(progress, 1.0, self.min_ratio)
+        return cosine_ramp(progress, 1.0, self.min_ratio)
 
 
 @dataclass
@@ -72,7 +74,7 @@ class WarmupStableDecay:
             return 1.0
         progress = min((step - decay_start) / max(self.decay_steps, 1), 1.0)
         if self.decay == "cosine":
-            return _cosine(progress, 1.0, self.min_ratio)
+            return cosine_ramp(progress, 1.0, self.min_ratio)
         shape = progress if self.decay == "linear" else math.sqrt(progress)
         return 1.0 - (1.0 - self.min_ratio) * shape
 
@@ -100,7 +102,7 @@ class Infinite:
             progress = (step - (self.anneal_at - self.offset)) / max(self.anneal_steps, 1)
             return self.constant_ratio + (self.min_ratio - self.constant_ratio) * min(progress, 1.0)
         progress = (step - self.warmup_steps) / max(self.cooldown_steps, 1)
-        return _cosine(progress, 1.0, self.constant_ratio)
+        return cosine_ramp(progress, 1.0, self.constant_ratio)
 
 
 class ConfiguredLambdaLR(torch.optim.lr_scheduler.LambdaLR):

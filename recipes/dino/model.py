@@ -26,7 +26,7 @@ from core.losses import dino_center, dino_collapse_diagnostics, dino_loss, dino_
 from core.momentum import cosine_momentum, momentum_copy, update_momentum
 from core.optim import param_groups, scaled_lr
 from core.probe import log_embedding_std
-from core.schedules import WarmupCosine, step_scheduler, warmup_and_total_steps
+from core.schedules import WarmupCosine, cosine_ramp, step_scheduler, warmup_and_total_steps
 from core.vit import ViT, init_trunc_normal, set_drop_path
 
 
@@ -195,8 +195,7 @@ class DINO(L.LightningModule):
         once per optimizer step, so gradient accumulation moves them once, as one large batch would."""
         h = self.hparams
         total = self.trainer.estimated_stepping_batches
-        # cosine_momentum is a cosine ramp from `base` to `end`: DINO schedules its weight decay the same way.
-        optimizer.param_groups[0]["weight_decay"] = cosine_momentum(self.trainer.global_step, total, h.weight_decay, h.weight_decay_end)
+        optimizer.param_groups[0]["weight_decay"] = cosine_ramp(self.trainer.global_step / total, h.weight_decay, h.weight_decay_end)
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         # global_step does not count this step yet: k = 0 for the first, as in the paper's schedule.
         m = cosine_momentum(self.trainer.global_step, total, h.base_momentum)
