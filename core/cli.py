@@ -238,6 +238,13 @@ class RecipeCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRates, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads a named checkpoint here (for its hyperparameters), before before_instantiate_classes:
+        # a cut-short one would fail inside torch.load.
+        if self.config.get("subcommand"):
+            refuse_unsafe_resume(self.config[self.config.subcommand])
+        super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
         # `--trainer.strategy=ModelParallelStrategy` reaches Lightning as a registry name, which it lowercases
         # and refuses ("invalid strategy name"); a strategy class named by its class name is what was meant.

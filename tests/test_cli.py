@@ -104,6 +104,10 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_whole_and_a_cut_one
     (tmp_path / "step=2.ckpt").write_bytes(whole)
     with pytest.raises(ValueError, match=r"last.ckpt' is not a whole checkpoint \(100 bytes.*a save cut short.*in its folder \(step=2.ckpt\)"):
         refuse_unsafe_resume(Namespace({"ckpt_path": "last", "weights_only": None, "checkpoint.dirpath": str(tmp_path)}))
+    # Named by its path, Lightning's CLI reads it (for its hyperparameters) before anything is built.
+    args = ["fit", "--config", os.path.join(ROOT, "recipes/mae/configs/demo.yaml"), f"--ckpt_path={last}"]
+    with pytest.raises(ValueError, match=r"last.ckpt' is not a whole checkpoint"):
+        RecipeCLI(MAE, ShardDataModule, args=args)
 
 
 def test_a_resume_takes_the_newest_of_last_ckpt_and_slurms_requeue_saves(tmp_path, monkeypatch):
