@@ -239,11 +239,12 @@ class RecipeCLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
 
     def _parse_ckpt_path(self) -> None:
-        # Lightning reads a named checkpoint here (for its hyperparameters), before before_instantiate_classes:
-        # a cut-short one would fail inside torch.load.
+        """Lightning's merges a checkpoint's saved hyperparameters into the config, whose parser imports and
+        builds any `class_path` they name (a recipe's `backbone`): a crafted checkpoint would run code around
+        `weights_only`. Not done: a resume takes its settings from the config, for a path as for `last` (which
+        Lightning never merged). The checkpoint is checked here, before anything reads it."""
         if self.config.get("subcommand"):
             refuse_unsafe_resume(self.config[self.config.subcommand])
-        super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         # `--trainer.strategy=ModelParallelStrategy` reaches Lightning as a registry name, which it lowercases

@@ -77,7 +77,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str) -> PreT
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     """Load a tokenizer from a local directory: one saved by `train_tokenizer`, or a pretrained model's."""
     folder = _local_dir(path, ("tokenizer.json", "tokenizer_config.json"), "tokenizer")
-    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
 
 
 class TextTokenizer:
@@ -190,7 +190,10 @@ class HFTextEncoder(nn.Module):
         folder = _local_dir(path, ("config.json",), "HFTextEncoder")
         self.config = dict(path=path)
         # float32 master weights whatever dtype the checkpoint was saved in (transformers keeps the stored one).
-        self.model = AutoModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True, dtype=torch.float32)
+        # trust_remote_code=False: a folder whose config names its own code would otherwise ask on a terminal.
+        self.model = AutoModel.from_pretrained(
+            str(folder), local_files_only=True, use_safetensors=True, dtype=torch.float32, trust_remote_code=False
+        )
         # BERT's pooler (a dense layer on [CLS]) is not used by mean pooling: it would get no gradient, which
         # DDP without find_unused_parameters stops on at the second step.
         if getattr(self.model, "pooler", None) is not None:

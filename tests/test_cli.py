@@ -221,6 +221,23 @@ def test_a_resume_loads_weights_only_and_neither_downloads_nor_reads_shard_folde
         RecipeCLI(MAE, ShardDataModule, args=args)
 
 
+def test_a_checkpoints_saved_settings_import_nothing(tmp_path, monkeypatch):
+    """Lightning's CLI merged a checkpoint's hyperparameters into the config, whose parser imports and builds
+    the `class_path` they name (a recipe's backbone): a crafted checkpoint ran code around weights_only."""
+    from recipes.byol.model import BYOL
+
+    marker = tmp_path / "imported"
+    (tmp_path / "planted.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Backbone:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save({"hyper_parameters": {"backbone": {"class_path": "planted.Backbone", "init_args": {}}}}, crafted)
+    args = ["fit", "--config", os.path.join(ROOT, "recipes/byol/configs/demo.yaml"), f"--ckpt_path={crafted}",
+            f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false", f"--checkpoint.dirpath={tmp_path}"]  # fmt: skip
+    with pytest.raises(Exception):  # resuming from it fails: it holds no state
+        RecipeCLI(BYOL, ShardDataModule, args=args)
+    assert not marker.exists()
+
+
 def test_a_transform_normalising_otherwise_than_the_model_is_refused_naming_both_keys():
     """The model's mean/std (and an audio model's rate and length) go into its export: a transform with other
     values trained on inputs that core.evaluate, core.finetune and the pictures would not reproduce."""

@@ -405,6 +405,23 @@ def test_a_missing_shard_is_named_with_its_reason_not_an_errno(tmp_path, caplog)
     assert "FileNotFoundError: [Errno 2] No such file or directory" in caplog.text
 
 
+def test_a_file_a_glob_finds_named_like_a_command_is_read_as_a_file_not_run(tmp_path, monkeypatch):
+    """webdataset's gopen runs a name starting with `pipe:`: a downloaded folder holding a file so named ran it."""
+    write_vectors(tmp_path, "v", 2, per_shard=2)
+    (tmp_path / "pipe:touch PLANTED; cat v-000000.tar #.tar").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert "./pipe:touch PLANTED; cat v-000000.tar #.tar" in expand_urls("*.tar")
+    assert sum(len(batch["npy"]) for batch in read_batches("*.tar", to_tensors, batch_size=2)) == 2
+    assert not (tmp_path / "PLANTED").exists()
+
+
+def test_an_image_past_pillows_pixel_limit_is_undecodable_not_decoded():
+    buffer = io.BytesIO()
+    PIL.Image.new("L", (12000, 12000)).save(buffer, format="PNG")  # 140 KB, 144M pixels: 690 MB decoded
+    with pytest.raises(UndecodableSample, match="could be decompression bomb"):
+        decode_sample({"__key__": "k", "__url__": "u", "png": buffer.getvalue()})
+
+
 def test_file_urls_are_checked_and_globbed_as_local_paths(tmp_path):
     write_vectors(tmp_path, "f", 4, per_shard=2)
     assert expand_urls(f"file://{tmp_path}/f-*.tar") == [str(tmp_path / f"f-{i:06d}.tar") for i in range(2)]

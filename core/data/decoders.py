@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from typing import Any, Callable
 
 import av
@@ -65,8 +66,12 @@ class UnusableSample(SampleError):
 def decode_image(data: bytes) -> PIL.Image.Image:
     """Decode image bytes to an RGB PIL image, 8 bits a channel, upright: a camera's JPEG stores its rotation
     in EXIF, applied here. 16-bit greyscale keeps its top 8 bits, where Pillow's conversion would clip every
-    value above 255 to white."""
-    with PIL.Image.open(io.BytesIO(data)) as image:
+    value above 255 to white. An image past Pillow's pixel limit (89M) is an error, not its warning: a
+    140 KB PNG can hold 144M pixels, 690 MB decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+        image = PIL.Image.open(io.BytesIO(data))
+    with image:
         if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
             image = PIL.ImageOps.exif_transpose(image)
         if image.mode.startswith("I;16"):

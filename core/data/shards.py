@@ -31,7 +31,8 @@ def local_files(pattern: str) -> list[str]:
 
     def files_of(path: str) -> list[str]:
         found = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
-        return [file for file in found if os.path.isfile(file)]
+        # A file a glob finds named `pipe:...` or `http:...` would be run or fetched by webdataset's gopen.
+        return [os.path.join(".", file) if urlparse(file).scheme else file for file in found if os.path.isfile(file)]
 
     expanded = list(braceexpand.braceexpand(pattern))
     matches = {path: files_of(path) for path in expanded}
