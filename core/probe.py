@@ -217,14 +217,14 @@ class OnlineProbe(L.Callback):
     ranks (each rank its share), so the probe reads the same on one process as on many.
     """
 
+    needs_why = "the online probe (off: --probe.max_samples 0)"  # in the skip warning of a sample without a label
+
     def __init__(self, max_samples: int = 10_000):
         self.max_samples = max_samples
         self.features: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
         self.embedded = 0  # rows embedded this run, repeats included: every rank stops at the same batch
         self.seen: set[tuple[str, str]] = set()  # (shard, key) of the samples kept this run
-
-    needs_why = "the online probe (off: --probe.max_samples 0)"
 
     @property
     def needs_entries(self) -> tuple[str, ...]:
