@@ -242,9 +242,11 @@ class RecipeCLI(LightningCLI):
         """Lightning's merges a checkpoint's saved hyperparameters into the config, whose parser imports and
         builds any `class_path` they name (a recipe's `backbone`): a crafted checkpoint would run code around
         `weights_only`. Not done: a resume takes its settings from the config, for a path as for `last` (which
-        Lightning never merged). The checkpoint is checked here, before anything reads it."""
+        Lightning never merged). The checkpoint is resolved and checked here, before anything reads it."""
         if self.config.get("subcommand"):
-            refuse_unsafe_resume(self.config[self.config.subcommand])
+            config = self.config[self.config.subcommand]
+            newest_resume_point(config)
+            refuse_unsafe_resume(config)
 
     def before_instantiate_classes(self) -> None:
         # `--trainer.strategy=ModelParallelStrategy` reaches Lightning as a registry name, which it lowercases
@@ -254,8 +256,6 @@ class RecipeCLI(LightningCLI):
         named = getattr(strategies, name, None) if isinstance(name, str) else None
         if isinstance(named, type) and issubclass(named, strategies.Strategy):
             config["trainer.strategy"] = Namespace(class_path=f"lightning.pytorch.strategies.{name}", init_args=Namespace())
-        newest_resume_point(config)
-        refuse_unsafe_resume(config)
 
 
 def newest_resume_point(config: Namespace) -> None:
