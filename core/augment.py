@@ -25,7 +25,7 @@ import torchaudio.functional as AF
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from core.data.decoders import UnusableSample
+from core.data.decoders import EncodedVideo, UnusableSample
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -562,7 +562,7 @@ class VideoClip:
     (``"skip"``), or is read from its first frame with its last frame repeated to fill (``"repeat_last"``),
     as VideoMAE's loader does for its short videos.
 
-    ``{"video": (T, H, W, 3) uint8} -> {"video": (3, num_frames, size, size), "label"}``.
+    ``{"video": EncodedVideo or (T, H, W, 3) uint8} -> {"video": (3, num_frames, size, size), "label"}``.
     """
 
     def __init__(
@@ -600,11 +600,13 @@ class VideoClip:
         self.spatial = v2.Compose(spatial + _normalize(mean, std))
 
     def __call__(self, sample: dict) -> dict:
-        video = torch.as_tensor(_field(sample, "video"))
+        video = _field(sample, "video")
         where = f"sample {sample.get('__key__', '?')!r} from {sample.get('__url__', '?')!r}"
-        if video.ndim != 4 or video.shape[-1] != 3:
-            raise ValueError(f"'video' of {where} must be (T, H, W, 3), got shape {tuple(video.shape)}")
-        frames = video.shape[0]
+        if not isinstance(video, EncodedVideo):  # frames given as they are
+            video = torch.as_tensor(video)
+            if video.ndim != 4 or video.shape[-1] != 3:
+                raise ValueError(f"'video' of {where} must be (T, H, W, 3), got shape {tuple(video.shape)}")
+        frames = len(video)
         if frames < self.span and self.short_clips != "repeat_last":
             message = (
                 f"'video' of {where} has {frames} frames, but num_frames={self.num_frames} with "
@@ -620,7 +622,7 @@ class VideoClip:
         else:
             start = (frames - self.span) // 2
         index = (start + torch.arange(self.num_frames) * self.stride).clamp(max=frames - 1)
-        clip = video[index].permute(0, 3, 1, 2)  # (num_frames, 3, H, W)
+        clip = video[index].permute(0, 3, 1, 2)  # (num_frames, 3, H, W); an EncodedVideo decodes these frames only
         clip = self.spatial(tv_tensors.Video(clip))  # (num_frames, 3, size, size)
         clip = clip.as_subclass(torch.Tensor).transpose(0, 1)  # (3, num_frames, size, size)
         return _labelled(sample, {"video": clip})

@@ -34,7 +34,7 @@ def raw_input(sample: dict) -> dict:
     if "image" in sample:
         x = torch.from_numpy(np.array(sample["image"])).float() / 255  # (H, W, 3)
     elif "video" in sample:
-        x = sample["video"].float() / 255  # (T, H, W, 3)
+        x = sample["video"].frames().float() / 255  # (T, H, W, 3)
     else:
         x = sample["audio"].mean(0)  # (channels, S) -> (S,)
     return {"x": x, "label": sample["label"]}

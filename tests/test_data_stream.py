@@ -422,6 +422,93 @@ def test_an_image_past_pillows_pixel_limit_is_undecodable_not_decoded():
         decode_sample({"__key__": "k", "__url__": "u", "png": buffer.getvalue()})
 
 
+def numbered_video(frames: int, size: int = 32) -> np.ndarray:
+    """(frames, size, size, 3) uint8, frame i a flat grey of 10 * i: which frame came back survives H.264."""
+    return np.repeat(np.arange(frames, dtype=np.uint8)[:, None, None, None] * 10, size * size * 3).reshape(frames, size, size, 3)
+
+
+def cut_tail(data: bytes, keep: int = 12) -> bytes:
+    """An mp4 whose coded frames after the first ``keep`` (in decoding order) are zeroed: the container and its
+    index intact, the first frames decodable, the last ones not."""
+    with av.open(io.BytesIO(data)) as container:
+        start = [packet.pos for packet in container.demux(container.streams.video[0]) if packet.size][keep]
+    end = data.index(b"moov") - 8  # PyAV writes the index after the frames
+    assert start < end
+    return data[:start] + bytes(end - start) + data[end:]
+
+
+def test_a_video_decodes_the_frames_a_clip_asks_for_and_no_further(monkeypatch):
+    from core.data.decoders import EncodedVideo
+
+    data = video_bytes(numbered_video(20), fps=10)
+    video = decode_sample({"__key__": "k", "__url__": "u", "mp4": data})["video"]
+    assert isinstance(video, EncodedVideo) and (len(video), video.fps, video.shape) == (20, 10.0, (20, 32, 32, 3))
+    whole = video.frames()
+    assert whole.shape == (20, 32, 32, 3) and whole.dtype == torch.uint8
+    assert torch.equal(torch.as_tensor(np.asarray(video)), whole)
+    assert [round(float(f.float().mean()) / 10) for f in whole] == list(range(20))
+    assert torch.equal(video[torch.tensor([7, 2, 2, 5])], whole[[7, 2, 2, 5]])  # any order, repeats
+
+    decoded = []
+    real_decode = av.container.InputContainer.decode
+
+    def counting_decode(container, *args, **kwargs):
+        for frame in real_decode(container, *args, **kwargs):
+            decoded.append(frame)
+            yield frame
+
+    monkeypatch.setattr(av.container.InputContainer, "decode", counting_decode)
+    video[[3, 5]]
+    assert len(decoded) == 6  # frames 0-5: up to the last frame asked for
+    monkeypatch.undo()
+
+    # So a video whose last frames cannot be decoded still gives its first ones; asked for the last, or
+    # decoded whole (a reader without a transform, inspect), it is an undecodable sample, counted.
+    broken = decode_sample({"__key__": "k", "__url__": "u", "mp4": cut_tail(data)})["video"]
+    assert torch.equal(broken[[0, 1, 2]], whole[:3])
+    with pytest.raises(UndecodableSample, match="sample 'k' of 'u': member 'mp4': cannot decode frames") as error:
+        broken[[19]]
+    assert error.value.reason == "undecodable .mp4"
+
+
+def test_a_video_whose_frames_cannot_be_decoded_is_skipped_and_counted_where_a_clip_needs_them(tmp_path):
+    from core.augment import VideoClip
+    from core.data.inspect import inspect_shards
+
+    good = video_bytes(numbered_video(20), fps=10)
+    samples = [{"__key__": f"{i:06d}", "mp4": good, "cls": str(i).encode()} for i in range(4)]
+    samples[2]["mp4"] = cut_tail(good)
+    write_shards(samples, str(tmp_path / "v-%06d.tar"))
+    pattern = str(tmp_path / "v-000000.tar")
+    last_frames = VideoClip(4, 1, 32, train=False)  # a centred clip of 20 frames: frames 8-11, past the cut
+    loader = read_batches(pattern, last_frames, batch_size=2)
+    assert [label for batch in loader for label in batch["label"].tolist()] == [0, 1, 3]
+    assert loader.stream.stats.totals()["samples_skipped"] == 1
+    whole = read_batches(pattern, batch_size=1)  # no transform: whole videos
+    assert keys_of(whole) == ["000000", "000001", "000003"] and whole.stream.stats.totals()["samples_skipped"] == 1
+    assert dict(inspect_shards(pattern).skipped) == {"undecodable .mp4": 1}
+
+
+def test_video_clip_benchmark_times_both_ways_on_real_videos(capsys):
+    from core.data import bench_video
+
+    bench_video.main(["--videos", "2", "--frames", "24", "--width", "96", "--height", "64", "--clip-frames", "4",
+                      "--stride", "2", "--size", "16", "--rounds", "1"])  # fmt: skip
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "clips/s" not in line]
+    assert [r[0].strip() for r in rows] == ["whole video (reference)", "clip frames"]
+    assert rows[0][2].strip() == "1.00x" and all(float(r[1]) > 0 for r in rows)
+    whole_mb, clip_mb = (float(r[3].split()[0]) for r in rows)
+    assert clip_mb < whole_mb  # 4 frames held, not 24
+
+
+def test_a_video_past_pillows_pixel_limit_is_undecodable_not_decoded(monkeypatch):
+    data = video_bytes(numbered_video(2), fps=10)
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 32 * 32 - 1)
+    with pytest.raises(UndecodableSample, match="frame size 32x32 .1024 pixels. exceeds the limit") as error:
+        decode_sample({"__key__": "k", "__url__": "u", "mp4": data})
+    assert error.value.reason == "undecodable .mp4"
+
+
 def test_file_urls_are_checked_and_globbed_as_local_paths(tmp_path):
     write_vectors(tmp_path, "f", 4, per_shard=2)
     assert expand_urls(f"file://{tmp_path}/f-*.tar") == [str(tmp_path / f"f-{i:06d}.tar") for i in range(2)]

@@ -128,7 +128,7 @@ def test_labeled_shards_decode_and_cover_all_classes(builds, modality):
             if modality == "image":
                 assert decoded["image"].size == (32, 32) and decoded["image"].mode == "RGB"
             elif modality == "video":
-                assert tuple(decoded["video"].shape) == (16, 32, 32, 3) and decoded["fps"] == 8
+                assert tuple(decoded["video"].frames().shape) == (16, 32, 32, 3) and decoded["fps"] == 8
             else:
                 assert tuple(decoded["audio"].shape) == (1, 16_000) and decoded["sample_rate"] == 16_000
                 assert decoded["audio"].abs().max() < 1

@@ -2,8 +2,9 @@
 
     python -m core.data.inspect 'data/demo/image/train-{000000..000003}.tar' --limit 1000
 
-Samples are decoded exactly as training decodes them (``core.data.decoders.decode_sample``). Exits with
-status 1 when no sample could be read, and 2 when the pattern names no shard.
+Samples are decoded as training decodes them (``core.data.decoders.decode_sample``), videos whole (training
+decodes the frames of its clips). Exits with status 1 when no sample could be read, and 2 when the pattern
+names no shard.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
-from core.data.decoders import SampleError, decode_sample, member_extension
+from core.data.decoders import SampleError, decode_sample, decoded_whole, member_extension
 from core.data.shards import expand_urls, read_shard
 
 EXAMPLES_PER_REASON = 3
@@ -57,7 +58,7 @@ def check_sample(raw: dict, report: ShardReport) -> None:
     """Decode one raw sample and add the outcome to ``report``."""
     report.extensions.update(member_extension(name) for name in raw if not name.startswith("__"))
     try:
-        decoded = decode_sample(raw)
+        decoded = decoded_whole(decode_sample(raw))  # every frame of a video, where training decodes a clip's
     except SampleError as error:
         report.skipped[error.reason] += 1
         examples = report.examples.setdefault(error.reason, [])

@@ -27,7 +27,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.combined_loader import _shutdown_workers_and_reset_iterator
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from core.data.decoders import RefusedSample, SampleError, UnusableSample, decode_sample
+from core.data.decoders import RefusedSample, SampleError, UnusableSample, decode_sample, decoded_whole
 from core.data.shards import expand_urls, listing, read_shard
 
 log = logging.getLogger(__name__)
@@ -199,11 +199,12 @@ def mixed(
 
 
 def transformed(sample: dict, transform: SampleTransform | None) -> dict:
-    """Apply the user transform; a failure other than a ``SampleError`` names the sample it failed on."""
+    """Apply the user transform; a failure other than a ``SampleError`` names the sample it failed on. A video
+    the transform leaves as it was decoded (an ``EncodedVideo``) is decoded whole, so that it batches."""
     if transform is None:
-        return sample
+        return decoded_whole(sample)
     try:
-        return transform(sample)
+        return decoded_whole(transform(sample))
     except SampleError:
         raise
     except Exception as error:

@@ -1,0 +1,109 @@
+"""How fast do VideoMAE's clips come out of video shards? Clips per second from a shard to normalised clips,
+two ways, measured in one run on the same shard:
+
+- whole video (the reference): every frame decoded and converted to RGB, then the clip's frames picked, as
+  the decoder did before ``EncodedVideo`` (and as any loader without random access must);
+- clip frames: ``EncodedVideo`` decodes up to the clip's last frame and converts only the clip's frames.
+
+    python -m core.data.bench_video --frames 300 --width 340 --height 256
+
+The videos are made here (H.264 by PyAV's libx264, a moving noise texture, so every frame costs what a real
+frame does to decode) and written to a temporary shard. Both ways run ``core.augment.VideoClip`` (VideoMAE's
+16 frames at stride 4, random start and crop) in this process, so the rate is that of one data worker.
+Memory: the peak of the frames held at once (numpy allocations, traced by ``tracemalloc``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import tempfile
+import time
+import tracemalloc
+
+import av
+import numpy as np
+import torch
+
+from core.augment import VideoClip
+from core.data import read_batches
+from core.data.write import write_shards
+
+
+def synthetic_video(frames: int, width: int, height: int, fps: int, seed: int) -> bytes:
+    """A noise texture drifting 2 px a frame, H.264 (yuv420p) in mp4."""
+    texture = np.random.default_rng(seed).integers(0, 256, (height, width + 2 * frames, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    with av.open(out, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for t in range(frames):
+            frame = np.ascontiguousarray(texture[:, 2 * t : 2 * t + width])
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return out.getvalue()
+
+
+class WholeVideoClip:
+    """The reference: decode every frame, then cut the clip from them."""
+
+    def __init__(self, clip: VideoClip):
+        self.clip = clip
+
+    def __call__(self, sample: dict) -> dict:
+        return self.clip({**sample, "video": sample["video"].frames()})
+
+
+def measure(transform, pattern: str, passes: int) -> tuple[float, float]:
+    """(clips per second, peak MB of numpy memory) over ``passes`` passes of the shard, one clip a batch."""
+    tracemalloc.start()
+    start, clips = time.perf_counter(), 0
+    for _ in range(passes):
+        for batch in read_batches(pattern, transform, batch_size=1):
+            clips += len(batch["video"])
+    seconds = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    return clips / seconds, peak
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--videos", type=int, default=8)
+    parser.add_argument("--frames", type=int, default=300, help="frames a video (300: 10 s at 30 fps)")
+    parser.add_argument("--width", type=int, default=340)
+    parser.add_argument("--height", type=int, default=256)
+    parser.add_argument("--clip-frames", type=int, default=16)
+    parser.add_argument("--stride", type=int, default=4)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of both ways; each keeps its best")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    clip = VideoClip(args.clip_frames, args.stride, args.size, flip=False)
+    ways = {"whole video (reference)": WholeVideoClip(clip), "clip frames": clip}
+    best = {name: (0.0, 0.0) for name in ways}
+    with tempfile.TemporaryDirectory() as folder:
+        samples = [
+            {"__key__": f"{i:06d}", "mp4": synthetic_video(args.frames, args.width, args.height, 30, i), "cls": b"0"}
+            for i in range(args.videos)
+        ]
+        write_shards(samples, f"{folder}/v-%06d.tar")
+        pattern = f"{folder}/v-000000.tar"
+        torch.manual_seed(0)
+        for _ in range(args.rounds):
+            for name, transform in ways.items():
+                rate, peak = measure(transform, pattern, passes=2)
+                best[name] = max(best[name], (rate, peak), key=lambda result: result[0])
+    reference = best["whole video (reference)"]
+    print(
+        f"\n| {args.videos} videos of {args.frames} frames, {args.width}x{args.height}; clips of {args.clip_frames} "
+        f"at stride {args.stride}, {args.size} px | clips/s | vs reference | peak frame memory |"
+    )
+    print("|---|---|---|---|")
+    for name, (rate, peak) in best.items():
+        print(f"| {name} | {rate:.1f} | {rate / reference[0]:.2f}x | {peak:.1f} MB ({peak / reference[1]:.2f}x) |")
+
+
+if __name__ == "__main__":
+    main()
