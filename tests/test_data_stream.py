@@ -273,6 +273,30 @@ def test_a_repeated_member_loses_its_sample_only(tmp_path):
     assert totals["samples_skipped"] == 1 and totals["shard_errors"] == 0
 
 
+def test_a_link_member_loses_its_sample_with_the_link_named_not_without_a_word(tmp_path):
+    """``tar`` run on a folder of symbolic links stores the links, not the files: such a sample is skipped and
+    counted with its link named, where the member was dropped and the sample went on without it."""
+    from core.data.inspect import inspect_shards
+
+    samples = vector_samples(4)
+    with tarfile.open(tmp_path / "ln-000000.tar", "w") as tar:
+        for sample in samples:
+            for ext in ("npy", "cls"):
+                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                if sample["__key__"] == "000001" and ext == "npy":
+                    info.type, info.linkname = tarfile.SYMTYPE, "/data/elsewhere/000001.npy"
+                    tar.addfile(info)
+                else:
+                    info.size = len(sample[ext])
+                    tar.addfile(info, io.BytesIO(sample[ext]))
+    loader = read_batches(str(tmp_path / "ln-000000.tar"), to_tensors, batch_size=1)
+    assert keys_of(loader) == ["000000", "000002", "000003"]
+    assert loader.stream.stats.totals()["samples_skipped"] == 1
+    report = inspect_shards(str(tmp_path / "ln-000000.tar"))
+    assert dict(report.skipped) == {"link member": 1}
+    assert "'000001.npy' is a link to '/data/elsewhere/000001.npy'" in report.examples["link member"][0]
+
+
 def test_a_sample_the_transform_cannot_use_is_skipped_and_counted(tmp_path, caplog):
     """An image shard's .gif sample decodes to a label alone; ImageEval skips it (counted) rather than ending the run."""
     from core.augment import ImageEval
@@ -469,6 +493,36 @@ def test_a_video_decodes_the_frames_a_clip_asks_for_and_no_further(monkeypatch):
     with pytest.raises(UndecodableSample, match="sample 'k' of 'u': member 'mp4': cannot decode frames") as error:
         broken[[19]]
     assert error.value.reason == "undecodable .mp4"
+
+
+@pytest.mark.parametrize(
+    "ext, container_format, codec, options",
+    [
+        ("mp4", "mp4", "libx264", {"bf": "3"}),  # B-frames: decoding order differs from presentation order
+        ("mkv", "matroska", "libx264", {}),
+        ("mov", "mov", "libx264", {}),
+        ("avi", "avi", "mpeg4", {"bf": "2"}),
+        ("webm", "webm", "libvpx", {"auto-alt-ref": "1", "lag-in-frames": "16"}),  # hidden alt-ref frames
+        ("webm", "webm", "libvpx-vp9", {}),
+    ],
+)
+def test_every_video_format_counts_its_frames_without_decoding_them(ext, container_format, codec, options):
+    """``len(video)`` counts packets, one a frame: true of each format the decoder takes, B-frames and VP8's
+    hidden frames included, checked against decoding every frame."""
+    texture = np.random.default_rng(0).integers(0, 256, (64, 150, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    with av.open(out, mode="w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=25, options=options)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for t in range(40):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(texture[:, 2 * t : 2 * t + 64]), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    video = decode_sample({"__key__": "k", ext: out.getvalue()})["video"]
+    with av.open(io.BytesIO(out.getvalue())) as container:
+        every = [frame.to_ndarray(format="rgb24") for frame in container.decode(container.streams.video[0])]
+    assert len(video) == len(every) == 40
+    assert np.array_equal(video[[39, 0]].numpy(), np.stack([every[39], every[0]]))
 
 
 def test_a_video_whose_frames_cannot_be_decoded_is_skipped_and_counted_where_a_clip_needs_them(tmp_path):

@@ -242,6 +242,13 @@ def decode_sample(raw: dict[str, Any]) -> dict:
         raise UndecodableSample(
             "repeated member", f"{where}: member {raw['__duplicate__']!r} repeats an extension the sample already has"
         )
+    if "__link__" in raw:
+        name, target = raw["__link__"]
+        raise UndecodableSample(
+            "link member",
+            f"{where}: member {name!r} is a link to {target!r}, whose content a tar stream does not hold; write the "
+            "shard with the files themselves (tar --dereference, or python -m core.data.write)",
+        )
     if "__partial__" in raw:
         raise UndecodableSample("cut short", f"{where}: the shard's read failed while this sample was being read")
     members = {name: data for name, data in raw.items() if not name.startswith("__")}

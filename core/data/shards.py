@@ -72,7 +72,8 @@ def expand_urls(patterns: str | list[str]) -> list[str]:
 
 
 def tar_members(url: str, stream) -> Iterator[dict]:
-    """The regular files of a tar stream as ``{"fname", "data", "__url__"}``, in order.
+    """The regular files of a tar stream as ``{"fname", "data", "__url__"}``, in order, and its links as
+    ``{"fname", "link", "__url__"}`` (a link's target is not in the stream: ``samples_of`` marks its sample).
 
     Raises ``tarfile.ReadError`` when the archive stops without its end-of-archive marker (zero blocks to the
     end): Python's tarfile, and so webdataset, reads a cut-off or corrupt header after the first member as the
@@ -82,6 +83,8 @@ def tar_members(url: str, stream) -> Iterator[dict]:
         for info in tar:
             if info.isreg() and not META_MEMBER.match(info.name):
                 yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
+            elif info.issym() or info.islnk():
+                yield {"fname": info.name, "link": info.linkname, "__url__": url}
             tar.members = []  # forget the headers read: constant memory however long the shard
             members += 1
         # tarfile stopped at a header it could not read; a real end is a zero block followed by zeros only.
@@ -101,7 +104,9 @@ def samples_of(members: Iterator[dict]) -> Iterator[dict]:
     """Group consecutive tar members into samples by key (the name up to its first dot), extensions
     lowercased, as webdataset's ``group_by_keys``. A member whose extension its sample already has
     (``a.txt`` next to ``a.TXT``, or a member added twice) marks the sample ``__duplicate__`` for the decoder to
-    skip, where ``group_by_keys`` raises and so loses the rest of the shard. When reading fails, the sample
+    skip, where ``group_by_keys`` raises and so loses the rest of the shard. A link member (a shard made by
+    ``tar`` from a folder of symbolic links, without ``--dereference``) marks its sample ``__link__``, to be
+    skipped and counted with the link named, where dropping it would lose the sample without a word. When reading fails, the sample
     being grouped is given before the error marked ``__partial__``, for the decoder to skip and count: whether
     it lost a member cannot be told (a shard written image-first and cut before its ``.cls`` would otherwise
     pass an unlabelled sample on to a batch of labelled ones)."""
@@ -116,7 +121,9 @@ def samples_of(members: Iterator[dict]) -> Iterator[dict]:
                     yield sample
                 sample = {"__key__": key, "__url__": member["__url__"]}
             ext = ext.lower()
-            if ext in sample:
+            if "link" in member:
+                sample.setdefault("__link__", (member["fname"], member["link"]))
+            elif ext in sample:
                 sample.setdefault("__duplicate__", member["fname"])
             else:
                 sample[ext] = member["data"]
