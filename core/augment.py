@@ -1,7 +1,8 @@
 """Sample transforms: turn one decoded WebDataset sample (a dict) into model inputs.
 
 The data layer decodes a sample into ``{"image": PIL RGB, "audio": (C, S) float32, "sample_rate": int,
-"video": (T, H, W, 3) uint8, "fps": float, "text": str, "label": int, "json": dict, "__key__", "__url__"}``.
+"video": EncodedVideo (``video[index]``: uint8 frames (len(index), H, W, 3), decoded when asked for), "fps": float,
+"text": str, "label": int, "json": dict, "__key__", "__url__"}``.
 Each transform here is a small class with typed init arguments, so a config can name it with
 ``class_path: core.augment.TwoViews`` / ``init_args: {size: 224}``, and ``__call__(sample) -> dict``
 returns only tensors (plus ``"label"`` when the sample has one, for probes), ready for the default collate.
@@ -25,7 +26,7 @@ import torchaudio.functional as AF
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from core.data.decoders import EncodedVideo, UnusableSample
+from core.data.decoders import EncodedVideo, FewerFrames, UnusableSample
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -606,7 +607,17 @@ class VideoClip:
             video = torch.as_tensor(video)
             if video.ndim != 4 or video.shape[-1] != 3:
                 raise ValueError(f"'video' of {where} must be (T, H, W, 3), got shape {tuple(video.shape)}")
-        frames = len(video)
+        try:
+            clip = video[self.frame_index(len(video), where)]  # an EncodedVideo decodes these frames only
+        except FewerFrames:  # the video shows fewer frames than its container counted: pick from those it has
+            clip = video[self.frame_index(len(video), where)]
+        clip = clip.permute(0, 3, 1, 2)  # (num_frames, 3, H, W)
+        clip = self.spatial(tv_tensors.Video(clip))  # (num_frames, 3, size, size)
+        clip = clip.as_subclass(torch.Tensor).transpose(0, 1)  # (3, num_frames, size, size)
+        return _labelled(sample, {"video": clip})
+
+    def frame_index(self, frames: int, where: str) -> torch.Tensor:
+        """The clip's frames of a video of ``frames``: (num_frames,) indices."""
         if frames < self.span and self.short_clips != "repeat_last":
             message = (
                 f"'video' of {where} has {frames} frames, but num_frames={self.num_frames} with "
@@ -621,11 +632,7 @@ class VideoClip:
             start = int(torch.randint(frames - self.span + 1, ()))
         else:
             start = (frames - self.span) // 2
-        index = (start + torch.arange(self.num_frames) * self.stride).clamp(max=frames - 1)
-        clip = video[index].permute(0, 3, 1, 2)  # (num_frames, 3, H, W); an EncodedVideo decodes these frames only
-        clip = self.spatial(tv_tensors.Video(clip))  # (num_frames, 3, size, size)
-        clip = clip.as_subclass(torch.Tensor).transpose(0, 1)  # (3, num_frames, size, size)
-        return _labelled(sample, {"video": clip})
+        return (start + torch.arange(self.num_frames) * self.stride).clamp(max=frames - 1)
 
 
 def crop_or_pad(waveform: torch.Tensor, length: int, random: bool) -> torch.Tensor:

@@ -3,6 +3,7 @@ bad samples (corrupt, pickle), pipe: sources, clear errors, and the DataModule i
 (per-source logging, YAML transforms, resuming without replaying samples)."""
 
 import csv
+import fractions
 import io
 import json
 import logging
@@ -50,11 +51,11 @@ def audio_bytes(wave: np.ndarray, sample_rate: int, fmt: str) -> bytes:
     return out.getvalue()
 
 
-def video_bytes(frames: np.ndarray, fps: int) -> bytes:
-    """``frames`` is (T, H, W, 3) uint8, encoded with libx264."""
+def video_bytes(frames: np.ndarray, fps: int, options: dict | None = None) -> bytes:
+    """``frames`` is (T, H, W, 3) uint8, encoded with libx264 (``options``: its settings)."""
     out = io.BytesIO()
     with av.open(out, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
+        stream = container.add_stream("libx264", rate=fps, options=options or {})
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
@@ -294,7 +295,30 @@ def test_a_link_member_loses_its_sample_with_the_link_named_not_without_a_word(t
     assert loader.stream.stats.totals()["samples_skipped"] == 1
     report = inspect_shards(str(tmp_path / "ln-000000.tar"))
     assert dict(report.skipped) == {"link member": 1}
-    assert "'000001.npy' is a link to '/data/elsewhere/000001.npy'" in report.examples["link member"][0]
+    assert "'000001.npy' is a symbolic link to '/data/elsewhere/000001.npy'" in report.examples["link member"][0]
+    assert "tar --dereference" in report.examples["link member"][0]
+
+
+def test_a_hard_link_names_its_own_tar_option_and_a_link_no_decoder_reads_is_dropped(tmp_path):
+    from core.data.inspect import inspect_shards
+
+    members = [
+        ("a.npy", npy_bytes(np.zeros(DIM, np.float32))), ("a.cls", b"0"), ("a.README", (tarfile.SYMTYPE, "../README")),
+        ("b.cls", b"1"), ("b.npy", (tarfile.LNKTYPE, "a.npy")),
+    ]  # fmt: skip
+    with tarfile.open(tmp_path / "hl-000000.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if isinstance(data, tuple):
+                info.type, info.linkname = data
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    report = inspect_shards(str(tmp_path / "hl-000000.tar"))
+    assert report.samples_read == 1 and dict(report.skipped) == {"link member": 1}  # a kept, its README link dropped
+    assert "'b.npy' is a hard link to 'a.npy'" in report.examples["link member"][0]
+    assert "tar --hard-dereference" in report.examples["link member"][0]
 
 
 def test_a_sample_the_transform_cannot_use_is_skipped_and_counted(tmp_path, caplog):
@@ -523,6 +547,84 @@ def test_every_video_format_counts_its_frames_without_decoding_them(ext, contain
         every = [frame.to_ndarray(format="rgb24") for frame in container.decode(container.streams.video[0])]
     assert len(video) == len(every) == 40
     assert np.array_equal(video[[39, 0]].numpy(), np.stack([every[39], every[0]]))
+
+
+def remuxed(data: bytes, drop_first: int = 0, shift: int = 0) -> bytes:
+    """``data``'s packets copied into a new mp4 without re-encoding: the first ``drop_first`` left out (a cut
+    before the first keyframe), the timestamps moved ``shift`` frames back (an edit list then discards those
+    frames, as FFmpeg writes for a stream whose first timestamp is negative)."""
+    out = io.BytesIO()
+    with av.open(io.BytesIO(data)) as source, av.open(out, mode="w", format="mp4") as target:
+        stream = target.add_stream_from_template(source.streams.video[0])
+        packets = [packet for packet in source.demux(source.streams.video[0]) if packet.size]
+        for packet in packets[drop_first:]:
+            packet.pts -= shift * packet.duration
+            packet.dts -= shift * packet.duration
+            packet.stream = stream
+            target.mux(packet)
+    return out.getvalue()
+
+
+def test_a_video_counts_the_frames_it_shows_and_a_clip_picks_again_from_those_it_has():
+    from core.augment import VideoClip
+
+    texture = np.random.default_rng(0).integers(0, 256, (32, 32 + 80, 3), dtype=np.uint8)
+    drifting = np.stack([texture[:, 2 * t : 2 * t + 32] for t in range(40)])
+    gops = video_bytes(drifting, fps=10, options={"g": "10", "bf": "0"})  # a keyframe every 10 frames
+    for data, shown in [(remuxed(gops, drop_first=3), 30), (remuxed(gops, shift=5), 35)]:
+        with av.open(io.BytesIO(data)) as container:
+            every = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(container.streams.video[0])])
+        video = decode_sample({"__key__": "k", "mp4": data})["video"]
+        assert len(every) == len(video) == shown
+        assert np.array_equal(video.frames().numpy(), every)
+        clip = VideoClip(16, 4, 32, train=False, short_clips="repeat_last")({"video": video})["video"]
+        assert clip.shape == (3, 16, 32, 32)
+
+    # Should a container still count more frames than its stream shows, a clip is picked again from those.
+    video = decode_sample({"__key__": "k", "mp4": video_bytes(numbered_video(12), fps=10)})["video"]
+    video.num_frames = 20
+    clip = VideoClip(4, 2, 32, train=False, mean=(0, 0, 0), std=(1, 1, 1))({"video": video})["video"]
+    # Centred in 20, frames 6-12 at stride 2 reach past the 12; centred in 12, frames 2-8.
+    assert len(video) == 12 and [round(float(f.mean()) * 25.5) for f in clip.unbind(1)] == [2, 4, 6, 8]
+
+
+def test_video_frames_are_indexed_as_a_tensor_is_and_wrong_indices_say_so():
+    video = decode_sample({"__key__": "k", "mp4": video_bytes(numbered_video(10), fps=10)})["video"]
+    every = video.frames()
+    assert torch.equal(video[-2:], every[8:]) and torch.equal(video[[-1, 0]], every[[9, 0]])
+    assert torch.equal(video[np.array([3, 3])], every[[3, 3]])
+    for wrong, error in [(3, TypeError), (torch.tensor(3), TypeError), ([1.5], TypeError), ([10], IndexError), ([], IndexError)]:
+        with pytest.raises(error):
+            video[wrong]
+    with pytest.raises(ValueError, match="cannot avoid a copy"):
+        np.asarray(video, copy=False)
+    assert np.asarray(video, dtype=np.float32).dtype == np.float32
+    with pytest.raises(UndecodableSample, match=r"a still image \(png_pipe\), not a video"):
+        decode_sample({"__key__": "k", "mp4": image_bytes(numbered_video(1)[0], "PNG")})
+
+
+def test_a_video_whose_frame_size_changes_is_undecodable_and_skipped_not_a_crash(tmp_path):
+    """As when every frame was decoded and stacked: a sample, skipped and counted, not an error of the run."""
+    from core.augment import VideoClip
+
+    def jpeg(side: int) -> bytes:
+        return image_bytes(np.full((side, side, 3), 128, np.uint8), "JPEG")
+
+    out = io.BytesIO()
+    with av.open(out, mode="w", format="matroska") as container:
+        stream = container.add_stream("mjpeg", rate=10)
+        stream.width, stream.height, stream.pix_fmt, stream.time_base = 32, 32, "yuvj420p", fractions.Fraction(1, 10)
+        for t, side in enumerate([32] * 3 + [48] * 3):
+            packet = av.Packet(jpeg(side))
+            packet.pts = packet.dts = t
+            packet.stream, packet.time_base = stream, stream.time_base
+            container.mux(packet)
+    good = video_bytes(numbered_video(6), fps=10)
+    write_shards([{"__key__": "a", "mkv": out.getvalue(), "cls": b"0"}, {"__key__": "b", "mp4": good, "cls": b"1"}],
+                 str(tmp_path / "rs-%06d.tar"))  # fmt: skip
+    loader = read_batches(str(tmp_path / "rs-000000.tar"), VideoClip(4, 1, 16, train=False), batch_size=1)
+    assert [batch["label"].item() for batch in loader] == [1]
+    assert loader.stream.stats.totals()["samples_skipped"] == 1
 
 
 def test_a_video_whose_frames_cannot_be_decoded_is_skipped_and_counted_where_a_clip_needs_them(tmp_path):

@@ -10,7 +10,8 @@ two ways, measured in one run on the same shard:
 The videos are made here (H.264 by PyAV's libx264, a moving noise texture, so every frame costs what a real
 frame does to decode) and written to a temporary shard. Both ways run ``core.augment.VideoClip`` (VideoMAE's
 16 frames at stride 4, random start and crop) in this process, so the rate is that of one data worker.
-Memory: the peak of the frames held at once (numpy allocations, traced by ``tracemalloc``).
+Memory: the peak of the decoded frames held at once (the numpy arrays they are converted into, traced by
+``tracemalloc``; PyAV's buffer of the frame being converted, one at a time, is not seen).
 """
 
 from __future__ import annotations

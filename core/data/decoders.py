@@ -23,6 +23,7 @@ npy                         ``npy``: numpy array, loaded with ``allow_pickle=Fal
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from typing import Any, Callable
 
@@ -89,38 +90,57 @@ def decode_audio(data: bytes) -> tuple[torch.Tensor, int]:
     return torch.from_numpy(samples.T.copy()), int(sample_rate)  # (channels, samples)
 
 
+class FewerFrames(IndexError):
+    """A video's stream decoded to fewer frames than its container counted; ``len(video)`` now says how many."""
+
+
 class EncodedVideo:
     """A video member, decoded when its frames are asked for, as decord's ``VideoReader`` is: a clip of 16
     frames from a 10-second video decodes the frames up to its last one and converts only its own 16 to RGB.
-    Decoding every frame took about 5 times as long (a 300-frame 340x256 H.264 video: 0.24 s against 0.05 s)
-    and held all of them (78 MB).
+    Decoding every frame took about 3 times as long (``core.data.bench_video``) and held every frame twice
+    (PyAV's and the stacked copy: 150 MB for 300 frames of 340x256).
 
-    Opening reads the container only, nothing is decoded: ``len(video)`` counts the first video stream's
-    packets (one a frame), ``fps`` is its rate, ``height``/``width`` its frame size, which must be within
-    Pillow's pixel limit (89M), as images are. ``video[index]`` decodes the frames at ``index`` (ints, in
-    any order) to a uint8 tensor ``(len(index), H, W, 3)``; ``video.frames()`` or ``np.asarray(video)``
-    every frame. A frame that cannot be decoded, or a stream with fewer frames than its packets, raises
-    ``UndecodableSample`` (the shard stream skips and counts the sample, as it does for an undecodable member).
+    Opening reads the container only, nothing is decoded: ``len(video)`` counts the frames the first video
+    stream shows (its packets from the first keyframe on, less those an edit list discards), ``fps`` is its
+    rate, ``height``/``width`` its frame size, which must be within Pillow's pixel limit (89M), as images
+    are. ``video[index]`` decodes the frames ``index`` (a list or 1-D tensor of ints, any order, negative from
+    the end; or a slice) to a uint8 tensor ``(len(index), H, W, 3)``; ``video.frames()`` or
+    ``np.asarray(video)`` gives every frame.
+
+    A frame that cannot be decoded, or of another size than the stream's, raises ``UndecodableSample`` (the
+    shard stream skips and counts the sample, as it does for an undecodable member). Should the stream
+    decode to fewer frames than counted, ``len(video)`` is corrected and ``video[index]`` raises
+    ``FewerFrames`` when it asked for one past them (``VideoClip`` then picks its frames again);
+    ``frames()`` gives those there are.
     """
 
     def __init__(self, data: bytes):
         self.data = data
         self.source, self.reason = "video", "undecodable video"  # decode_sample names the sample and member
         with av.open(io.BytesIO(data)) as container:
+            if container.format.name.endswith("_pipe") or container.format.name == "image2":  # FFmpeg reads images too
+                raise ValueError(f"a still image ({container.format.name}), not a video")
             if not container.streams.video:
                 raise ValueError("no video stream")
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate
             self.height, self.width = stream.codec_context.height, stream.codec_context.width
-            self.num_frames = sum(1 for packet in container.demux(stream) if packet.size)  # the flush packet is empty
+            # FFmpeg shows no frame before the first keyframe, nor those an edit list discards (mp4 and mov cut
+            # without re-encoding); the flush packet is empty.
+            shown = itertools.dropwhile(lambda packet: not packet.is_keyframe, container.demux(stream))
+            self.num_frames = sum(1 for packet in shown if packet.size and not packet.is_discard)
         if not self.num_frames:
             raise ValueError("no frame")
         if rate is None:
             raise ValueError("no frame rate")
         self.fps = float(rate)
-        limit, pixels = PIL.Image.MAX_IMAGE_PIXELS, self.height * self.width
+        if self.height and self.width:
+            self.check_size(self.height, self.width)
+
+    def check_size(self, height: int, width: int) -> None:
+        limit, pixels = PIL.Image.MAX_IMAGE_PIXELS, height * width
         if limit and pixels > limit:
-            raise ValueError(f"frame size {self.width}x{self.height} ({pixels} pixels) exceeds the limit of {limit} pixels")
+            raise ValueError(f"frame size {width}x{height} ({pixels} pixels) exceeds the limit of {limit} pixels")
 
     def __len__(self) -> int:
         return self.num_frames
@@ -131,35 +151,62 @@ class EncodedVideo:
         return (self.num_frames, self.height, self.width, 3)
 
     def __getitem__(self, index) -> torch.Tensor:
-        """Frames ``index`` (a sequence or 1-D tensor of ints) -> uint8 (len(index), H, W, 3)."""
-        wanted = [int(i) for i in index]
+        """Frames ``index`` -> uint8 (len(index), H, W, 3)."""
+        if isinstance(index, slice):
+            index = range(*index.indices(self.num_frames))
+        elif isinstance(index, int) or (isinstance(index, torch.Tensor) and index.ndim == 0):
+            raise TypeError(f"index a video with a list of frames (video[[{int(index)}]] for one), not {index!r}")
+        index = index.tolist() if isinstance(index, (torch.Tensor, np.ndarray)) else list(index)
+        if not all(isinstance(i, (int, np.integer)) for i in index):
+            raise TypeError(f"frame indices must be integers, got {index!r}")
+        wanted = [int(i) + self.num_frames if i < 0 else int(i) for i in index]
         if not wanted or min(wanted) < 0 or max(wanted) >= self.num_frames:
-            raise IndexError(f"frames {wanted} of a video of {self.num_frames}")
-        last, needed, picked, decoded = max(wanted), set(wanted), {}, 0
+            raise IndexError(f"frames {index} of a video of {self.num_frames}")
+        frames, decoded = self.decode(wanted)
+        if decoded <= max(wanted):
+            self.num_frames = decoded
+            raise FewerFrames(f"{self.source}: frame {max(wanted)} asked for, but the stream shows {decoded} frames")
+        return torch.from_numpy(frames)
+
+    def frames(self) -> torch.Tensor:
+        """Every frame: uint8 (T, H, W, 3)."""
+        frames, self.num_frames = self.decode(None)
+        return torch.from_numpy(frames)
+
+    def decode(self, wanted: list[int] | None) -> tuple[np.ndarray, int]:
+        """Decode up to the last frame ``wanted`` (every frame for None) and convert those: (frames (len(wanted),
+        H, W, 3) uint8, the number of frames decoded). Converted into one array, not stacked: PyAV's frames
+        are let go one by one."""
+        last = self.num_frames - 1 if wanted is None else max(wanted)
+        slots: dict[int, list[int]] = {}  # frame -> where it goes in the output
+        for slot, i in enumerate(range(self.num_frames) if wanted is None else wanted):
+            slots.setdefault(i, []).append(slot)
+        out, decoded = None, 0
         try:
             with av.open(io.BytesIO(self.data)) as container:
                 for frame in container.decode(container.streams.video[0]):  # in presentation order
-                    if decoded in needed:
-                        picked[decoded] = frame.to_ndarray(format="rgb24")  # (H, W, 3)
+                    if out is None:
+                        self.height, self.width = self.height or frame.height, self.width or frame.width
+                        self.check_size(self.height, self.width)
+                        out = np.empty((len(slots) if wanted is None else len(wanted), self.height, self.width, 3), np.uint8)
+                    if (frame.height, frame.width) != (self.height, self.width):
+                        raise ValueError(f"frame {decoded} is {frame.width}x{frame.height}, the stream's {self.width}x{self.height}")
+                    if decoded in slots:
+                        out[slots[decoded]] = frame.to_ndarray(format="rgb24")  # (H, W, 3)
                     decoded += 1
                     if decoded > last:
                         break
         except Exception as error:
             raise UndecodableSample(self.reason, f"{self.source}: cannot decode frames: {error}") from error
-        if decoded <= last:
-            raise UndecodableSample(
-                self.reason,
-                f"{self.source}: frame {last} asked for, but the stream decodes to {decoded} frames from {self.num_frames} packets",
-            )
-        return torch.from_numpy(np.stack([picked[i] for i in wanted]))
-
-    def frames(self) -> torch.Tensor:
-        """Every frame: uint8 (T, H, W, 3)."""
-        return self[range(self.num_frames)]
+        if out is None:
+            raise UndecodableSample(self.reason, f"{self.source}: no frame decodes")
+        return (out[:decoded] if wanted is None else out), decoded
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        if copy is False:
+            raise ValueError("a video's frames are decoded into a new array: np.asarray(video) cannot avoid a copy")
         frames = self.frames().numpy()
-        return frames if dtype is None else frames.astype(dtype)
+        return frames if dtype is None else frames.astype(dtype, copy=False)
 
     def __repr__(self) -> str:
         return f"EncodedVideo({self.num_frames} frames, {self.width}x{self.height}, {self.fps:g} fps, {self.source})"
@@ -242,13 +289,14 @@ def decode_sample(raw: dict[str, Any]) -> dict:
         raise UndecodableSample(
             "repeated member", f"{where}: member {raw['__duplicate__']!r} repeats an extension the sample already has"
         )
-    if "__link__" in raw:
-        name, target = raw["__link__"]
-        raise UndecodableSample(
-            "link member",
-            f"{where}: member {name!r} is a link to {target!r}, whose content a tar stream does not hold; write the "
-            "shard with the files themselves (tar --dereference, or python -m core.data.write)",
-        )
+    for name, target, kind in raw.get("__links__", []):  # links of unknown extensions are dropped, as such files are
+        if member_extension(name) in DECODERS or member_extension(name) in PICKLE_EXTENSIONS:
+            option = "--hard-dereference" if kind == "hard" else "--dereference"
+            raise UndecodableSample(
+                "link member",
+                f"{where}: member {name!r} is a {kind} link to {target!r}, not a file; write the shard with the files "
+                f"themselves (tar {option}, or python -m core.data.write)",
+            )
     if "__partial__" in raw:
         raise UndecodableSample("cut short", f"{where}: the shard's read failed while this sample was being read")
     members = {name: data for name, data in raw.items() if not name.startswith("__")}

@@ -73,7 +73,7 @@ def expand_urls(patterns: str | list[str]) -> list[str]:
 
 def tar_members(url: str, stream) -> Iterator[dict]:
     """The regular files of a tar stream as ``{"fname", "data", "__url__"}``, in order, and its links as
-    ``{"fname", "link", "__url__"}`` (a link's target is not in the stream: ``samples_of`` marks its sample).
+    ``{"fname", "link": (target, "hard" or "symbolic"), "__url__"}``, which ``samples_of`` lists in their sample.
 
     Raises ``tarfile.ReadError`` when the archive stops without its end-of-archive marker (zero blocks to the
     end): Python's tarfile, and so webdataset, reads a cut-off or corrupt header after the first member as the
@@ -84,7 +84,7 @@ def tar_members(url: str, stream) -> Iterator[dict]:
             if info.isreg() and not META_MEMBER.match(info.name):
                 yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
             elif info.issym() or info.islnk():
-                yield {"fname": info.name, "link": info.linkname, "__url__": url}
+                yield {"fname": info.name, "link": (info.linkname, "hard" if info.islnk() else "symbolic"), "__url__": url}
             tar.members = []  # forget the headers read: constant memory however long the shard
             members += 1
         # tarfile stopped at a header it could not read; a real end is a zero block followed by zeros only.
@@ -104,9 +104,9 @@ def samples_of(members: Iterator[dict]) -> Iterator[dict]:
     """Group consecutive tar members into samples by key (the name up to its first dot), extensions
     lowercased, as webdataset's ``group_by_keys``. A member whose extension its sample already has
     (``a.txt`` next to ``a.TXT``, or a member added twice) marks the sample ``__duplicate__`` for the decoder to
-    skip, where ``group_by_keys`` raises and so loses the rest of the shard. A link member (a shard made by
-    ``tar`` from a folder of symbolic links, without ``--dereference``) marks its sample ``__link__``, to be
-    skipped and counted with the link named, where dropping it would lose the sample without a word. When reading fails, the sample
+    skip, where ``group_by_keys`` raises and so loses the rest of the shard. Link members (a shard made by
+    ``tar`` from a folder of links) are listed in ``__links__`` as (name, target, kind), for the decoder to
+    skip the sample, where dropping them would lose a member without a word. When reading fails, the sample
     being grouped is given before the error marked ``__partial__``, for the decoder to skip and count: whether
     it lost a member cannot be told (a shard written image-first and cut before its ``.cls`` would otherwise
     pass an unlabelled sample on to a batch of labelled ones)."""
@@ -122,7 +122,7 @@ def samples_of(members: Iterator[dict]) -> Iterator[dict]:
                 sample = {"__key__": key, "__url__": member["__url__"]}
             ext = ext.lower()
             if "link" in member:
-                sample.setdefault("__link__", (member["fname"], member["link"]))
+                sample.setdefault("__links__", []).append((member["fname"], *member["link"]))
             elif ext in sample:
                 sample.setdefault("__duplicate__", member["fname"])
             else:
