@@ -304,7 +304,7 @@ def test_a_hard_link_names_its_own_tar_option_and_a_link_no_decoder_reads_is_dro
 
     members = [
         ("a.npy", npy_bytes(np.zeros(DIM, np.float32))), ("a.cls", b"0"), ("a.README", (tarfile.SYMTYPE, "../README")),
-        ("b.cls", b"1"), ("b.npy", (tarfile.LNKTYPE, "a.npy")),
+        ("b.cls", b"1"), ("b.npy", (tarfile.LNKTYPE, "a.npy")), ("__index__", (tarfile.SYMTYPE, "/etc/index")),
     ]  # fmt: skip
     with tarfile.open(tmp_path / "hl-000000.tar", "w") as tar:
         for name, data in members:
@@ -475,6 +475,13 @@ def numbered_video(frames: int, size: int = 32) -> np.ndarray:
     return np.repeat(np.arange(frames, dtype=np.uint8)[:, None, None, None] * 10, size * size * 3).reshape(frames, size, size, 3)
 
 
+def drifting_video(frames: int, size: int = 32) -> np.ndarray:
+    """(frames, size, size, 3) uint8: a noise texture moving 2 px a frame, which codes as real footage does
+    (a flat frame can code as a keyframe of its own)."""
+    texture = np.random.default_rng(0).integers(0, 256, (size, size + 2 * frames, 3), dtype=np.uint8)
+    return np.stack([texture[:, 2 * t : 2 * t + size] for t in range(frames)])
+
+
 def cut_tail(data: bytes, keep: int = 12) -> bytes:
     """An mp4 whose coded frames after the first ``keep`` (in decoding order) are zeroed: the container and its
     index intact, the first frames decodable, the last ones not."""
@@ -497,17 +504,17 @@ def test_a_video_decodes_the_frames_a_clip_asks_for_and_no_further(monkeypatch):
     assert [round(float(f.float().mean()) / 10) for f in whole] == list(range(20))
     assert torch.equal(video[torch.tensor([7, 2, 2, 5])], whole[[7, 2, 2, 5]])  # any order, repeats
 
-    decoded = []
-    real_decode = av.container.InputContainer.decode
+    read = []
+    real_demux = av.container.InputContainer.demux
 
-    def counting_decode(container, *args, **kwargs):
-        for frame in real_decode(container, *args, **kwargs):
-            decoded.append(frame)
-            yield frame
+    def counting_demux(container, *args, **kwargs):
+        for packet in real_demux(container, *args, **kwargs):
+            read.append(packet)
+            yield packet
 
-    monkeypatch.setattr(av.container.InputContainer, "decode", counting_decode)
+    monkeypatch.setattr(av.container.InputContainer, "demux", counting_demux)
     video[[3, 5]]
-    assert len(decoded) == 6  # frames 0-5: up to the last frame asked for
+    assert len(read) == 8  # of 20: frames 0-5, and 2 more the decoder holds back to reorder its B-frames
     monkeypatch.undo()
 
     # So a video whose last frames cannot be decoded still gives its first ones; asked for the last, or
@@ -549,12 +556,12 @@ def test_every_video_format_counts_its_frames_without_decoding_them(ext, contain
     assert np.array_equal(video[[39, 0]].numpy(), np.stack([every[39], every[0]]))
 
 
-def remuxed(data: bytes, drop_first: int = 0, shift: int = 0) -> bytes:
+def remuxed(data: bytes, drop_first: int = 0, shift: int = 0, container_format: str = "mp4") -> bytes:
     """``data``'s packets copied into a new mp4 without re-encoding: the first ``drop_first`` left out (a cut
     before the first keyframe), the timestamps moved ``shift`` frames back (an edit list then discards those
     frames, as FFmpeg writes for a stream whose first timestamp is negative)."""
     out = io.BytesIO()
-    with av.open(io.BytesIO(data)) as source, av.open(out, mode="w", format="mp4") as target:
+    with av.open(io.BytesIO(data)) as source, av.open(out, mode="w", format=container_format) as target:
         stream = target.add_stream_from_template(source.streams.video[0])
         packets = [packet for packet in source.demux(source.streams.video[0]) if packet.size]
         for packet in packets[drop_first:]:
@@ -568,9 +575,7 @@ def remuxed(data: bytes, drop_first: int = 0, shift: int = 0) -> bytes:
 def test_a_video_counts_the_frames_it_shows_and_a_clip_picks_again_from_those_it_has():
     from core.augment import VideoClip
 
-    texture = np.random.default_rng(0).integers(0, 256, (32, 32 + 80, 3), dtype=np.uint8)
-    drifting = np.stack([texture[:, 2 * t : 2 * t + 32] for t in range(40)])
-    gops = video_bytes(drifting, fps=10, options={"g": "10", "bf": "0"})  # a keyframe every 10 frames
+    gops = video_bytes(drifting_video(40), fps=10, options={"g": "10", "bf": "0"})  # a keyframe every 10 frames
     for data, shown in [(remuxed(gops, drop_first=3), 30), (remuxed(gops, shift=5), 35)]:
         with av.open(io.BytesIO(data)) as container:
             every = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(container.streams.video[0])])
@@ -588,12 +593,45 @@ def test_a_video_counts_the_frames_it_shows_and_a_clip_picks_again_from_those_it
     assert len(video) == 12 and [round(float(f.mean()) * 25.5) for f in clip.unbind(1)] == [2, 4, 6, 8]
 
 
+def test_a_stream_cut_inside_a_group_of_pictures_decodes_from_its_first_keyframe():
+    """VP9 refuses the packets before the first keyframe (FFmpeg's h264 skips them): they are not fed to it."""
+    out = io.BytesIO()
+    with av.open(out, mode="w", format="webm") as container:
+        stream = container.add_stream("libvpx-vp9", rate=10, options={"g": "10"})
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for frame in drifting_video(40):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    video = decode_sample({"__key__": "k", "webm": remuxed(out.getvalue(), drop_first=3, container_format="webm")})["video"]
+    assert len(video) == 30 and video.frames().shape == (30, 32, 32, 3)
+
+
+def test_a_video_showing_fewer_frames_than_counted_loses_its_sample_under_another_transform_not_the_run(tmp_path):
+    """x264's intra refresh flags few keyframes; cut, this stream counts 44 frames and shows 39."""
+    refreshed = video_bytes(drifting_video(80), fps=10, options={"x264-params": "intra-refresh=1:keyint=20"})
+    cut = remuxed(refreshed, drop_first=25)
+    video = decode_sample({"__key__": "k", "mp4": cut})["video"]
+    counted = len(video)
+    assert counted > len(video.frames()) == len(video)  # frames() gives those there are, and corrects the count
+
+    def last_frame(sample: dict) -> dict:  # a transform of a user's, indexing by the count
+        video = sample["video"]
+        return {"frame": video[[len(video) - 1]][0], "label": sample["label"]}
+
+    write_shards([{"__key__": "a", "mp4": cut, "cls": b"0"}, {"__key__": "b", "mp4": video_bytes(numbered_video(4), fps=10), "cls": b"1"}],
+                 str(tmp_path / "few-%06d.tar"))  # fmt: skip
+    loader = read_batches(str(tmp_path / "few-000000.tar"), last_frame, batch_size=1)
+    assert [batch["label"].item() for batch in loader] == [1]
+    assert loader.stream.stats.totals()["samples_skipped"] == 1
+
+
 def test_video_frames_are_indexed_as_a_tensor_is_and_wrong_indices_say_so():
     video = decode_sample({"__key__": "k", "mp4": video_bytes(numbered_video(10), fps=10)})["video"]
     every = video.frames()
     assert torch.equal(video[-2:], every[8:]) and torch.equal(video[[-1, 0]], every[[9, 0]])
     assert torch.equal(video[np.array([3, 3])], every[[3, 3]])
-    for wrong, error in [(3, TypeError), (torch.tensor(3), TypeError), ([1.5], TypeError), ([10], IndexError), ([], IndexError)]:
+    wrongs = [3, np.int64(3), torch.tensor(3), [1.5], torch.tensor([True] + [False] * 9), [10], []]
+    for wrong, error in zip(wrongs, [TypeError] * 5 + [IndexError] * 2):
         with pytest.raises(error):
             video[wrong]
     with pytest.raises(ValueError, match="cannot avoid a copy"):

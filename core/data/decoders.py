@@ -90,8 +90,9 @@ def decode_audio(data: bytes) -> tuple[torch.Tensor, int]:
     return torch.from_numpy(samples.T.copy()), int(sample_rate)  # (channels, samples)
 
 
-class FewerFrames(IndexError):
-    """A video's stream decoded to fewer frames than its container counted; ``len(video)`` now says how many."""
+class FewerFrames(UndecodableSample):
+    """A video's stream decoded to fewer frames than its container counted; ``len(video)`` now says how many.
+    ``VideoClip`` picks its frames again; anywhere else the sample is skipped and counted."""
 
 
 class EncodedVideo:
@@ -101,7 +102,8 @@ class EncodedVideo:
     (PyAV's and the stacked copy: 150 MB for 300 frames of 340x256).
 
     Opening reads the container only, nothing is decoded: ``len(video)`` counts the frames the first video
-    stream shows (its packets from the first keyframe on, less those an edit list discards), ``fps`` is its
+    stream shows (its packets from the first keyframe on, where decoding starts, less those an edit list
+    discards), ``fps`` is its
     rate, ``height``/``width`` its frame size, which must be within Pillow's pixel limit (89M), as images
     are. ``video[index]`` decodes the frames ``index`` (a list or 1-D tensor of ints, any order, negative from
     the end; or a slice) to a uint8 tensor ``(len(index), H, W, 3)``; ``video.frames()`` or
@@ -110,8 +112,8 @@ class EncodedVideo:
     A frame that cannot be decoded, or of another size than the stream's, raises ``UndecodableSample`` (the
     shard stream skips and counts the sample, as it does for an undecodable member). Should the stream
     decode to fewer frames than counted, ``len(video)`` is corrected and ``video[index]`` raises
-    ``FewerFrames`` when it asked for one past them (``VideoClip`` then picks its frames again);
-    ``frames()`` gives those there are.
+    ``FewerFrames`` when it asked for one past them (``VideoClip`` then picks its frames again; elsewhere
+    the sample is skipped); ``frames()`` gives those there are.
     """
 
     def __init__(self, data: bytes):
@@ -125,10 +127,18 @@ class EncodedVideo:
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate
             self.height, self.width = stream.codec_context.height, stream.codec_context.width
-            # FFmpeg shows no frame before the first keyframe, nor those an edit list discards (mp4 and mov cut
-            # without re-encoding); the flush packet is empty.
-            shown = itertools.dropwhile(lambda packet: not packet.is_keyframe, container.demux(stream))
-            self.num_frames = sum(1 for packet in shown if packet.size and not packet.is_discard)
+            # Frames are decoded from the first keyframe on (a stream cut in the middle of a group of pictures
+            # starts with packets no decoder can use), and an edit list's discarded frames are not shown (mp4
+            # and mov cut without re-encoding); the flush packet is empty. A stream that flags no keyframe
+            # (x264's intra refresh, cut) is decoded from its first packet.
+            counts, keyframe_seen = [0, 0], False  # frames of every packet, frames from the first keyframe
+            for packet in container.demux(stream):
+                keyframe_seen = keyframe_seen or packet.is_keyframe
+                shown = bool(packet.size) and not packet.is_discard
+                counts[0] += shown
+                counts[1] += shown and keyframe_seen
+            self.from_keyframe = keyframe_seen
+            self.num_frames = counts[1] if keyframe_seen else counts[0]
         if not self.num_frames:
             raise ValueError("no frame")
         if rate is None:
@@ -154,18 +164,18 @@ class EncodedVideo:
         """Frames ``index`` -> uint8 (len(index), H, W, 3)."""
         if isinstance(index, slice):
             index = range(*index.indices(self.num_frames))
-        elif isinstance(index, int) or (isinstance(index, torch.Tensor) and index.ndim == 0):
+        elif isinstance(index, (int, np.integer)) or (isinstance(index, (torch.Tensor, np.ndarray)) and index.ndim == 0):
             raise TypeError(f"index a video with a list of frames (video[[{int(index)}]] for one), not {index!r}")
         index = index.tolist() if isinstance(index, (torch.Tensor, np.ndarray)) else list(index)
-        if not all(isinstance(i, (int, np.integer)) for i in index):
-            raise TypeError(f"frame indices must be integers, got {index!r}")
+        if not all(isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_)) for i in index):
+            raise TypeError(f"frame indices must be integers (a mask is not taken), got {index!r}")
         wanted = [int(i) + self.num_frames if i < 0 else int(i) for i in index]
         if not wanted or min(wanted) < 0 or max(wanted) >= self.num_frames:
             raise IndexError(f"frames {index} of a video of {self.num_frames}")
         frames, decoded = self.decode(wanted)
         if decoded <= max(wanted):
             self.num_frames = decoded
-            raise FewerFrames(f"{self.source}: frame {max(wanted)} asked for, but the stream shows {decoded} frames")
+            raise FewerFrames(self.reason, f"{self.source}: frame {max(wanted)} asked for, but the stream shows {decoded} frames")
         return torch.from_numpy(frames)
 
     def frames(self) -> torch.Tensor:
@@ -184,7 +194,10 @@ class EncodedVideo:
         out, decoded = None, 0
         try:
             with av.open(io.BytesIO(self.data)) as container:
-                for frame in container.decode(container.streams.video[0]):  # in presentation order
+                packets = container.demux(container.streams.video[0])
+                if self.from_keyframe:  # as counted
+                    packets = itertools.dropwhile(lambda packet: not packet.is_keyframe, packets)
+                for frame in (frame for packet in packets for frame in packet.decode()):  # in presentation order
                     if out is None:
                         self.height, self.width = self.height or frame.height, self.width or frame.width
                         self.check_size(self.height, self.width)

@@ -83,7 +83,7 @@ def tar_members(url: str, stream) -> Iterator[dict]:
         for info in tar:
             if info.isreg() and not META_MEMBER.match(info.name):
                 yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
-            elif info.issym() or info.islnk():
+            elif (info.issym() or info.islnk()) and not META_MEMBER.match(info.name):
                 yield {"fname": info.name, "link": (info.linkname, "hard" if info.islnk() else "symbolic"), "__url__": url}
             tar.members = []  # forget the headers read: constant memory however long the shard
             members += 1
