@@ -50,6 +50,15 @@ def fitting():
         yield
 
 
+def training_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std of the training features (N, D), by which the probes standardise both
+    splits. A dimension constant over the training features is scaled by 1, as sklearn's StandardScaler
+    does: divided by its (clamped) zero std, a test value a hair off that constant became a feature of 1e4
+    whose weight no training gradient had shaped, and it decided every prediction."""
+    mean, std = x.mean(0), x.std(0)
+    return mean, torch.where(std < 1e-6, torch.ones_like(std), std)
+
+
 def linear_probe_accuracy(
     train_x: torch.Tensor,
     train_y: torch.Tensor,
@@ -65,7 +74,7 @@ def linear_probe_accuracy(
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     with fitting():
         # Computed here, outside inference mode: tensors made in it cannot be saved for backward.
-        mean, std = train_x.float().mean(0), train_x.float().std(0).clamp(min=1e-6)
+        mean, std = training_statistics(train_x.float())
         train_x, test_x, train_y = (train_x.float() - mean) / std, (test_x.float() - mean) / std, train_y.clone()
         head = torch.nn.Linear(train_x.shape[1], num_classes).to(train_x.device)
         opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
@@ -116,7 +125,7 @@ def attentive_probe_accuracy(
     LayerNorm per token, which would erase what sets raw patches apart (a patch's mean brightness)."""
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     flat = train_x.reshape(-1, train_x.shape[-1]).float()
-    mean, std = flat.mean(0), flat.std(0).clamp(min=1e-6)
+    mean, std = training_statistics(flat)
     del flat
 
     def standardised(x):

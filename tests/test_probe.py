@@ -79,6 +79,95 @@ def test_probe_scores_on_split_halves():
     assert min(scores.values()) >= 0.95
 
 
+def test_probes_fit_on_the_training_split_and_score_on_the_test_split():
+    """The same points with every label moved on by one: a probe fitted on the training labels is wrong on
+    every test point (fitted on the test labels, or scored on the training ones, it would be right)."""
+    train_x, train_y = clusters(30, seed=1)
+    test_y = (train_y + 1) % CLASSES
+    assert linear_probe_accuracy(train_x, train_y, train_x, test_y) <= 0.05
+    assert knn_accuracy(train_x, train_y, train_x, test_y) <= 0.05
+    tokens, token_y = marked_tokens(1000, seed=1)
+    assert attentive_probe_accuracy(tokens, token_y, tokens, (token_y + 1) % CLASSES, epochs=20, lr=1e-2) <= 0.1
+
+
+def test_probes_standardise_with_the_training_statistics_only():
+    """Test features shifted far off the training ones: standardised with the training statistics they all
+    land on one side (near chance); with their own statistics the shift would vanish (near 1). (The
+    attentive probe's statistics: `test_both_probes_take_their_statistics_from_the_training_split`.)"""
+    train_x, train_y = clusters(30, seed=1)
+    test_x, test_y = clusters(30, seed=2)
+    assert linear_probe_accuracy(train_x, train_y, test_x + 100, test_y) < 0.5
+
+
+def test_the_linear_probe_standardises_features_of_any_scale():
+    """The class in eight dimensions 1e-4 small, beside eight of loud noise: standardised, the probe reads
+    the class; on the raw scales its weight decay would make the small dimensions too dear to use."""
+    train_x, train_y = clusters(30, seed=1)
+    test_x, test_y = clusters(30, seed=2)
+    g = torch.Generator().manual_seed(0)
+    loud = [torch.cat([x * 1e-4, 100 * torch.randn(len(x), DIM, generator=g)], 1) for x in (train_x, test_x)]
+    assert linear_probe_accuracy(loud[0], train_y, loud[1], test_y) >= 0.9
+
+
+def overlapping_classes(n: int, g: torch.Generator, dim: int = 16):
+    centres = torch.randn(CLASSES, dim, generator=torch.Generator().manual_seed(5)) * 0.5
+    y = torch.randint(0, CLASSES, (n,), generator=g)
+    return centres[y] + torch.randn(n, dim, generator=g), y
+
+
+def test_a_feature_constant_over_the_training_split_does_not_decide_the_test_predictions():
+    """A channel dead on the training images (a random-init encoder's, a silent mel bin) and barely alive on
+    the test ones: clamped to a std of 1e-6 it became a feature of about 1e4, whose untrained weights then
+    outweighed the small margins between overlapping classes, and the probe fell to chance."""
+    g = torch.Generator().manual_seed(0)
+    (train_x, train_y), (test_x, test_y) = overlapping_classes(400, g), overlapping_classes(400, g)
+    clean = linear_probe_accuracy(train_x, train_y, test_x, test_y)
+    dead = torch.cat([train_x, torch.zeros(len(train_x), 1)], 1)
+    alive = torch.cat([test_x, 0.01 * torch.rand(len(test_x), 1, generator=g)], 1)
+    assert clean >= 0.6 and abs(linear_probe_accuracy(dead, train_y, alive, test_y) - clean) <= 0.02
+
+
+def test_both_probes_take_their_statistics_from_the_training_split(monkeypatch):
+    import core.probe
+
+    seen, real = [], core.probe.training_statistics
+    monkeypatch.setattr(core.probe, "training_statistics", lambda x: seen.append(x.clone()) or real(x))
+    train_x, train_y = clusters(10, seed=1)
+    linear_probe_accuracy(train_x, train_y, train_x + 5, train_y)
+    tokens, token_y = marked_tokens(20, seed=1)
+    attentive_probe_accuracy(tokens, token_y, tokens + 5, token_y, epochs=1)
+    assert len(seen) == 2 and torch.equal(seen[0], train_x) and torch.equal(seen[1], tokens.reshape(-1, DIM))
+
+
+def test_the_k_nearest_neighbours_vote_and_no_more():
+    """k=2 of the three points of `test_knn_votes_are_weighted_by_similarity`: at temperature 10 the close
+    class-0 neighbour (weight e^0.1) outvotes the one class-1 neighbour in the two (e^0.06); a third voter
+    would tip it."""
+    train_x = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.6, -0.8]])
+    train_y = torch.tensor([0, 1, 1])
+    assert knn_accuracy(train_x, train_y, torch.tensor([[1.0, 0.0]]), torch.tensor([0]), k=2, temperature=10.0) == 1.0
+
+
+def test_split_halves_of_an_odd_count_share_no_sample():
+    x = torch.arange(101.0)[:, None]
+    fit_x, _, test_x, _ = split_halves(x, torch.zeros(101, dtype=torch.long))
+    assert sorted(torch.cat([fit_x, test_x]).flatten().tolist()) == list(range(101)) and len(fit_x) == 50
+
+
+def test_online_probe_scores_the_half_it_did_not_fit(tmp_path):
+    """Random labels: a probe scored on the samples it was fitted on would read near 100% (each sample
+    its own nearest neighbour); on the held-out half, near chance."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(200, DIM, generator=g), torch.randint(0, CLASSES, (200,), generator=g)
+    loader = torch.utils.data.DataLoader([{"x": a, "label": b} for a, b in zip(x, y)], batch_size=50)
+    trainer = L.Trainer(
+        callbacks=[OnlineProbe()], logger=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu", default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.validate(ClusterEncoder(), dataloaders=loader)
+    assert trainer.callback_metrics["probe/knn_acc"] < 0.5 and trainer.callback_metrics["probe/linear_acc"] < 0.5
+
+
 def test_embedding_std_by_hand():
     z = torch.randn(6, 3, generator=torch.Generator().manual_seed(5))
     zn = z.numpy() / np.linalg.norm(z.numpy(), axis=1, keepdims=True)
