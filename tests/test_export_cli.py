@@ -258,6 +258,28 @@ def test_evaluate_draws_the_random_init_baseline_at_several_seeds(tmp_path):
     assert len({three[d]["knn_acc"] for d in draws} | {three[d]["linear_acc"] for d in draws}) > 1  # other weights
 
 
+def test_evaluate_probes_the_exported_weights_against_seed_zeros_draw_both_in_eval_mode(tmp_path, monkeypatch):
+    """The rows every README verdict compares: "pretrained" holds the export's weights, "random init" the draw
+    at seed 0, and both extract features in eval mode (BatchNorm's running statistics, no dropout)."""
+    import core.evaluate
+
+    torch.manual_seed(7)  # weights no seed-0 draw gives
+    fake_checkpoint(tmp_path / "last.ckpt", ResNet(18, small_images=True, width=4), IMAGE_8PX)
+    (folder,) = export_checkpoint(str(tmp_path / "last.ckpt"), str(tmp_path / "out"))
+    shards = tone_shards(tmp_path)
+    seen, real = {}, core.evaluate.features
+    monkeypatch.setattr(core.evaluate, "features", lambda encoders, *a, **k: seen.update(encoders) or real(encoders, *a, **k))
+    core.evaluate.evaluate(folder, shards[1], shards[3], num_workers=0, target="json.tone")
+    exported = load_encoder(folder).state_dict()
+    torch.manual_seed(0)
+    load_encoder(folder)  # evaluate builds the pretrained encoder first, which draws too
+    drawn = load_encoder(folder, pretrained=False).state_dict()
+    pretrained, random_init = seen["pretrained"].state_dict(), seen["random init"].state_dict()
+    assert all(pretrained[k].equal(exported[k]) for k in exported) and all(random_init[k].equal(drawn[k]) for k in drawn)
+    assert not all(random_init[k].equal(exported[k]) for k in exported)
+    assert not any(m.training for name in ("pretrained", "random init") for m in seen[name].modules())
+
+
 def test_evaluate_refuses_a_val_split_sharing_training_shards_and_limits_below_one(tmp_path):
     """The same shards as --train and --val would score the probes on the samples they were fitted on."""
     from core.evaluate import evaluate

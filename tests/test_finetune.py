@@ -11,6 +11,7 @@ from core.data.write import write_shards
 from core.export import describe_encoder, export_checkpoint, load_encoder
 from core.finetune import layer_decay_groups
 from core.finetune import main as finetune_main
+from core.schedules import WarmupCosine
 from core.resnet import ResNet
 from core.vit import ViT
 
@@ -88,6 +89,57 @@ def test_finetune_learns_and_treats_both_encoders_alike(tmp_path, capsys, one_th
     finetune_main([folder, *args])
     scores = rows(capsys.readouterr().out)
     assert scores["pretrained"] == scores["random init"] >= 90.0
+
+
+def test_finetune_starts_the_arms_from_the_export_and_from_seed_zeros_draw_with_equal_heads_and_batches(tmp_path, monkeypatch):
+    import core.finetune
+
+    seen = []
+
+    def train(backbone, head, batches, steps, lr, weight_decay, layer_decay, label_smoothing):
+        x, _ = next(batches)
+        seen.append((backbone.state_dict(), head, head.weight.detach().clone(), x))
+        return 0.0
+
+    monkeypatch.setattr(core.finetune, "train_classifier", train)
+    folder = export_vit(tmp_path, 7)  # weights no seed-0 draw gives
+    finetune_main([folder, *tone_shards(tmp_path), "--num-classes", "2", "--steps", "1"])
+    (pretrained, head, head_start, x), (random_init, other_head, other_head_start, other_x) = seen
+    exported = load_encoder(folder).state_dict()
+    torch.manual_seed(0)  # as core.finetune draws its random init
+    drawn = load_encoder(folder, pretrained=False).state_dict()
+    assert all(pretrained[k].equal(exported[k]) for k in exported) and all(random_init[k].equal(drawn[k]) for k in drawn)
+    assert not all(random_init[k].equal(exported[k]) for k in exported)
+    assert head is not other_head and head_start.equal(other_head_start) and x.equal(other_x)
+
+
+def test_finetune_trains_in_train_mode_scores_in_eval_mode_and_decays_each_layers_rate(tmp_path, monkeypatch):
+    import itertools
+
+    import core.finetune
+
+    modes, rates, real_load, real_step = [], [], core.finetune.load_encoder, torch.optim.AdamW.step
+
+    def load(*args, **kwargs):
+        encoder = real_load(*args, **kwargs)
+        encoder.register_forward_hook(lambda module, inputs, output: modes.append(module.training))
+        return encoder
+
+    def step(optimizer, *args, **kwargs):
+        rates.append([(group["lr"], group["lr_scale"]) for group in optimizer.param_groups])
+        return real_step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(core.finetune, "load_encoder", load)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    finetune_main([export_vit(tmp_path, 0), *tone_shards(tmp_path), "--num-classes", "2", "--steps", "3", "--lr", "1e-3",
+                   "--layer-decay", "0.5"])  # fmt: skip
+    # Each arm: 3 training forwards in train mode, then the val batches in eval mode.
+    assert [(mode, len(list(run))) for mode, run in itertools.groupby(modes)] == [(True, 3), (False, 1), (True, 3), (False, 1)]
+    schedule = WarmupCosine(1, 3)
+    for step_rates in (rates[:3], rates[3:]):
+        for i, groups in enumerate(step_rates):
+            assert len({scale for _, scale in groups}) > 1  # the layers' scales differ...
+            assert all(lr == pytest.approx(1e-3 * scale * schedule(i)) for lr, scale in groups)  # ...and are applied
 
 
 def test_each_pass_over_the_shards_draws_new_views(tmp_path):
