@@ -1,5 +1,6 @@
 """core.export / load_encoder round trips and the shared CLI."""
 
+import io
 import json
 import logging
 import os
@@ -278,6 +279,28 @@ def test_evaluate_probes_the_exported_weights_against_seed_zeros_draw_both_in_ev
     assert all(pretrained[k].equal(exported[k]) for k in exported) and all(random_init[k].equal(drawn[k]) for k in drawn)
     assert not all(random_init[k].equal(exported[k]) for k in exported)
     assert not any(m.training for name in ("pretrained", "random init") for m in seen[name].modules())
+
+
+def test_evaluate_numbers_the_classes_of_both_splits_alike_and_its_raw_row_is_the_pixels(tmp_path):
+    """A val split holding one of the two tones: numbered on its own it would call "light" class 0, where
+    the training split calls it 1, and every raw-pixel prediction would be scored wrong."""
+    from core.evaluate import evaluate, features
+
+    fake_checkpoint(tmp_path / "last.ckpt", ResNet(18, small_images=True, width=4), IMAGE_8PX)
+    (folder,) = export_checkpoint(str(tmp_path / "last.ckpt"), str(tmp_path / "out"))
+    train = tone_shards(tmp_path)[1]
+
+    def light(i: int) -> bytes:  # as tone_shards draws a light image
+        buffer = io.BytesIO()
+        pixels = np.random.default_rng(100 + i).integers(0, 100, (8, 8, 3)) + 150
+        PIL.Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    write_shards([{"__key__": f"l{i}", "png": light(i), "json": {"tone": "light"}} for i in range(20)], str(tmp_path / "light-%06d.tar"))
+    scores = evaluate(folder, train, str(tmp_path / "light-000000.tar"), num_workers=0, target="json.tone")
+    assert scores["raw input"]["linear_acc"] == 1.0
+    pooled, _, _ = features({"pretrained": load_encoder(folder)}, str(tmp_path / "light-000000.tar"), 4, 4, 0, "json.tone")
+    assert pooled["raw input"].shape == (4, 3 * 8 * 8) and pooled["pretrained"].shape[1] != 3 * 8 * 8
 
 
 def test_evaluate_refuses_a_val_split_sharing_training_shards_and_limits_below_one(tmp_path):

@@ -48,19 +48,19 @@ def test_layer_decay_scales_each_block_and_skips_decay_on_biases_and_norms():
     assert group["lr_scale"] == 0.5**4 and group["weight_decay"] == 0.0
 
 
-def tone_shards(tmp_path, unlabelled: tuple[str, ...] = ()) -> list[str]:
-    """8x8 noise images, dark or light; the label is the tone. 64 training and 40 validation samples; those
-    keyed in `unlabelled` have no label."""
+def tone_shards(tmp_path, unlabelled: tuple[str, ...] = (), flip_val: bool = False) -> list[str]:
+    """8x8 noise images, dark or light; the label is the tone (in the val split the other tone's with
+    `flip_val`). 64 training and 40 validation samples; those keyed in `unlabelled` have no label."""
     rng = np.random.default_rng(0)
 
-    def samples(n, prefix):
+    def samples(n, prefix, flip=False):
         for i in range(n):
             buf = io.BytesIO()
             Image.fromarray((rng.integers(0, 100, (8, 8, 3)) + 150 * (i % 2)).astype(np.uint8)).save(buf, format="PNG")
-            yield {"__key__": f"{prefix}{i}", "png": buf.getvalue(), **({} if f"{prefix}{i}" in unlabelled else {"cls": i % 2})}
+            yield {"__key__": f"{prefix}{i}", "png": buf.getvalue(), **({} if f"{prefix}{i}" in unlabelled else {"cls": (i + flip) % 2})}
 
     write_shards(samples(64, "t"), str(tmp_path / "train-%06d.tar"))
-    write_shards(samples(40, "v"), str(tmp_path / "val-%06d.tar"))
+    write_shards(samples(40, "v", flip_val), str(tmp_path / "val-%06d.tar"))
     return ["--train", str(tmp_path / "train-000000.tar"), "--val", str(tmp_path / "val-000000.tar")]
 
 
@@ -140,6 +140,14 @@ def test_finetune_trains_in_train_mode_scores_in_eval_mode_and_decays_each_layer
         for i, groups in enumerate(step_rates):
             assert len({scale for _, scale in groups}) > 1  # the layers' scales differ...
             assert all(lr == pytest.approx(1e-3 * scale * schedule(i)) for lr, scale in groups)  # ...and are applied
+
+
+def test_finetune_scores_on_the_val_split(tmp_path, capsys, one_thread):
+    """Val labels the other way round: a classifier that learned the tone is wrong on every val sample
+    (scored on the training split, it would be right)."""
+    args = ["--num-classes", "2", "--steps", "30", "--batch-size", "16", "--lr", "3e-3"]
+    finetune_main([export_vit(tmp_path, 0), *tone_shards(tmp_path, flip_val=True), *args])
+    assert max(rows(capsys.readouterr().out).values()) <= 10.0
 
 
 def test_each_pass_over_the_shards_draws_new_views(tmp_path):
