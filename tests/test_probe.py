@@ -159,13 +159,8 @@ def test_online_probe_scores_the_half_it_did_not_fit(tmp_path):
     its own nearest neighbour); on the held-out half, near chance."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(200, DIM, generator=g), torch.randint(0, CLASSES, (200,), generator=g)
-    loader = torch.utils.data.DataLoader([{"x": a, "label": b} for a, b in zip(x, y)], batch_size=50)
-    trainer = L.Trainer(
-        callbacks=[OnlineProbe()], logger=False, enable_progress_bar=False, enable_model_summary=False,
-        accelerator="cpu", default_root_dir=tmp_path,
-    )  # fmt: skip
-    trainer.validate(ClusterEncoder(), dataloaders=loader)
-    assert trainer.callback_metrics["probe/knn_acc"] < 0.5 and trainer.callback_metrics["probe/linear_acc"] < 0.5
+    metrics = online_probe_metrics(x, y, tmp_path, batch_size=50)
+    assert metrics["probe/knn_acc"] < 0.5 and metrics["probe/linear_acc"] < 0.5
 
 
 def test_embedding_std_by_hand():
@@ -296,16 +291,21 @@ class ClusterEncoder(DivergedEncoder):
         return batch["x"]  # (B, DIM): the clusters themselves
 
 
-def test_online_probe_runs_under_validate_too(tmp_path):
-    """`train.py validate` runs in torch.inference_mode, where the probe must still be able to fit."""
-    x, y = clusters(16, seed=0)
-    loader = torch.utils.data.DataLoader([{"x": a, "label": b} for a, b in zip(x, y)], batch_size=16)
+def online_probe_metrics(x: torch.Tensor, y: torch.Tensor, tmp_path, batch_size: int) -> dict:
+    """What the online probe logs after `trainer.validate` over the features x (N, DIM) themselves."""
+    loader = torch.utils.data.DataLoader([{"x": a, "label": b} for a, b in zip(x, y)], batch_size=batch_size)
     trainer = L.Trainer(
         callbacks=[OnlineProbe()], logger=False, enable_progress_bar=False, enable_model_summary=False,
         accelerator="cpu", default_root_dir=tmp_path,
     )  # fmt: skip
     trainer.validate(ClusterEncoder(), dataloaders=loader)
-    assert trainer.callback_metrics["probe/linear_acc"] == 1.0
+    return trainer.callback_metrics
+
+
+def test_online_probe_runs_under_validate_too(tmp_path):
+    """`train.py validate` runs in torch.inference_mode, where the probe must still be able to fit."""
+    x, y = clusters(16, seed=0)
+    assert online_probe_metrics(x, y, tmp_path, batch_size=16)["probe/linear_acc"] == 1.0
 
 
 def test_online_probe_asks_for_labels_by_name(tmp_path):
