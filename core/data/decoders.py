@@ -63,6 +63,16 @@ class UnusableSample(SampleError):
     Transforms raise it (``core.augment``); the stream skips and counts the sample like an undecodable one."""
 
 
+def check_pixel_limit(width: int, height: int, what: str) -> None:
+    """Refuse an image or video frame past Pillow's pixel limit (``PIL.Image.MAX_IMAGE_PIXELS``, 89M), from
+    its header's size, before it is decoded."""
+    limit, pixels = PIL.Image.MAX_IMAGE_PIXELS, width * height
+    if limit and pixels > limit:
+        raise PIL.Image.DecompressionBombError(
+            f"{what} size {width}x{height} ({pixels} pixels) exceeds the limit of {limit} pixels, could be decompression bomb DOS attack"
+        )
+
+
 def decode_image(data: bytes) -> PIL.Image.Image:
     """Decode image bytes to an RGB PIL image, 8 bits a channel, upright: a camera's JPEG stores its rotation
     in EXIF, applied here. 16-bit greyscale keeps its top 8 bits, where Pillow's conversion would clip every
@@ -70,11 +80,8 @@ def decode_image(data: bytes) -> PIL.Image.Image:
     up to twice it: a 140 KB PNG can hold 144M pixels, 690 MB decoded. (Checked here, not by turning the
     warning into an error: a `warnings.catch_warnings` per sample would reset which warnings were shown.)"""
     image = PIL.Image.open(io.BytesIO(data))  # reads the header only
-    limit, pixels = PIL.Image.MAX_IMAGE_PIXELS, image.width * image.height
-    if limit and pixels > limit:
-        image.close()
-        raise PIL.Image.DecompressionBombError(f"image size ({pixels} pixels) exceeds limit of {limit} pixels, could be decompression bomb DOS attack")
     with image:
+        check_pixel_limit(image.width, image.height, "image")
         if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
             image = PIL.ImageOps.exif_transpose(image)
         if image.mode.startswith("I;16"):
@@ -145,12 +152,7 @@ class EncodedVideo:
             raise ValueError("no frame rate")
         self.fps = float(rate)
         if self.height and self.width:
-            self.check_size(self.height, self.width)
-
-    def check_size(self, height: int, width: int) -> None:
-        limit, pixels = PIL.Image.MAX_IMAGE_PIXELS, height * width
-        if limit and pixels > limit:
-            raise ValueError(f"frame size {width}x{height} ({pixels} pixels) exceeds the limit of {limit} pixels")
+            check_pixel_limit(self.width, self.height, "frame")
 
     def __len__(self) -> int:
         return self.num_frames
@@ -200,7 +202,7 @@ class EncodedVideo:
                 for frame in (frame for packet in packets for frame in packet.decode()):  # in presentation order
                     if out is None:
                         self.height, self.width = self.height or frame.height, self.width or frame.width
-                        self.check_size(self.height, self.width)
+                        check_pixel_limit(self.width, self.height, "frame")
                         out = np.empty((len(slots) if wanted is None else len(wanted), self.height, self.width, 3), np.uint8)
                     if (frame.height, frame.width) != (self.height, self.width):
                         raise ValueError(f"frame {decoded} is {frame.width}x{frame.height}, the stream's {self.width}x{self.height}")
