@@ -116,7 +116,6 @@ def endless(pattern: str, transform, batch_size: int, key: str):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def accuracy(backbone: nn.Module, head: nn.Module, pattern: str, transform, key: str) -> float:
     backbone.eval()
     correct = total = 0

@@ -23,6 +23,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def adamw_rates(monkeypatch):
+    """The learning rates of every AdamW step taken while the test runs, one list of its groups' rates a step."""
+    rates = []
+
+    class Recording(torch.optim.AdamW):
+        def step(self, closure=None):
+            rates.append([group["lr"] for group in self.param_groups])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    return rates
+
+
 def noisy_views(n: int, size: int = 16, seed: int = 0) -> dict:
     """A siamese batch: random images and a noisy copy as the two views, ``{"views": [(n, 3, size, size)] * 2}``."""
     g = torch.Generator().manual_seed(seed)

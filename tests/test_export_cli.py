@@ -317,6 +317,18 @@ def test_evaluate_refuses_a_val_split_sharing_training_shards_and_limits_below_o
             evaluate(folder, shards[1], shards[3], num_workers=0, target="json.tone", **limits)
 
 
+def test_evaluate_fits_on_the_first_train_limit_samples_and_scores_the_first_val_limit(tmp_path, monkeypatch):
+    """Limits that are not a multiple of the batch size: the probes see exactly the samples asked for."""
+    import core.evaluate
+
+    fake_checkpoint(tmp_path / "last.ckpt", ResNet(18, small_images=True, width=4), IMAGE_8PX)
+    (folder,) = export_checkpoint(str(tmp_path / "last.ckpt"), str(tmp_path / "out"))
+    shards, sizes = tone_shards(tmp_path), []
+    monkeypatch.setattr(core.evaluate, "probe_scores", lambda *xy: sizes.append([len(t) for t in xy]) or {"linear_acc": 0.0, "knn_acc": 0.0})
+    core.evaluate.evaluate(folder, shards[1], shards[3], train_limit=30, val_limit=10, batch_size=8, num_workers=0, target="json.tone")
+    assert sizes == [[30, 30, 10, 10]] * 3  # pretrained, random init, raw input
+
+
 def test_evaluate_probes_the_label_or_any_json_field(tmp_path, capsys, caplog):
     """The raw-input probes must find the tone and not the label."""
     from core.evaluate import main as evaluate_main

@@ -9,7 +9,7 @@ from PIL import Image
 
 from core.data.write import write_shards
 from core.export import describe_encoder, export_checkpoint, load_encoder
-from core.finetune import layer_decay_groups
+from core.finetune import layer_decay_groups, train_classifier
 from core.finetune import main as finetune_main
 from core.schedules import WarmupCosine
 from core.resnet import ResNet
@@ -209,3 +209,24 @@ def test_finetune_hands_stochastic_depth_and_label_smoothing_to_both_runs(tmp_pa
     (folder,) = export_checkpoint(str(tmp_path / "dp.ckpt"), str(tmp_path / "dp"))
     finetune_main([folder, *shards, "--num-classes", "2", "--steps", "1"])
     assert seen == [([0.0] * VIT_8PX["depth"], 0.0)] * 2
+
+
+@pytest.mark.parametrize("steps, warmup", [(30, 3), (5, 1)])
+def test_fine_tuning_warms_up_over_the_first_tenth_then_decays_to_zero(adamw_rates, steps, warmup):
+    backbone, head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+    batches = ((torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(100))
+    train_classifier(backbone, head, batches, steps, lr=1e-3)
+    rates = [step[0] for step in adamw_rates]
+    assert len(rates) == steps and all(step == [step[0]] * len(step) for step in adamw_rates)  # no layer decay: one rate
+    assert rates[: warmup + 1] == pytest.approx([1e-3 * (i + 1) / warmup for i in range(warmup)] + [1e-3])
+    assert all(a > b for a, b in zip(rates[warmup:], rates[warmup + 1 :])) and rates[-1] < 0.2 * 1e-3
+
+
+def test_a_val_label_past_num_classes_is_named_not_scored_wrong(tmp_path):
+    """The head cannot predict it, so every such sample would count as a miss and the score read low."""
+    shards, folder = tone_shards(tmp_path), export_vit(tmp_path, 0)
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    write_shards([{"__key__": f"v{i}", "png": png.getvalue(), "cls": i} for i in range(3)], str(tmp_path / "wide-%06d.tar"))
+    with pytest.raises(ValueError, match="label 2 in the val shards: num_classes=2 takes labels 0 to 1"):
+        finetune_main([folder, *shards[:2], "--val", str(tmp_path / "wide-000000.tar"), "--num-classes", "2", "--steps", "1"])

@@ -410,3 +410,34 @@ def test_probes_seed_the_cpu_generator_only(monkeypatch):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)  # the recorder does record a reseed
     assert reseeded == [1]
+
+
+def test_both_probes_score_every_test_sample_past_their_chunks_of_1024():
+    """Both score the test split in chunks of 1,024: the score of 2,500 samples is the sample-weighted mean of
+    the scores of its parts, however it is cut, and the samples they can read past the first chunk count."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(CLASSES, 1, DIM, generator=g) * 3
+
+    def tokens(y):  # (N, 4, DIM): four noisy copies of the class centre
+        return centres[y] + 0.3 * torch.randn(len(y), 4, DIM, generator=g)
+
+    train_y, test_y = torch.randint(0, CLASSES, (64,), generator=g), torch.randint(0, CLASSES, (2500,), generator=g)
+    train_x, test_x = tokens(train_y), tokens(test_y)
+    test_y[:1024] = test_y[:1024][torch.randperm(1024, generator=g)]  # the first chunk's labels say nothing of its tokens
+    knn = lambda x, y: knn_accuracy(train_x[:, 0], train_y, x[:, 0], y, k=5)  # noqa: E731
+    attentive = lambda x, y: attentive_probe_accuracy(train_x, train_y, x, y, epochs=10, batch_size=16, lr=1e-2)  # noqa: E731
+    for probe in (knn, attentive):
+        whole = probe(test_x, test_y)
+        assert whole >= 1476 / 2500  # all past the first chunk read
+        assert whole * 2500 == pytest.approx(probe(test_x[:1500], test_y[:1500]) * 1500 + probe(test_x[1500:], test_y[1500:]) * 1000)
+        assert whole * 2500 == pytest.approx(sum(probe(test_x[i : i + 500], test_y[i : i + 500]) * 500 for i in range(0, 2500, 500)))
+
+
+def test_the_attentive_probe_warms_up_over_one_epoch_then_decays_to_zero(adamw_rates):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 4, DIM, generator=g), torch.randint(0, CLASSES, (64,), generator=g)
+    attentive_probe_accuracy(x, y, x[:8], y[:8], epochs=5, batch_size=16, lr=1e-2)
+    rates = [step[0] for step in adamw_rates]
+    assert len(rates) == 5 * 4
+    assert rates[:5] == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2])
+    assert all(a > b for a, b in zip(rates[4:], rates[5:])) and rates[-1] < 0.02 * 1e-2
