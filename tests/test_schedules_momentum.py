@@ -3,6 +3,7 @@
 import copy
 import io
 import math
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from core.momentum import cosine_momentum, momentum_copy, update_momentum
-from core.optim import LARS, param_groups
+from core.optim import LARS, param_groups, scaled_lr
 from core.schedules import Infinite, WarmupCosine, WarmupStableDecay, step_scheduler, warmup_and_total_steps
 
 # ---------------------------------------------------------------- schedules
@@ -56,6 +57,9 @@ def test_warmup_stable_decay_rejects_bad_settings():
         WarmupStableDecay(10, 100, 20, decay="exp")
     with pytest.raises(ValueError, match="total_steps=100"):
         WarmupStableDecay(90, 100, 20)
+    WarmupStableDecay(10, 100, 90)  # warmup then decay, no stable phase: allowed
+    with pytest.raises(ValueError, match="total_steps=100"):
+        WarmupStableDecay(10, 100, 91)  # the decay would start inside the warmup
 
 
 def test_infinite_without_anneal_stays_constant():
@@ -196,15 +200,27 @@ class Steps(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-@pytest.mark.parametrize("limits", [{"max_epochs": 2}, {"max_epochs": -1, "max_steps": 6}])
-def test_warmup_counts_the_optimizer_steps_of_an_epoch_however_the_run_is_bounded(limits):
-    """5 batches accumulated by 2 are 3 optimizer steps an epoch: Lightning steps on the last, partial one."""
-    model = Steps()
+def steps_of(warmup_epochs: float = 1, **limits) -> tuple[tuple[int, int], int]:
+    """(warmup, total) steps as `warmup_and_total_steps` counts them, and the steps taken, for 5 batches an
+    epoch accumulated by 2: 3 optimizer steps an epoch, as Lightning steps on the last, partial one."""
+    model = Steps(warmup_epochs)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(5, 2)), batch_size=1)
     trainer = L.Trainer(accelerator="cpu", accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, **limits)  # fmt: skip
     trainer.fit(model, loader)
-    assert model.steps == (3, 6) and trainer.global_step == 6
+    return model.steps, trainer.global_step
+
+
+@pytest.mark.parametrize(
+    "limits, total",
+    [({"max_epochs": 2}, 6), ({"max_epochs": -1, "max_steps": 6}, 6), ({"max_epochs": 2, "max_steps": 4}, 4)],  # the last: a config's epochs cut short on the command line
+)
+def test_warmup_counts_the_optimizer_steps_of_an_epoch_however_the_run_is_bounded(limits, total):
+    assert steps_of(**limits) == ((3, total), total)
+
+
+def test_a_fractional_warmup_rounds_to_the_nearest_step():
+    assert steps_of(0.9, max_epochs=2) == ((3, 6), 6)  # 2.7 steps: 3, not 2
 
 
 def test_a_run_without_a_length_is_told_to_set_one():
@@ -395,6 +411,28 @@ def test_lars_steps_each_parameter_of_a_group_as_it_would_alone(clip):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15, msg=name)
     assert torch.equal(together[3].bias, unstepped)  # never a gradient: no buffer, no move
     assert together[3].bias not in opt_together.state
+
+
+def test_lars_leaves_a_weight_alone_whose_gradient_and_decay_are_zero():
+    """A dead layer or unused branch without weight decay: its update's norm is 0, and a trust ratio of
+    ||w|| / 0 would turn the weight, and the momentum buffer after it, into NaN."""
+    w = nn.Parameter(torch.ones(2, 2))
+    w.grad = torch.zeros(2, 2)
+    opt = LARS([w], lr=0.1, weight_decay=0.0, trust_coefficient=0.001)
+    opt.step()
+    torch.testing.assert_close(w.detach(), torch.ones(2, 2))
+    w.grad = torch.ones(2, 2)
+    opt.step()
+    assert w.isfinite().all()
+
+
+def test_the_scaled_learning_rate_counts_every_rank_and_accumulated_batch():
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(batch_size=64), world_size=8, accumulate_grad_batches=2)
+    assert scaled_lr(1.5e-4, trainer) == pytest.approx(1.5e-4 * 64 * 8 * 2 / 256)  # an effective batch of 1,024
+    trainer.accumulate_grad_batches = 1
+    assert scaled_lr(1.5e-4, trainer) == pytest.approx(1.5e-4 * 64 * 8 / 256)
+    trainer.world_size = 1
+    assert scaled_lr(1.5e-4, trainer, reference_batch=64) == pytest.approx(1.5e-4)
 
 
 def test_lars_zero_weight_uses_unit_trust():
