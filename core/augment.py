@@ -1,6 +1,7 @@
 """Sample transforms: turn one decoded WebDataset sample (a dict) into model inputs.
 
-The data layer decodes a sample into ``{"image": PIL RGB, "audio": (C, S) float32, "sample_rate": int,
+The data layer decodes a sample into ``{"image": PIL RGB, "audio": EncodedAudio (``audio.read(start, stop)``:
+float32 samples (C, stop - start), decoded when asked for), "sample_rate": int,
 "video": EncodedVideo (``video[index]``: uint8 frames (len(index), H, W, 3), decoded when asked for), "fps": float,
 "text": str, "label": int, "json": dict, "__key__", "__url__"}``.
 Each transform here is a small class with typed init arguments, so a config can name it with
@@ -16,6 +17,8 @@ Log-mel features are not computed here but on the model's device, by :func:`log_
 
 from __future__ import annotations
 
+import math
+
 from typing import Literal
 
 import PIL.Image
@@ -26,7 +29,7 @@ import torchaudio.functional as AF
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from core.data.decoders import EncodedVideo, FewerFrames, UnusableSample
+from core.data.decoders import EncodedAudio, EncodedVideo, FewerFrames, FewerSamples, UnusableSample
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -635,12 +638,16 @@ class VideoClip:
         return (start + torch.arange(self.num_frames) * self.stride).clamp(max=frames - 1)
 
 
+def window_start(total: int, length: int, random: bool) -> int:
+    """Where a window of ``length`` samples starts in ``total >= length``: anywhere (random) or centered."""
+    return int(torch.randint(total - length + 1, ())) if random else (total - length) // 2
+
+
 def crop_or_pad(waveform: torch.Tensor, length: int, random: bool) -> torch.Tensor:
     """Cut ``waveform`` (..., S) to ``length`` samples (random or centered window) or zero-pad it at the end."""
-    excess = waveform.shape[-1] - length
-    if excess < 0:
-        return torch.nn.functional.pad(waveform, (0, -excess))
-    start = int(torch.randint(excess + 1, ())) if random else excess // 2
+    if waveform.shape[-1] < length:
+        return torch.nn.functional.pad(waveform, (0, length - waveform.shape[-1]))
+    start = window_start(waveform.shape[-1], length, random)
     return waveform[..., start : start + length]
 
 
@@ -648,7 +655,10 @@ class AudioClip:
     """A fixed-length mono waveform at ``sample_rate``: mixdown, resample, then crop (random in train,
     centered in eval) or zero-pad to ``seconds``. Log-mel features come later, on device (:func:`log_mel`).
 
-    ``{"audio": (C, S) or (S,) float, "sample_rate": int} -> {"audio": (round(sample_rate * seconds),), "label"}``.
+    An ``EncodedAudio`` (what the shard decoder gives) is decoded over the clip's window only, plus the
+    resampler's reach around it: the same samples as resampling the whole recording and cutting, drawn alike.
+
+    ``{"audio": EncodedAudio or (C, S) or (S,) float, "sample_rate": int} -> {"audio": (round(sample_rate * seconds),), "label"}``.
     """
 
     def __init__(self, sample_rate: int, seconds: float, train: bool = True):
@@ -656,18 +666,45 @@ class AudioClip:
         self.length = round(sample_rate * seconds)
 
     def __call__(self, sample: dict) -> dict:
-        audio = torch.as_tensor(_field(sample, "audio"), dtype=torch.float32)
-        if audio.ndim == 2:
-            audio = audio.mean(0)  # (S,)
-        elif audio.ndim != 1:
+        audio, rate = _field(sample, "audio"), int(_field(sample, "sample_rate"))
+        if isinstance(audio, EncodedAudio):
+            try:
+                return _labelled(sample, {"audio": self.window(audio, rate)})
+            except FewerSamples:  # the stream ended before its header's count: len(audio) now says where
+                return _labelled(sample, {"audio": self.window(audio, rate)})
+        audio = torch.as_tensor(audio, dtype=torch.float32)
+        if audio.ndim not in (1, 2):
             raise ValueError(
                 f"'audio' of sample {sample.get('__key__', '?')!r} from {sample.get('__url__', '?')!r} "
                 f"must be (channels, samples) or (samples,), got shape {tuple(audio.shape)}"
             )
-        rate = int(_field(sample, "sample_rate"))
+        return _labelled(sample, {"audio": self.clip(audio, rate)})
+
+    def clip(self, audio: torch.Tensor, rate: int) -> torch.Tensor:
+        """(C, S) or (S,) at ``rate`` Hz -> (length,): mixdown, resample, crop or pad."""
+        audio = audio.mean(0) if audio.ndim == 2 else audio  # (S,)
         if rate != self.sample_rate:
             audio = AF.resample(audio, rate, self.sample_rate)
-        return _labelled(sample, {"audio": crop_or_pad(audio, self.length, random=self.train)})
+        return crop_or_pad(audio, self.length, random=self.train)
+
+    def window(self, audio: EncodedAudio, rate: int) -> torch.Tensor:
+        """The clip of ``audio`` at ``rate`` Hz, decoding the samples it needs."""
+        divisor = math.gcd(rate, self.sample_rate)
+        old, new = rate // divisor, self.sample_rate // divisor  # the resampler works in blocks: `old` samples in, `new` out
+        resampled = -(-len(audio) * new // old)  # torchaudio's output length
+        if resampled <= self.length:
+            return self.clip(audio.read(0, len(audio)), rate)
+        start = window_start(resampled, self.length, self.train)  # in output samples
+        if rate == self.sample_rate:
+            return audio.read(start, start + self.length).mean(0)
+        # Output block i reads input samples [i*old - reach, (i + 1)*old + reach) (torchaudio's windowed sinc,
+        # its default 6 zero crossings and rolloff 0.99): decode whole blocks around the window, `margin` each side.
+        reach = math.ceil(6 * old / (min(old, new) * 0.99))
+        margin = -(-reach // old)
+        first, last = max(start // new - margin, 0), -(-(start + self.length) // new) + margin
+        segment = audio.read(first * old, min(last * old, len(audio))).mean(0)  # (samples,)
+        offset = start - first * new
+        return AF.resample(segment, rate, self.sample_rate)[offset : offset + self.length]
 
 
 def log_mel(

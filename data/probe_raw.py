@@ -36,7 +36,7 @@ def raw_input(sample: dict) -> dict:
     elif "video" in sample:
         x = sample["video"].frames().float() / 255  # (T, H, W, 3)
     else:
-        x = sample["audio"].mean(0)  # (channels, S) -> (S,)
+        x = sample["audio"].samples().mean(0)  # (channels, S) -> (S,)
     return {"x": x, "label": sample["label"]}
 
 

@@ -45,9 +45,9 @@ def image_bytes(pixels: np.ndarray, fmt: str) -> bytes:
 
 
 def audio_bytes(wave: np.ndarray, sample_rate: int, fmt: str) -> bytes:
-    """``wave`` is (samples, channels) float in [-1, 1], stored as 16-bit PCM."""
+    """``wave`` is (samples, channels) float in [-1, 1], stored as 16-bit PCM (MP3 and Vorbis as such)."""
     out = io.BytesIO()
-    soundfile.write(out, wave, sample_rate, format=fmt, subtype="PCM_16")
+    soundfile.write(out, wave, sample_rate, format=fmt, subtype={"MP3": "MPEG_LAYER_III", "OGG": "VORBIS"}.get(fmt, "PCM_16"))
     return out.getvalue()
 
 
@@ -1110,3 +1110,114 @@ def test_npy_decoding_retries_cpython_s_spurious_ast_error(monkeypatch):
     monkeypatch.setattr(decoders.np, "load", lambda *a, **k: (_ for _ in ()).throw(SystemError("other")))
     with pytest.raises(SystemError, match="other"):
         decoders.decode_npy(npy_bytes(array))
+
+
+def tones(seconds: float, sample_rate: int, channels: int = 2) -> np.ndarray:
+    """(samples, channels) of two tones, louder on the first channel. Tones, not noise: encoded as MP3, they
+    are what libsndfile's MP3 reader loses its place in when soundfile seeks between reads."""
+    t = np.arange(round(seconds * sample_rate))[:, None]
+    return (0.3 * np.sin(t / 9.0) + 0.1 * np.sin(t / 31.0)) * np.linspace(1, 0.7, channels)
+
+
+@pytest.mark.parametrize("fmt", ["WAV", "FLAC", "OGG", "MP3"])
+@pytest.mark.parametrize("sample_rate", [16_000, 44_100, 8_000])
+def test_an_audio_clip_decodes_its_window_and_equals_the_whole_recordings_cut(fmt, sample_rate):
+    """Resampled from 44.1 kHz (or up from 8 kHz) the window takes the resampler's reach on both sides: cut
+    without it, the clip's edges would differ from the whole recording's."""
+    from core.augment import AudioClip
+    from core.data.decoders import EncodedAudio
+
+    for seconds in (3.3, 0.7):  # longer than the 1-s clip, and shorter (padded)
+        data = audio_bytes(tones(seconds, sample_rate), sample_rate, fmt)
+        for train in (True, False):
+            clip = AudioClip(16_000, 1.0, train=train)
+            for seed in range(3):
+                torch.manual_seed(seed)
+                window = clip({"audio": EncodedAudio(data), "sample_rate": sample_rate, "label": 1})
+                torch.manual_seed(seed)
+                whole = clip({"audio": EncodedAudio(data).samples(), "sample_rate": sample_rate, "label": 1})
+                assert window["audio"].shape == (16_000,) and window["label"] == 1
+                torch.testing.assert_close(window["audio"], whole["audio"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt, decoded", [("WAV", "window"), ("FLAC", "window"), ("OGG", "to the window's end"), ("MP3", "to the window's end")])
+def test_an_audio_clip_of_a_long_recording_decodes_no_further_than_its_window(monkeypatch, fmt, decoded):
+    from core.augment import AudioClip
+    from core.data.decoders import EncodedAudio
+
+    audio = EncodedAudio(audio_bytes(tones(60, 16_000, channels=1), 16_000, fmt))
+    assert len(audio) == audio.shape[1] == 60 * 16_000 and audio.sample_rate == 16_000 and audio.channels == 1
+    read, real = [], soundfile.SoundFile.read
+    monkeypatch.setattr(soundfile.SoundFile, "read", lambda f, *a, **k: read.append(len(out := real(f, *a, **k))) or out)
+    torch.manual_seed(0)
+    start = int(torch.randint(60 * 16_000 - 16_000 + 1, ()))
+    torch.manual_seed(0)
+    AudioClip(16_000, 1.0, train=True)(({"audio": audio, "sample_rate": 16_000}))
+    assert sum(read) == (16_000 if decoded == "window" else start + 16_000)
+
+
+def test_an_audio_stream_shorter_than_its_header_gives_a_clip_of_what_it_holds_or_loses_its_sample(tmp_path):
+    """An MP3 cut in half still says, in its header, how long it was."""
+    from core.augment import AudioClip
+    from core.data.decoders import EncodedAudio, FewerSamples
+
+    data = audio_bytes(tones(4, 16_000), 16_000, "MP3")
+    cut = data[: len(data) // 2]
+    audio, held = EncodedAudio(cut), EncodedAudio(cut).samples().shape[1]
+    assert len(audio) == 4 * 16_000 > held
+    centred = AudioClip(16_000, 1.0, train=False)({"audio": audio, "sample_rate": 16_000})["audio"]  # past the cut
+    assert len(audio) == held
+    torch.testing.assert_close(centred, AudioClip(16_000, 1.0, train=False).clip(EncodedAudio(cut).samples(), 16_000))
+    with pytest.raises(FewerSamples, match=f"the stream holds {held}"):
+        EncodedAudio(cut).read(held, 4 * 16_000)
+
+    class LastSecond:  # a transform of a user's, which reads the header's last second
+        def __call__(self, sample):
+            return {"audio": sample["audio"].read(len(sample["audio"]) - 16_000, len(sample["audio"])).mean(0)}
+
+    write_shards([{"__key__": "a", "mp3": cut}, {"__key__": "b", "mp3": data}], str(tmp_path / "a-%06d.tar"))
+    loader = read_batches(str(tmp_path / "a-000000.tar"), LastSecond(), batch_size=1)
+    assert [tuple(batch["audio"].shape) for batch in loader] == [(1, 16_000)]
+    assert loader.stream.stats.totals()["samples_skipped"] == 1
+
+
+def test_an_audio_member_that_cannot_be_decoded_where_a_clip_needs_it_is_skipped_and_counted(tmp_path):
+    from core.augment import AudioClip
+    from core.data.inspect import inspect_shards
+
+    good = audio_bytes(tones(3, 16_000), 16_000, "FLAC")
+    samples = [{"__key__": f"{i:06d}", "flac": good, "cls": str(i).encode()} for i in range(3)]
+    samples[1]["flac"] = good[: len(good) // 3]  # the header counts 3 s
+    write_shards(samples, str(tmp_path / "a-%06d.tar"))
+    pattern = str(tmp_path / "a-000000.tar")
+    loader = read_batches(pattern, AudioClip(16_000, 1.0, train=False), batch_size=1)  # the middle second
+    assert [batch["label"].item() for batch in loader] == [0, 2]
+    assert loader.stream.stats.totals()["samples_skipped"] == 1
+    whole = read_batches(pattern, batch_size=1)  # no transform: every sample decoded whole, as before
+    assert [tuple(batch["audio"].shape) for batch in whole] == [(1, 2, 48_000)] * 2 and whole.stream.stats.totals()["samples_skipped"] == 1
+    assert dict(inspect_shards(pattern).skipped) == {"undecodable .flac": 1}
+
+
+def test_encoded_audio_reads_a_span_and_refuses_one_outside_it():
+    from core.data.decoders import EncodedAudio
+
+    wave = tones(1, 8_000)
+    audio = EncodedAudio(audio_bytes(wave, 8_000, "WAV"))
+    expected = torch.from_numpy(soundfile.read(io.BytesIO(audio_bytes(wave, 8_000, "WAV")), dtype="float32")[0].T.copy())
+    torch.testing.assert_close(audio.read(100, 300), expected[:, 100:300], rtol=0, atol=0)
+    torch.testing.assert_close(torch.from_numpy(np.asarray(audio)), expected, rtol=0, atol=0)
+    for start, stop in [(-1, 10), (10, 10), (0, 8_001)]:
+        with pytest.raises(IndexError, match=f"samples {start} to {stop} of audio of 8000"):
+            audio.read(start, stop)
+    assert "8000 samples, 2 channels, 8000 Hz, WAV" in repr(audio)
+
+
+def test_audio_clip_benchmark_times_both_ways_on_real_recordings(capsys):
+    from core.data import bench_audio
+
+    bench_audio.main(["--recordings", "2", "--minutes", "0.2", "--clip-seconds", "1", "--rounds", "1"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "clips/s" not in line]
+    assert [r[0].strip() for r in rows] == ["whole recording (reference)", "clip window"]
+    assert rows[0][2].strip() == "1.00x" and all(float(r[1]) > 0 for r in rows)
+    whole_mb, window_mb = (float(r[3].split()[0]) for r in rows)
+    assert window_mb < whole_mb

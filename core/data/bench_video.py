@@ -55,13 +55,13 @@ class WholeVideoClip:
         return self.clip({**sample, "video": sample["video"].frames()})
 
 
-def measure(transform, pattern: str, passes: int) -> tuple[float, float]:
+def measure(transform, pattern: str, passes: int, key: str = "video") -> tuple[float, float]:
     """(clips per second, peak MB of numpy memory) over ``passes`` passes of the shard, one clip a batch."""
     tracemalloc.start()
     start, clips = time.perf_counter(), 0
     for _ in range(passes):
         for batch in read_batches(pattern, transform, batch_size=1):
-            clips += len(batch["video"])
+            clips += len(batch[key])
     seconds = time.perf_counter() - start
     peak = tracemalloc.get_traced_memory()[1] / 2**20
     tracemalloc.stop()
@@ -96,14 +96,17 @@ def main(argv=None) -> None:
             for name, transform in ways.items():
                 rate, peak = measure(transform, pattern, passes=2)
                 best[name] = max(best[name], (rate, peak), key=lambda result: result[0])
-    reference = best["whole video (reference)"]
-    print(
-        f"\n| {args.videos} videos of {args.frames} frames, {args.width}x{args.height}; clips of {args.clip_frames} "
-        f"at stride {args.stride}, {args.size} px | clips/s | vs reference | peak frame memory |"
-    )
+    title = f"{args.videos} videos of {args.frames} frames, {args.width}x{args.height}; clips of {args.clip_frames} at stride {args.stride}, {args.size} px"
+    print_table(title, best, "peak frame memory", digits=1)
+
+
+def print_table(title: str, best: dict[str, tuple[float, float]], memory: str, digits: int) -> None:
+    """The markdown table of {way: (clips/s, peak MB)}, each against the first way, the reference."""
+    reference = next(iter(best.values()))
+    print(f"\n| {title} | clips/s | vs reference | {memory} |")
     print("|---|---|---|---|")
     for name, (rate, peak) in best.items():
-        print(f"| {name} | {rate:.1f} | {rate / reference[0]:.2f}x | {peak:.1f} MB ({peak / reference[1]:.2f}x) |")
+        print(f"| {name} | {rate:.{digits}f} | {rate / reference[0]:.2f}x | {peak:.1f} MB ({peak / reference[1]:.2f}x) |")
 
 
 if __name__ == "__main__":

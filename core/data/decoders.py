@@ -11,7 +11,7 @@ Decoded keys:
 extension                   decoded
 ==========================  =================================================================
 jpg jpeg png webp bmp       ``image``: PIL image in RGB, upright (EXIF orientation applied)
-flac wav ogg mp3            ``audio``: float32 tensor (channels, samples); ``sample_rate``: int
+flac wav ogg mp3            ``audio``: ``EncodedAudio``, samples decoded when asked for; ``sample_rate``: int
 mp4 webm mkv avi mov        ``video``: ``EncodedVideo``, frames decoded when asked for; ``fps``: float
 txt                         ``text``: str (utf-8)
 cls                         ``label``: int
@@ -89,12 +89,97 @@ def decode_image(data: bytes) -> PIL.Image.Image:
         return image.convert("RGB")
 
 
-def decode_audio(data: bytes) -> tuple[torch.Tensor, int]:
-    """Decode audio bytes with soundfile to a float32 (channels, samples) tensor and its sample rate."""
-    samples, sample_rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (samples, channels)
-    if samples.size == 0:
-        raise ValueError("no audio samples")
-    return torch.from_numpy(samples.T.copy()), int(sample_rate)  # (channels, samples)
+def new_array(decode: Callable[[], torch.Tensor], dtype, copy, what: str) -> np.ndarray:
+    """``np.asarray`` of a member decoded when asked for (``__array__``): always a new array."""
+    if copy is False:
+        raise ValueError(f"{what} is decoded into a new array: np.asarray({what}) cannot avoid a copy")
+    array = decode().numpy()
+    return array if dtype is None else array.astype(dtype, copy=False)
+
+
+class FewerSamples(UndecodableSample):
+    """An audio member decoded to fewer samples than its header counted; ``len(audio)`` now says how many.
+    ``AudioClip`` picks its window again; anywhere else the sample is skipped and counted."""
+
+
+class EncodedAudio:
+    """An audio member, decoded when its samples are asked for: a 10-second clip of an hour's recording
+    decodes those 10 seconds, where decoding the whole held the hour (1.3 GB of float32 at 44.1 kHz, stereo)
+    and resampling it took seconds a sample (``core.data.bench_audio``).
+
+    Opening reads the header only: ``len(audio)`` is the number of samples per channel, ``sample_rate`` and
+    ``channels`` what they say. ``audio.read(start, stop)`` decodes samples ``start`` to ``stop`` to float32
+    ``(channels, stop - start)``: WAV and FLAC seek there exactly; OGG, where libsndfile's seek lands off the
+    sample asked for, is decoded from its start in blocks that are let go, and MP3 from its start in one read
+    (soundfile's reads seek between them, below). ``audio.samples()`` or ``np.asarray(audio)`` gives every
+    sample.
+
+    Samples that cannot be decoded raise ``UndecodableSample`` (the shard stream skips and counts the
+    sample); a stream that ends before its header's count raises ``FewerSamples``, with ``len`` corrected.
+    """
+
+    EXACT_SEEK = frozenset({"WAV", "WAVEX", "W64", "RF64", "FLAC"})
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.source, self.reason = "audio", "undecodable audio"  # decode_sample names the sample and member
+        with soundfile.SoundFile(io.BytesIO(data)) as f:
+            self.num_samples, self.sample_rate, self.channels, self.format = f.frames, int(f.samplerate), f.channels, f.format
+        if self.num_samples <= 0:
+            raise ValueError("no audio samples")
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(channels, samples), what ``samples()`` gives, known without decoding."""
+        return (self.channels, self.num_samples)
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """Samples ``start`` to ``stop`` (0 <= start < stop <= len) -> float32 (channels, stop - start)."""
+        if not 0 <= start < stop <= self.num_samples:
+            raise IndexError(f"samples {start} to {stop} of audio of {self.num_samples}")
+        try:
+            with soundfile.SoundFile(io.BytesIO(self.data)) as f:
+                if self.format in self.EXACT_SEEK:
+                    f.seek(start)
+                    samples = f.read(stop - start, dtype="float32", always_2d=True)
+                    held = start + len(samples)
+                elif self.format == "OGG":  # decoded from the start, block by block, to `start`
+                    block, reached = np.empty((min(start, 1 << 16), self.channels), np.float32), 0
+                    while reached < start and (got := len(f.read(out=block[: start - reached]))):
+                        reached += got
+                    samples = f.read(stop - start, dtype="float32", always_2d=True) if reached == start else block[:0]
+                    held = reached + len(samples)
+                else:
+                    # MP3 in one read from the start: soundfile seeks to where it is after every read, and
+                    # libsndfile's MP3 reader lands elsewhere, so a second read would not go on from the first.
+                    samples = f.read(stop, dtype="float32", always_2d=True)
+                    held, samples = len(samples), samples[start:]
+        except Exception as error:
+            raise UndecodableSample(self.reason, f"{self.source}: cannot decode samples {start} to {stop}: {error}") from error
+        if len(samples) < stop - start:
+            self.num_samples = held
+            raise FewerSamples(self.reason, f"{self.source}: samples to {stop} asked for, but the stream holds {self.num_samples}")
+        return torch.from_numpy(samples.T.copy())  # (channels, stop - start)
+
+    def samples(self) -> torch.Tensor:
+        """Every sample: float32 (channels, samples)."""
+        try:
+            samples, _ = soundfile.read(io.BytesIO(self.data), dtype="float32", always_2d=True)  # (samples, channels)
+        except Exception as error:
+            raise UndecodableSample(self.reason, f"{self.source}: cannot decode: {error}") from error
+        if not len(samples):
+            raise UndecodableSample(self.reason, f"{self.source}: no audio samples")
+        self.num_samples = len(samples)
+        return torch.from_numpy(samples.T.copy())
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return new_array(self.samples, dtype, copy, "audio")
+
+    def __repr__(self) -> str:
+        return f"EncodedAudio({self.num_samples} samples, {self.channels} channels, {self.sample_rate} Hz, {self.format}, {self.source})"
 
 
 class FewerFrames(UndecodableSample):
@@ -218,19 +303,23 @@ class EncodedVideo:
         return (out[:decoded] if wanted is None else out), decoded
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        if copy is False:
-            raise ValueError("a video's frames are decoded into a new array: np.asarray(video) cannot avoid a copy")
-        frames = self.frames().numpy()
-        return frames if dtype is None else frames.astype(dtype, copy=False)
+        return new_array(self.frames, dtype, copy, "video")
 
     def __repr__(self) -> str:
         return f"EncodedVideo({self.num_frames} frames, {self.width}x{self.height}, {self.fps:g} fps, {self.source})"
 
 
 def decoded_whole(sample: dict) -> dict:
-    """``sample`` with every ``EncodedVideo`` decoded to all its frames, a uint8 tensor (T, H, W, 3): what a
-    reader without a transform batches, and what ``core.data.inspect`` checks."""
-    return {key: value.frames() if isinstance(value, EncodedVideo) else value for key, value in sample.items()}
+    """``sample`` with every ``EncodedVideo`` decoded to all its frames, a uint8 tensor (T, H, W, 3), and every
+    ``EncodedAudio`` to all its samples, float32 (C, S): what a reader without a transform batches, and what
+    ``core.data.inspect`` checks."""
+
+    def whole(value):
+        if isinstance(value, EncodedVideo):
+            return value.frames()
+        return value.samples() if isinstance(value, EncodedAudio) else value
+
+    return {key: whole(value) for key, value in sample.items()}
 
 
 def decode_label(data: bytes) -> int:
@@ -266,8 +355,8 @@ def _single(key: str, decode: Callable[[bytes], Any]) -> Callable[[bytes], dict]
 
 
 def _audio(data: bytes) -> dict:
-    audio, sample_rate = decode_audio(data)
-    return {"audio": audio, "sample_rate": sample_rate}
+    audio = EncodedAudio(data)
+    return {"audio": audio, "sample_rate": audio.sample_rate}
 
 
 def _video(data: bytes) -> dict:
@@ -336,7 +425,7 @@ def decode_sample(raw: dict[str, Any]) -> dict:
                     "clashing members", f"{where}: members {sources[key]!r} and {name!r} both decode to {key!r}"
                 )
             sources[key] = name
-            if isinstance(entries[key], EncodedVideo):  # its frames are decoded later, by the transform
+            if isinstance(entries[key], (EncodedVideo, EncodedAudio)):  # decoded later, by the transform
                 entries[key].source, entries[key].reason = f"{where}: member {name!r}", f"undecodable .{ext}"
         decoded.update(entries)
     if not sources:
