@@ -154,9 +154,14 @@ def test_prototypes_start_as_dinos_last_layer():
 
 
 def test_center_is_the_ema_of_the_teachers_mean_output():
+    """The teacher's, not the student's: the student is moved off its copy first, or both would read alike."""
     model, batch = tiny_dino(center_momentum=0.9), crops()
     with torch.no_grad():
+        for p in model.head.parameters():
+            p.add_(0.5 * torch.randn_like(p))
         teacher = model.teacher_head(model.teacher_backbone(torch.cat(batch["global_views"])))  # (2B, K)
+        student = model.head(model.backbone(torch.cat(batch["global_views"])))
+    assert not torch.allclose(teacher.mean(0), student.mean(0), atol=1e-3)
     model.training_step(batch, 0)
     model.move_center()
     torch.testing.assert_close(model.center, 0.1 * teacher.mean(0, keepdim=True))

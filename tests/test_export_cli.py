@@ -115,7 +115,7 @@ def test_load_encoder_names_what_a_config_lacks(tmp_path):
         (lambda c: c.pop("backbone"), "config.json: no backbone"),
         (lambda c: c.update(format_version=99), "format_version 99; this code reads version 1"),
         (lambda c: c["input"].update(modality="Image"), "input.modality 'Image' is not one of"),
-        (lambda c: c["input"].pop("mean"), "a image input needs input.mean"),
+        *[(lambda c, key=key: c["input"].pop(key), f"a image input needs input.{key}") for key in ("size", "mean", "std")],
     ]:
         config = json.loads(json.dumps(good))
         change(config)
@@ -123,6 +123,27 @@ def test_load_encoder_names_what_a_config_lacks(tmp_path):
             json.dump(config, f)
         with pytest.raises(ValueError, match=message):
             load_encoder(folder)
+
+
+def test_load_encoder_refuses_weights_that_do_not_match_the_config(tmp_path):
+    """An export that lost a tensor must not load as a partly random network (and read as a bad pretraining)."""
+    from safetensors.torch import load_file, save_file
+
+    fake_checkpoint(tmp_path / "last.ckpt", ViT((8, 8), (4, 4), size="tiny", depth=1), {"modality": "image", "size": [8, 8], "mean": [0] * 3, "std": [1] * 3})
+    (folder,) = export_checkpoint(str(tmp_path / "last.ckpt"), str(tmp_path / "e"))
+    weights = load_file(os.path.join(folder, "model.safetensors"))
+    weights.pop("norm.weight")
+    save_file(weights, os.path.join(folder, "model.safetensors"))
+    with pytest.raises(RuntimeError, match="norm.weight"):
+        load_encoder(folder)
+
+
+def test_the_export_keeps_the_validation_view_in_its_input_spec(tmp_path):
+    """Evaluation resizes to `resize` then center-crops `size`; without them it would crop a 224 image to 224."""
+    spec = {"modality": "image", "size": [8, 8], "mean": [0.5] * 3, "std": [0.25] * 3, "resize": 10, "interpolation": "bicubic"}
+    fake_checkpoint(tmp_path / "last.ckpt", ViT((8, 8), (4, 4), size="tiny", depth=1), spec)
+    (folder,) = export_checkpoint(str(tmp_path / "last.ckpt"), str(tmp_path / "e"))
+    assert json.load(open(os.path.join(folder, "config.json")))["input"] == spec and load_encoder(folder).input == spec
 
 
 def test_export_names_a_folder_that_is_not_a_checkpoint(tmp_path):

@@ -120,6 +120,21 @@ def test_barlow_twins_matches_hand_computation():
     assert barlow_twins_loss(z1, z2, lambd=0.1, gather=False).item() == pytest.approx(barlow_by_hand(z1, z2, 0.1), rel=1e-10)
 
 
+def test_barlow_twins_stays_finite_with_a_dimension_constant_over_the_batch():
+    """A dead embedding dimension standardises to 0 (its std is clamped), not to 0/0: a NaN would end the run."""
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randn(8, 4, generator=g, dtype=torch.float64)
+    z1[:, 2], z2[:, 1] = 3.0, -1.0
+    z1.requires_grad_(), z2.requires_grad_()
+    loss = barlow_twins_loss(z1, z2, gather=False)
+    loss.backward()
+    assert loss.isfinite() and z1.grad.isfinite().all() and z2.grad.isfinite().all()
+    s1, s2 = ((z - z.mean(0)) / z.std(0, unbiased=False) for z in (z1.detach(), z2.detach()))
+    s1[:, 2], s2[:, 1] = 0.0, 0.0
+    c = s1.T @ s2 / 8
+    assert loss.item() == pytest.approx(((c.diagonal() - 1).pow(2).sum() + 5e-3 * (c.pow(2).sum() - c.diagonal().pow(2).sum())).item(), rel=1e-12)
+
+
 def test_barlow_twins_is_zero_for_identical_decorrelated_views():
     z = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]]) * 3 + 2
     assert barlow_twins_loss(z, z.clone(), gather=False).item() == pytest.approx(0.0, abs=1e-6)

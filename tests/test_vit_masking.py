@@ -199,6 +199,17 @@ def test_sincos_pos_embed_values_by_hand():
         sincos_pos_embed((2, 2), 7)
 
 
+def test_mae_decoder_starts_as_maes_does():
+    """Its mask token drawn from N(0, 0.02), linears xavier-uniform with zero biases (the official code's
+    initialize_weights); the tests against that code copy weights over, so they cannot see the init."""
+    torch.manual_seed(0)
+    decoder = MAEDecoder((16, 16), 32, 48, dim=512, depth=1, heads=8)
+    assert decoder.mask_token.std().item() == pytest.approx(0.02, rel=0.15)
+    for linear in (m for m in decoder.modules() if isinstance(m, torch.nn.Linear)):
+        bound = math.sqrt(6 / (linear.in_features + linear.out_features))
+        assert linear.weight.abs().max() <= bound and linear.weight.abs().max() > 0.9 * bound and not linear.bias.any()
+
+
 def test_mae_decoder_shape_and_visible_tokens_in_place():
     torch.manual_seed(0)
     grid, enc_dim, patch_dim = (2, 3), 12, 5
