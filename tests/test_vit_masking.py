@@ -289,3 +289,12 @@ def test_a_learned_position_table_trains_exports_and_is_resized_for_smaller_crop
         ViT(input_size=(16, 16), patch_size=(4, 4), **TINY, pos_embed="rope")
     with pytest.raises(ValueError, match="init"):
         ViT(input_size=(16, 16), patch_size=(4, 4), **TINY, init="xavier")
+
+
+def test_sincos_pos_embed_rows_are_row_major_over_the_grid():
+    """On a grid that is not square: on (1, 2) or (2, 2) the two axis orders give the same table."""
+    pe = sincos_pos_embed((2, 3), 8)  # channels 0-3: the row's sin/cos, 4-7: the column's
+    for k in range(6):
+        torch.testing.assert_close(pe[k, :4], pe[(k // 3) * 3, :4])  # patch k lies in row k // 3
+        torch.testing.assert_close(pe[k, 4:], pe[k % 3, 4:])  # and in column k % 3
+    assert not torch.allclose(pe[1, 4:], pe[0, 4:]) and not torch.allclose(pe[3, :4], pe[0, :4])
