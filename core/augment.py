@@ -3,7 +3,8 @@
 The data layer decodes a sample into ``{"image": PIL RGB, "audio": EncodedAudio (``audio.read(start, stop)``:
 float32 samples (C, stop - start), decoded when asked for), "sample_rate": int,
 "video": EncodedVideo (``video[index]``: uint8 frames (len(index), H, W, 3), decoded when asked for), "fps": float,
-"text": str, "label": int, "json": dict, "__key__", "__url__"}``.
+"text": str, "label": int, "json": dict, "__key__", "__url__"}``. A transform of one's own decodes what it
+needs (``sample["audio"].samples()``, ``sample["video"].frames()`` for the whole).
 Each transform here is a small class with typed init arguments, so a config can name it with
 ``class_path: core.augment.TwoViews`` / ``init_args: {size: 224}``, and ``__call__(sample) -> dict``
 returns only tensors (plus ``"label"`` when the sample has one, for probes), ready for the default collate.
@@ -651,12 +652,17 @@ def crop_or_pad(waveform: torch.Tensor, length: int, random: bool) -> torch.Tens
     return waveform[..., start : start + length]
 
 
+SINC_ZEROS, SINC_ROLLOFF = 6, 0.99  # torchaudio's resampler: zero crossings of its windowed sinc, cutoff
+
+
 class AudioClip:
     """A fixed-length mono waveform at ``sample_rate``: mixdown, resample, then crop (random in train,
     centered in eval) or zero-pad to ``seconds``. Log-mel features come later, on device (:func:`log_mel`).
 
     An ``EncodedAudio`` (what the shard decoder gives) is decoded over the clip's window only, plus the
-    resampler's reach around it: the same samples as resampling the whole recording and cutting, drawn alike.
+    resampler's reach around it: the same samples as resampling the whole recording and cutting, drawn alike
+    (past 2^24 output samples, 17 minutes at 16 kHz, torchaudio's float32 length can be one sample longer than
+    the exact count the window is drawn over).
 
     ``{"audio": EncodedAudio or (C, S) or (S,) float, "sample_rate": int} -> {"audio": (round(sample_rate * seconds),), "label"}``.
     """
@@ -684,27 +690,29 @@ class AudioClip:
         """(C, S) or (S,) at ``rate`` Hz -> (length,): mixdown, resample, crop or pad."""
         audio = audio.mean(0) if audio.ndim == 2 else audio  # (S,)
         if rate != self.sample_rate:
-            audio = AF.resample(audio, rate, self.sample_rate)
+            audio = AF.resample(audio, rate, self.sample_rate, lowpass_filter_width=SINC_ZEROS, rolloff=SINC_ROLLOFF)
         return crop_or_pad(audio, self.length, random=self.train)
 
     def window(self, audio: EncodedAudio, rate: int) -> torch.Tensor:
         """The clip of ``audio`` at ``rate`` Hz, decoding the samples it needs."""
         divisor = math.gcd(rate, self.sample_rate)
         old, new = rate // divisor, self.sample_rate // divisor  # the resampler works in blocks: `old` samples in, `new` out
-        resampled = -(-len(audio) * new // old)  # torchaudio's output length
+        # torchaudio's output length, in float32, where it is short of the exact count (else the window could
+        # reach past the samples the last block gives)
+        resampled = min(int(torch.ceil(torch.as_tensor(new * len(audio) / old))), -(-len(audio) * new // old))
         if resampled <= self.length:
             return self.clip(audio.read(0, len(audio)), rate)
         start = window_start(resampled, self.length, self.train)  # in output samples
         if rate == self.sample_rate:
             return audio.read(start, start + self.length).mean(0)
-        # Output block i reads input samples [i*old - reach, (i + 1)*old + reach) (torchaudio's windowed sinc,
-        # its default 6 zero crossings and rolloff 0.99): decode whole blocks around the window, `margin` each side.
-        reach = math.ceil(6 * old / (min(old, new) * 0.99))
+        # Output block i reads input samples [i*old - reach, (i + 1)*old + reach) (torchaudio's windowed sinc):
+        # decode whole blocks around the window, `margin` each side.
+        reach = math.ceil(SINC_ZEROS * old / (min(old, new) * SINC_ROLLOFF))
         margin = -(-reach // old)
         first, last = max(start // new - margin, 0), -(-(start + self.length) // new) + margin
         segment = audio.read(first * old, min(last * old, len(audio))).mean(0)  # (samples,)
         offset = start - first * new
-        return AF.resample(segment, rate, self.sample_rate)[offset : offset + self.length]
+        return AF.resample(segment, rate, self.sample_rate, lowpass_filter_width=SINC_ZEROS, rolloff=SINC_ROLLOFF)[offset : offset + self.length]
 
 
 def log_mel(

@@ -33,8 +33,10 @@ from core.data.write import write_shards
 def synthetic_recording(seconds: float, sample_rate: int, audio_format: str, seed: int) -> bytes:
     """Stereo noise at -20 dBFS, 16 bit (or MP3/Vorbis), ``seconds`` long."""
     samples = np.random.default_rng(seed).standard_normal((round(seconds * sample_rate), 2)).astype(np.float32) * 0.1
-    out = io.BytesIO()
-    soundfile.write(out, samples, sample_rate, format=audio_format.upper(), subtype={"mp3": "MPEG_LAYER_III", "ogg": "VORBIS"}.get(audio_format))
+    out, subtype = io.BytesIO(), {"mp3": "MPEG_LAYER_III", "ogg": "VORBIS"}.get(audio_format)
+    with soundfile.SoundFile(out, "w", sample_rate, 2, format=audio_format.upper(), subtype=subtype) as f:
+        for start in range(0, len(samples), 1 << 15):  # libsndfile's Vorbis encoder crashes on a minute in one write
+            f.write(samples[start : start + (1 << 15)])
     return out.getvalue()
 
 
@@ -91,6 +93,7 @@ def main(argv=None) -> None:
         f"clips of {args.clip_seconds:g} s at {args.clip_rate} Hz"
     )
     print_table(title, best, "peak memory of the decoded samples", digits=2)
+
 
 if __name__ == "__main__":
     main()

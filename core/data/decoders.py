@@ -109,13 +109,15 @@ class EncodedAudio:
 
     Opening reads the header only: ``len(audio)`` is the number of samples per channel, ``sample_rate`` and
     ``channels`` what they say. ``audio.read(start, stop)`` decodes samples ``start`` to ``stop`` to float32
-    ``(channels, stop - start)``: WAV and FLAC seek there exactly; OGG, where libsndfile's seek lands off the
-    sample asked for, is decoded from its start in blocks that are let go, and MP3 from its start in one read
-    (soundfile's reads seek between them, below). ``audio.samples()`` or ``np.asarray(audio)`` gives every
-    sample.
+    ``(channels, stop - start)``: WAV and FLAC seek there exactly; OGG, MP3 and WAV codecs that cannot seek
+    (GSM 6.10, G.721, NMS ADPCM) are decoded from their start (``read_from_start``). ``audio.samples()`` or
+    ``np.asarray(audio)`` gives every sample.
 
     Samples that cannot be decoded raise ``UndecodableSample`` (the shard stream skips and counts the
-    sample); a stream that ends before its header's count raises ``FewerSamples``, with ``len`` corrected.
+    sample); a stream that ends before its header's count where it decodes to its end (MP3) raises
+    ``FewerSamples``, with ``len`` corrected. A WAV or FLAC cut short fails where a read seeks past the cut.
+    A header's count can be an estimate (a constant-bitrate MP3 without a Xing frame): ``len`` then says so
+    too, and a window is drawn over that length.
     """
 
     EXACT_SEEK = frozenset({"WAV", "WAVEX", "W64", "RF64", "FLAC"})
@@ -142,27 +144,38 @@ class EncodedAudio:
             raise IndexError(f"samples {start} to {stop} of audio of {self.num_samples}")
         try:
             with soundfile.SoundFile(io.BytesIO(self.data)) as f:
-                if self.format in self.EXACT_SEEK:
-                    f.seek(start)
-                    samples = f.read(stop - start, dtype="float32", always_2d=True)
-                    held = start + len(samples)
-                elif self.format == "OGG":  # decoded from the start, block by block, to `start`
-                    block, reached = np.empty((min(start, 1 << 16), self.channels), np.float32), 0
-                    while reached < start and (got := len(f.read(out=block[: start - reached]))):
-                        reached += got
-                    samples = f.read(stop - start, dtype="float32", always_2d=True) if reached == start else block[:0]
-                    held = reached + len(samples)
-                else:
-                    # MP3 in one read from the start: soundfile seeks to where it is after every read, and
-                    # libsndfile's MP3 reader lands elsewhere, so a second read would not go on from the first.
-                    samples = f.read(stop, dtype="float32", always_2d=True)
-                    held, samples = len(samples), samples[start:]
+                # GSM 6.10 and ADPCM variants in WAV cannot seek at all.
+                seeking = self.format in self.EXACT_SEEK and f.seekable()
+                samples, held = (self.seek_and_read if seeking else self.read_from_start)(f, start, stop)
         except Exception as error:
             raise UndecodableSample(self.reason, f"{self.source}: cannot decode samples {start} to {stop}: {error}") from error
         if len(samples) < stop - start:
+            if not held:
+                raise UndecodableSample(self.reason, f"{self.source}: no audio samples decode")
             self.num_samples = held
             raise FewerSamples(self.reason, f"{self.source}: samples to {stop} asked for, but the stream holds {self.num_samples}")
         return torch.from_numpy(samples.T.copy())  # (channels, stop - start)
+
+    @staticmethod
+    def seek_and_read(f: soundfile.SoundFile, start: int, stop: int) -> tuple[np.ndarray, int]:
+        """(samples (n, channels), the samples the stream holds up to them)."""
+        f.seek(start)
+        samples = f.read(stop - start, dtype="float32", always_2d=True)
+        return samples, start + len(samples)
+
+    def read_from_start(self, f: soundfile.SoundFile, start: int, stop: int) -> tuple[np.ndarray, int]:
+        """As ``seek_and_read``, decoding from the start: OGG in blocks that are let go (libsndfile's Vorbis
+        seek lands off the sample asked for), anything else (MP3) in one read: soundfile seeks to where it is
+        after every read, and libsndfile's MP3 reader then loses its place, so a second read would not go on
+        from the first."""
+        if self.format != "OGG":
+            samples = f.read(stop, dtype="float32", always_2d=True)
+            return samples[start:], len(samples)
+        block, reached = np.empty((min(start, 1 << 16), self.channels), np.float32), 0
+        while reached < start and (got := len(f.read(out=block[: start - reached]))):
+            reached += got
+        samples = f.read(stop - start, dtype="float32", always_2d=True) if reached == start else block[:0]
+        return samples, reached + len(samples)
 
     def samples(self) -> torch.Tensor:
         """Every sample: float32 (channels, samples)."""

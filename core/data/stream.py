@@ -27,7 +27,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.combined_loader import _shutdown_workers_and_reset_iterator
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from core.data.decoders import RefusedSample, SampleError, UnusableSample, decode_sample, decoded_whole
+from core.data.decoders import EncodedAudio, EncodedVideo, RefusedSample, SampleError, UnusableSample, decode_sample, decoded_whole
 from core.data.shards import expand_urls, listing, read_shard
 
 log = logging.getLogger(__name__)
@@ -199,8 +199,9 @@ def mixed(
 
 
 def transformed(sample: dict, transform: SampleTransform | None) -> dict:
-    """Apply the user transform; a failure other than a ``SampleError`` names the sample it failed on. A video
-    the transform leaves as it was decoded (an ``EncodedVideo``) is decoded whole, so that it batches."""
+    """Apply the user transform; a failure other than a ``SampleError`` names the sample it failed on. A video or
+    audio the transform leaves as it was decoded (an ``EncodedVideo``, ``EncodedAudio``) is decoded whole, so
+    that it batches."""
     if transform is None:
         return decoded_whole(sample)
     try:
@@ -208,10 +209,18 @@ def transformed(sample: dict, transform: SampleTransform | None) -> dict:
     except SampleError:
         raise
     except Exception as error:
+        # A transform written for the tensors the decoders gave before they decoded media when asked.
+        hints = [f"; {key!r} is an {type(value).__name__}: {HOW_TO_DECODE[type(value)]}" for key, value in sample.items() if type(value) in HOW_TO_DECODE]
         raise RuntimeError(
             f"transform {transform!r} failed on sample {sample.get('__key__')!r} of {sample.get('__url__')!r}: "
-            f"{type(error).__name__}: {error}"
+            f"{type(error).__name__}: {error}{''.join(hints)}"
         ) from error
+
+
+HOW_TO_DECODE = {
+    EncodedVideo: "video[index] decodes frames (a list), video.frames() every frame",
+    EncodedAudio: "audio.read(start, stop) decodes samples, audio.samples() every sample",
+}
 
 
 class Requires:
