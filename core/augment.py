@@ -19,7 +19,6 @@ Log-mel features are not computed here but on the model's device, by :func:`log_
 from __future__ import annotations
 
 import math
-
 from typing import Literal
 
 import PIL.Image
@@ -697,14 +696,17 @@ class AudioClip:
         """The clip of ``audio`` at ``rate`` Hz, decoding the samples it needs."""
         divisor = math.gcd(rate, self.sample_rate)
         old, new = rate // divisor, self.sample_rate // divisor  # the resampler works in blocks: `old` samples in, `new` out
+        if rate == self.sample_rate:
+            if len(audio) <= self.length:
+                return self.clip(audio.read(0, len(audio)), rate)
+            start = window_start(len(audio), self.length, self.train)
+            return audio.read(start, start + self.length).mean(0)
         # torchaudio's output length, in float32, where it is short of the exact count (else the window could
         # reach past the samples the last block gives)
         resampled = min(int(torch.ceil(torch.as_tensor(new * len(audio) / old))), -(-len(audio) * new // old))
         if resampled <= self.length:
             return self.clip(audio.read(0, len(audio)), rate)
         start = window_start(resampled, self.length, self.train)  # in output samples
-        if rate == self.sample_rate:
-            return audio.read(start, start + self.length).mean(0)
         # Output block i reads input samples [i*old - reach, (i + 1)*old + reach) (torchaudio's windowed sinc):
         # decode whole blocks around the window, `margin` each side.
         reach = math.ceil(SINC_ZEROS * old / (min(old, new) * SINC_ROLLOFF))

@@ -1245,3 +1245,15 @@ def test_an_audio_stream_that_decodes_nothing_is_undecodable_not_a_window_of_not
     monkeypatch.setattr(EncodedAudio, "read_from_start", lambda self, f, start, stop: (np.empty((0, 2), np.float32), 0))
     with pytest.raises(UndecodableSample, match="no audio samples decode"):
         AudioClip(8_000, 1.0, train=False)({"audio": audio, "sample_rate": 8_000})
+
+
+def test_a_window_at_the_clips_rate_is_drawn_over_the_exact_length_past_float32s_integers():
+    """2^24 + 1 samples, no resampling: the whole path crops over the exact length; torchaudio's float32
+    length (2^24) would move a centred window of an odd length by one sample."""
+    from core.augment import AudioClip
+    from core.data.decoders import EncodedAudio
+
+    data = audio_bytes(tones(1, 2**24 + 1, channels=1), 16_000, "WAV")  # 2^24 + 1 samples at 16 kHz
+    clip = AudioClip(16_000, 16_001 / 16_000, train=False)
+    window = clip({"audio": EncodedAudio(data), "sample_rate": 16_000})["audio"]
+    torch.testing.assert_close(window, clip({"audio": EncodedAudio(data).samples(), "sample_rate": 16_000})["audio"], rtol=0, atol=0)
