@@ -12,12 +12,11 @@ import torch
 from core.optim import LARS
 from core.resnet import ResNet
 from core.schedules import cosine_ramp
-from core.vit import ViT
 from recipes.barlowtwins.model import BarlowTwins
 from recipes.byol.model import BYOL
-from recipes.dino.model import DINO
 from recipes.simsiam.model import SimSiam
 from recipes.vicreg.model import VICReg
+import test_dino
 from conftest import noisy_views
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")]
@@ -78,9 +77,7 @@ def test_simsiam_optimizes_backbone_and_projector_with_a_cosine_and_the_predicto
 
 
 def tiny_dino(**kw):
-    torch.manual_seed(0)
-    args = dict(global_size=16, local_size=8, out_dim=32, hidden_dim=16, bottleneck_dim=8, warmup_epochs=1, base_lr=5e-4, min_lr=1e-6)
-    return DINO(ViT((16, 16), (4, 4), dim=16, depth=1, heads=2), **{**args, **kw})
+    return test_dino.tiny_dino(**{"warmup_epochs": 1, "base_lr": 5e-4, "min_lr": 1e-6, **kw})
 
 
 def test_dino_optimizer_covers_the_prototypes_scales_the_lr_and_ends_at_min_lr():
