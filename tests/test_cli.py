@@ -2,6 +2,7 @@
 continues the random streams of the broken one."""
 
 import csv
+import functools
 import io
 import os
 import random
@@ -14,10 +15,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from jsonargparse import Namespace
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import ROOT, mae_demo_run
-from core.cli import RankSeed, RecipeCLI
+import core.cli
+from core.cli import RankSeed, RecipeCLI, SameStepOnResume, random_state, refuse_unsafe_resume
 from core.data import ShardDataModule
 from recipes.mae.model import MAE
 
@@ -278,3 +281,107 @@ def test_a_view_sized_otherwise_than_the_model_is_refused_naming_both_keys():
                               (MultiCrop(32, 16, n_local=2), ImageEval(64, resize=64), r"val_transform.init_args.size=64 but model.global_size=32")]:  # fmt: skip
         with pytest.raises(ValueError, match=wrong):
             InputsMatchModel().on_fit_start(SimpleNamespace(datamodule=SimpleNamespace(train_transform=train, val_transform=val)), dino)
+
+
+DEMO = os.path.join(ROOT, "recipes/mae/configs/demo.yaml")
+
+
+def test_rank_seed_leaves_rank_zeros_stream_where_the_model_build_left_it():
+    """Rank 0 is not reseeded: reseeded after the weights' init, it would draw the init's numbers again."""
+    torch.manual_seed(0)
+    torch.rand(3)  # the model's init
+    state = torch.get_rng_state()
+    expected = torch.rand(4)
+    torch.set_rng_state(state)
+    RankSeed().setup(SimpleNamespace(global_rank=0), None, "fit")
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_a_resume_gives_each_rank_its_own_saved_streams():
+    torch.manual_seed(1)
+    first = random_state()
+    torch.manual_seed(2)
+    second = random_state()
+    expected = torch.rand(3)
+    callback = RankSeed()
+    callback.load_state_dict({"ranks": [first, second]})
+    torch.manual_seed(7)
+    callback.on_train_start(SimpleNamespace(world_size=2, global_rank=1), None)
+    assert torch.equal(torch.rand(3), expected)  # rank 1's, not rank 0's
+
+
+def resumed(saved_run: dict, run: dict) -> None:
+    """SameStepOnResume between a run that saved and one that resumes (batch size, ranks, accumulation)."""
+    trainer = lambda batch, ranks, accumulate: SimpleNamespace(
+        datamodule=SimpleNamespace(batch_size=batch), world_size=ranks, accumulate_grad_batches=accumulate
+    )
+    saving, resuming = SameStepOnResume(), SameStepOnResume()
+    saving.setup(trainer(**saved_run), None, "fit")
+    resuming.setup(trainer(**run), None, "fit")
+    resuming.load_state_dict(saving.state_dict())
+    resuming.on_train_start(None, None)
+
+
+def test_samples_per_step_count_every_rank():
+    assert core.cli.samples_per_step(SimpleNamespace(datamodule=SimpleNamespace(batch_size=4), world_size=2, accumulate_grad_batches=3)) == 24
+    # Twice the ranks with the same data.batch_size: twice the samples per step, the schedules' total halved.
+    with pytest.raises(ValueError, match="samples per step 128 where this run takes 256"):
+        resumed(dict(batch=128, ranks=1, accumulate=1), dict(batch=128, ranks=2, accumulate=1))
+
+
+def test_another_split_of_the_same_batch_over_the_ranks_resumes():
+    resumed(dict(batch=128, ranks=1, accumulate=1), dict(batch=64, ranks=2, accumulate=1))
+    resumed(dict(batch=32, ranks=2, accumulate=2), dict(batch=16, ranks=4, accumulate=2))
+
+
+def test_a_transform_with_another_std_or_clip_length_than_the_model_is_refused():
+    from core.augment import AudioClip, ImageCrop, ImageEval
+    from core.cli import InputsMatchModel
+    from recipes.audiomae.model import AudioMAE
+
+    model = MAE(image_size=32, patch_size=4, size="tiny", encoder_depth=1, decoder_dim=64, decoder_depth=1, decoder_heads=2)
+    data = SimpleNamespace(train_transform=ImageCrop(32, std=(0.5, 0.5, 0.5)), val_transform=ImageEval(32))
+    with pytest.raises(ValueError, match=r"data.train_transform.init_args.std=\(0.5, 0.5, 0.5\) but model.std="):
+        InputsMatchModel().on_fit_start(SimpleNamespace(datamodule=data), model)
+    audio = AudioMAE(sample_rate=16000, seconds=1.0, n_frames=96, size="tiny", encoder_depth=1, decoder_dim=64, decoder_depth=1, decoder_heads=2)
+    data = SimpleNamespace(train_transform=AudioClip(16000, 2.0), val_transform=AudioClip(16000, 1.0, train=False))
+    with pytest.raises(ValueError, match="data.train_transform.init_args.seconds=2.0 but model.seconds=1.0"):
+        InputsMatchModel().on_fit_start(SimpleNamespace(datamodule=data), audio)
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/run/last.ckpt", "gs://bucket/last.ckpt", "hf://org/repo/last.ckpt"])
+def test_a_checkpoint_in_an_object_store_is_not_downloaded(url):
+    with pytest.raises(ValueError, match="checkpoints are not downloaded at run time"):
+        refuse_unsafe_resume(Namespace(ckpt_path=url, weights_only=None))
+
+
+def test_the_newest_resume_point_is_the_one_checked(tmp_path):
+    """`--ckpt_path last` resolved to a later SLURM requeue save: that file is checked, not last.ckpt."""
+    (tmp_path / "checkpoints").mkdir()
+    last, requeued = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "hpc_ckpt_1.ckpt"
+    torch.save({"global_step": 1}, last)
+    requeued.write_bytes(last.read_bytes()[:100])  # the requeue save cut short by the job's end
+    os.utime(last, (1_000, 1_000))
+    os.utime(requeued, (2_000, 2_000))
+    args = ["fit", "--config", DEMO, "--ckpt_path=last", f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+            f"--checkpoint.dirpath={tmp_path}/checkpoints", "--trainer.max_steps=1"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"hpc_ckpt_1.ckpt' is not a whole checkpoint .*in its folder \(none there\)"):
+        RecipeCLI(MAE, ShardDataModule, args=args)
+
+
+def test_every_run_gets_the_projects_callbacks_and_checkpointing(monkeypatch):
+    from core.cli import InputsMatchModel, LastCheckpoint, LearningRates
+    from core.probe import OnlineProbe
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(core.cli, "RecipeCLI", functools.partial(RecipeCLI, run=False))
+    cli = core.cli.run(MAE, args=["--config", DEMO, "--trainer.logger=false"])
+    kinds = [type(c) for c in cli.trainer.callbacks]
+    for kind in (RankSeed, SameStepOnResume, InputsMatchModel, OnlineProbe, LastCheckpoint, LearningRates):
+        assert kinds.count(kind) == 1, kind
+    checkpoint = cli.trainer.checkpoint_callback
+    assert isinstance(checkpoint, LastCheckpoint)
+    assert (checkpoint.save_last, checkpoint.save_top_k, checkpoint._every_n_train_steps) == (True, 0, 100)  # the demo's 100
+    assert checkpoint._enable_version_counter is False
+    # A config without checkpoint.* saves every 500 steps, as the CLI's docstring says.
+    assert cli.parser.get_default("checkpoint.every_n_train_steps") == 500
