@@ -245,6 +245,7 @@ class RecipeCLI(LightningCLI):
         Lightning never merged). The checkpoint is resolved and checked here, before anything reads it."""
         if self.config.get("subcommand"):
             config = self.config[self.config.subcommand]
+            fixed_checkpoint_dir(config)
             newest_resume_point(config)
             refuse_unsafe_resume(config)
 
@@ -258,6 +259,14 @@ class RecipeCLI(LightningCLI):
             config["trainer.strategy"] = Namespace(class_path=f"lightning.pytorch.strategies.{name}", init_args=Namespace())
 
 
+def fixed_checkpoint_dir(config: Namespace) -> None:
+    """Without `checkpoint.dirpath`, checkpoints go to `<trainer.default_root_dir>/checkpoints`. Lightning's
+    default is the logger's folder, `.../version_N/checkpoints`, a new one each run: `--ckpt_path last` then
+    looked in the new run's empty folder and started afresh, losing the broken run."""
+    if not config.get("checkpoint.dirpath"):
+        config["checkpoint.dirpath"] = os.path.join(config.get("trainer.default_root_dir") or os.getcwd(), "checkpoints")
+
+
 def newest_resume_point(config: Namespace) -> None:
     """Resume from the newest of `last.ckpt` and Lightning's SLURM requeue checkpoints, for `--ckpt_path last`
     and, under SLURM, for no ckpt_path. On SIGUSR1 (`sbatch --signal=SIGUSR1@90`) Lightning saves
@@ -269,7 +278,7 @@ def newest_resume_point(config: Namespace) -> None:
         return
     candidates = glob.glob(os.path.join(glob.escape(config.get("trainer.default_root_dir") or os.getcwd()), "hpc_ckpt_*.ckpt"))
     if path is not None or candidates:  # without requeue saves, no ckpt_path stays a fresh start
-        candidates.append(os.path.join(config.get("checkpoint.dirpath") or "", "last.ckpt"))
+        candidates.append(os.path.join(config["checkpoint.dirpath"], "last.ckpt"))
     existing = [candidate for candidate in candidates if os.path.isfile(candidate)]
     if existing:
         config["ckpt_path"] = max(existing, key=os.path.getmtime)

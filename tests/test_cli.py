@@ -385,3 +385,20 @@ def test_every_run_gets_the_projects_callbacks_and_checkpointing(monkeypatch):
     assert checkpoint._enable_version_counter is False
     # A config without checkpoint.* saves every 500 steps, as the CLI's docstring says.
     assert cli.parser.get_default("checkpoint.every_n_train_steps") == 500
+
+
+def test_a_config_without_a_checkpoint_folder_resumes_from_the_broken_runs_last_ckpt(tmp_path):
+    # Lightning's default folder is the logger's version_N, a new one each run: `--ckpt_path last` found
+    # nothing there and started afresh, throwing the broken run away.
+    mae_demo_run(MAE, "mae", tmp_path, "--checkpoint.dirpath=null", "--model.encoder_depth=1", check_logs=False)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(ROOT)
+        cli = core.cli.run(MAE, args=[
+            "fit", "--config", DEMO, "--ckpt_path=last", "--checkpoint.dirpath=null", "--model.encoder_depth=1",
+            "--data.batch_size=4", "--data.num_workers=0", "--trainer.max_steps=5", "--trainer.limit_val_batches=0",
+            f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ])  # fmt: skip
+    assert cli.trainer.global_step == 5
+    assert torch.load(last, weights_only=True)["global_step"] == 5
