@@ -202,8 +202,9 @@ class FewerFrames(UndecodableSample):
 
 class EncodedVideo:
     """A video member, decoded when its frames are asked for, as decord's ``VideoReader`` is: a clip of 16
-    frames from a 10-second video decodes the frames up to its last one and converts only its own 16 to RGB.
-    Decoding every frame took about 3 times as long (``core.data.bench_video``) and held every frame twice
+    frames decodes from the last keyframe before its first frame (one that cuts the stream cleanly,
+    ``clean_keyframes``) up to its last frame, and converts only its own 16 to RGB. Decoding every frame
+    took about 3 times as long for 10-second videos (``core.data.bench_video``) and held every frame twice
     (PyAV's and the stacked copy: 150 MB for 300 frames of 340x256).
 
     Opening reads the container only, nothing is decoded: ``len(video)`` counts the frames the first video
@@ -237,13 +238,17 @@ class EncodedVideo:
             # and mov cut without re-encoding); the flush packet is empty. A stream that flags no keyframe
             # (x264's intra refresh, cut) is decoded from its first packet.
             counts, keyframe_seen = [0, 0], False  # frames of every packet, frames from the first keyframe
-            for packet in container.demux(stream):
+            packets = []  # (position in the stream, pts, shown, keyframe) of each coded packet from the first keyframe
+            for position, packet in enumerate(container.demux(stream)):
                 keyframe_seen = keyframe_seen or packet.is_keyframe
                 shown = bool(packet.size) and not packet.is_discard
                 counts[0] += shown
                 counts[1] += shown and keyframe_seen
+                if packet.size and keyframe_seen:
+                    packets.append((position, packet.pts, shown, packet.is_keyframe))
             self.from_keyframe = keyframe_seen
             self.num_frames = counts[1] if keyframe_seen else counts[0]
+            self.seek_points = clean_keyframes(packets) if keyframe_seen else [(0, 0)]
         if not self.num_frames:
             raise ValueError("no frame")
         if rate is None:
@@ -291,12 +296,14 @@ class EncodedVideo:
         slots: dict[int, list[int]] = {}  # frame -> where it goes in the output
         for slot, i in enumerate(range(self.num_frames) if wanted is None else wanted):
             slots.setdefault(i, []).append(slot)
-        out, decoded = None, 0
+        # Decoding starts at the last clean keyframe before the first frame wanted, as decord's seek does.
+        first = 0 if wanted is None else min(wanted)
+        decoded, start = max(point for point in self.seek_points if point[0] <= first)
+        out = None
         try:
             with av.open(io.BytesIO(self.data)) as container:
                 packets = container.demux(container.streams.video[0])
-                if self.from_keyframe:  # as counted
-                    packets = itertools.dropwhile(lambda packet: not packet.is_keyframe, packets)
+                packets = (packet for position, packet in enumerate(packets) if position >= start)  # demuxed, not decoded
                 for frame in (frame for packet in packets for frame in packet.decode()):  # in presentation order
                     if out is None:
                         self.height, self.width = self.height or frame.height, self.width or frame.width
@@ -317,6 +324,30 @@ class EncodedVideo:
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         return new_array(self.frames, dtype, copy, "video")
+
+
+def clean_keyframes(packets: list[tuple[int, int | None, bool, bool]]) -> list[tuple[int, int]]:
+    """Where decoding may start: (index of the first frame shown from there, position of the packet in the
+    stream) for each keyframe that cuts the stream cleanly, the first keyframe always among them.
+
+    ``packets`` are (position, pts, shown, keyframe), in decoding order, from the first keyframe. A keyframe
+    cuts cleanly when every packet from it on shows later than every packet before it: then decoding from it
+    gives the frames from the one it shows on, the same as decoding from the start. Not so for an open group
+    of pictures (x264's ``open_gop``, HEVC's CRA frames): frames decoded after its keyframe show before it, and
+    refer to frames before it. Only the first keyframe is taken for a stream without timestamps, and for one
+    whose first keyframe has such frames (a stream cut at an open group's keyframe): a decoder may drop them
+    (FFmpeg's HEVC does), and the frames after them would then be counted otherwise than decoded."""
+    timestamps = [pts for _, pts, _, _ in packets]
+    if None in timestamps or min(timestamps) < timestamps[0]:
+        return [(0, packets[0][0])]
+    earliest_after = list(itertools.accumulate(reversed(timestamps), min))[::-1]
+    points, shown_before, latest = [], 0, None
+    for (position, pts, shown, keyframe), earliest in zip(packets, earliest_after):
+        if keyframe and (latest is None or latest < pts) and pts <= earliest:
+            points.append((shown_before, position))
+        shown_before += shown
+        latest = pts if latest is None else max(latest, pts)
+    return points
 
     def __repr__(self) -> str:
         return f"EncodedVideo({self.num_frames} frames, {self.width}x{self.height}, {self.fps:g} fps, {self.source})"
