@@ -503,6 +503,7 @@ def test_a_video_decodes_the_frames_a_clip_asks_for_and_no_further(monkeypatch):
     data = video_bytes(numbered_video(20), fps=10)
     video = decode_sample({"__key__": "k", "__url__": "u", "mp4": data})["video"]
     assert isinstance(video, EncodedVideo) and (len(video), video.fps, video.shape) == (20, 10.0, (20, 32, 32, 3))
+    assert repr(video) == "EncodedVideo(20 frames, 32x32, 10 fps, sample 'k' of 'u': member 'mp4')"
     whole = video.frames()
     assert whole.shape == (20, 32, 32, 3) and whole.dtype == torch.uint8
     assert torch.equal(torch.as_tensor(np.asarray(video)), whole)
@@ -612,7 +613,12 @@ def test_a_stream_cut_inside_a_group_of_pictures_decodes_from_its_first_keyframe
         ("webm", "webm", "libvpx-vp9", {"g": "10"}, True),
         # Open groups: B-frames decoded after a keyframe show before it and refer to the group before it.
         ("mp4", "mp4", "libx264", {"g": "10", "bf": "3", "x264-params": "open-gop=1"}, True),
+        # Intra refresh flags its recovery points as keyframes, P-frames that FFmpeg drops when it starts there:
+        # the decode from such a point misses its first frame and starts again from the first keyframe.
+        ("mp4", "mp4", "libx264", {"bf": "0", "x264-params": "intra-refresh=1:keyint=20:scenecut=0"}, True),
+        # avi holds no presentation times and may flag every frame a keyframe (h263p does): no seeking.
         ("avi", "avi", "mpeg4", {"g": "10", "bf": "2"}, False),
+        ("avi", "avi", "h263p", {"g": "10"}, False),
     ],
 )
 def test_a_clip_decodes_from_the_last_clean_keyframe_before_it_the_frames_a_whole_decode_gives(
@@ -620,19 +626,19 @@ def test_a_clip_decodes_from_the_last_clean_keyframe_before_it_the_frames_a_whol
 ):
     """Where a clip starts past a keyframe, decoding starts there (decord's seek), and only at a keyframe that
     cuts the stream cleanly: each frame of the 60 is asked for, as the first of a clip of 3, and compared."""
-    data = encoded_video(container_format, codec, options, drifting_video(60))
+    data = encoded_video(container_format, codec, options, drifting_video(60, size=48))
     video = decode_sample({"__key__": "k", ext: data})["video"]
     with av.open(io.BytesIO(data)) as container:
         keyframes = sum(packet.is_keyframe for packet in container.demux(container.streams.video[0]))
     with av.open(io.BytesIO(data)) as container:
         every = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(container.streams.video[0])])
     assert len(video) == len(every) == 60
-    for first in range(60):
-        clip = list(range(first, min(first + 3, 60)))
-        assert np.array_equal(video[clip].numpy(), every[clip]), f"frames {clip}"
     assert (len(video.seek_points) > 1) == seeks
     if "open-gop=1" in options.get("x264-params", ""):
         assert 1 < len(video.seek_points) < keyframes  # keyframes with frames shown before them are passed over
+    for first in range(60):
+        clip = list(range(first, min(first + 3, 60)))
+        assert np.array_equal(video[clip].numpy(), every[clip]), f"frames {clip}"
 
 
 def test_a_keyframe_is_a_start_only_where_no_frame_crosses_it():
@@ -646,8 +652,37 @@ def test_a_keyframe_is_a_start_only_where_no_frame_crosses_it():
     assert starts((0, 1, 1), (1, 1, 0), (3, 1, 1), (2, 1, 0)) == [(0, 0)]  # frame 2 decoded after keyframe 3
     assert starts((0, 1, 1), (3, 1, 0), (2, 1, 1), (4, 1, 0)) == [(0, 0)]  # frame 3 decoded before keyframe 2
     assert starts((5, 1, 1), (4, 1, 0), (6, 1, 0), (7, 1, 1)) == [(0, 0)]  # cut at an open group: frame 4 may drop
+    assert starts((0, 1, 1), (1, 1, 0), (3, 1, 1), (3, 1, 0), (4, 1, 0)) == [(0, 0)]  # a B-frame given its keyframe's time
     assert starts((-2, 0, 1), (-1, 0, 0), (0, 1, 0), (1, 1, 1)) == [(0, 0), (1, 3)]  # an edit list's frames not counted
     assert starts((None, 1, 1), (None, 1, 0), (None, 1, 1)) == [(0, 0)]  # no timestamps
+
+
+def test_a_seek_the_decoder_does_not_bear_out_decodes_from_the_first_keyframe():
+    """Containers can flag keyframes and give times that a decoder starting there does not bear out: every
+    frame of an h263 stream moved from avi (which flags every frame a keyframe) into mov is flagged, and
+    decoded from a P-frame it would give garbage. Such a start, or one whose frames show at other times than
+    the container's, is given up for the first keyframe, for this video from then on."""
+    data = remuxed(encoded_video("avi", "h263p", {"g": "10"}, drifting_video(60, size=48)), container_format="mov")
+    with av.open(io.BytesIO(data)) as container:
+        every = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(container.streams.video[0])])
+    flagged = decode_sample({"__key__": "k", "mov": data})["video"]
+    assert len(flagged.seek_points) == 60  # every frame flagged
+    assert np.array_equal(flagged[[30, 31]].numpy(), every[[30, 31]])  # frame 30 decoded first is no keyframe
+    assert flagged.seek_points == [(0, 0)]
+
+    data = video_bytes(drifting_video(40), fps=10, options={"g": "10", "bf": "0", "x264-params": "scenecut=0"})
+    late = decode_sample({"__key__": "k", "mp4": data})["video"]
+    whole = late.frames()
+    late.frame_pts = [pts + 1 for pts in late.frame_pts]  # what the container would promise, were it off by a tick
+    assert torch.equal(late[[25, 27]], whole[[25, 27]]) and late.seek_points == [(0, 0)]
+
+    # x264's intra refresh flags its last frame, a P-frame, a keyframe: started there, FFmpeg gives no frame.
+    data = encoded_video("mp4", "libx264", {"bf": "0", "x264-params": "intra-refresh=1:keyint=20:scenecut=0"}, drifting_video(41, size=48))
+    with av.open(io.BytesIO(data)) as container:
+        every = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(container.streams.video[0])])
+    refreshed = decode_sample({"__key__": "k", "mp4": data})["video"]
+    assert refreshed.seek_points[-1][0] == 40
+    assert np.array_equal(refreshed[[40]].numpy(), every[[40]])
 
 
 def zeroed(data: bytes, start: int, stop: int) -> bytes:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import math
 from typing import Any, Callable
 
 import av
@@ -200,6 +201,10 @@ class FewerFrames(UndecodableSample):
     ``VideoClip`` picks its frames again; anywhere else the sample is skipped and counted."""
 
 
+class SeekMissed(Exception):
+    """A decoder started at a seek point did not give the frames the container promised there."""
+
+
 class EncodedVideo:
     """A video member, decoded when its frames are asked for, as decord's ``VideoReader`` is: a clip of 16
     frames decodes from the last keyframe before its first frame (one that cuts the stream cleanly,
@@ -246,9 +251,12 @@ class EncodedVideo:
                 counts[1] += shown and keyframe_seen
                 if packet.size and keyframe_seen:
                     packets.append((position, packet.pts, shown, packet.is_keyframe))
-            self.from_keyframe = keyframe_seen
             self.num_frames = counts[1] if keyframe_seen else counts[0]
-            self.seek_points = clean_keyframes(packets) if keyframe_seen else [(0, 0)]
+            # avi holds no presentation times (FFmpeg makes them from the decoding order) and may flag every
+            # frame a keyframe: its videos are decoded from the first keyframe.
+            seekable = bool(packets) and container.format.name != "avi"
+            self.seek_points = clean_keyframes(packets) if seekable else [(0, packets[0][0] if packets else 0)]
+            self.frame_pts = sorted(pts for _, pts, shown, _ in packets if shown) if len(self.seek_points) > 1 else []
         if not self.num_frames:
             raise ValueError("no frame")
         if rate is None:
@@ -290,21 +298,38 @@ class EncodedVideo:
 
     def decode(self, wanted: list[int] | None) -> tuple[np.ndarray, int]:
         """Decode up to the last frame ``wanted`` (every frame for None) and convert those: (frames (len(wanted),
-        H, W, 3) uint8, the number of frames decoded). Converted into one array, not stacked: PyAV's frames
-        are let go one by one."""
+        H, W, 3) uint8, the number of frames decoded). Decoding starts at the last clean keyframe before the
+        first frame wanted, as decord's seek does, and falls back to the first keyframe should a decoder
+        starting there not give the frames the container's timestamps promise: x264's intra refresh flags
+        recovery points as keyframes, and FFmpeg drops the frame it starts at."""
+        first = 0 if wanted is None else min(wanted)
+        start = max(point for point in self.seek_points if point[0] <= first)
+        if start != self.seek_points[0]:
+            try:
+                return self.decode_from(start, wanted, checked=True)
+            except SeekMissed:
+                self.seek_points = self.seek_points[:1]  # decoded from the first keyframe from now on
+        return self.decode_from(self.seek_points[0], wanted, checked=False)
+
+    def decode_from(self, start: tuple[int, int], wanted: list[int] | None, checked: bool) -> tuple[np.ndarray, int]:
+        """``decode``, from ``start`` (a seek point). ``checked``: each frame must be a keyframe first and then
+        show at the time its place promises, else ``SeekMissed``. Converted into one array, not stacked:
+        PyAV's frames are let go one by one."""
         last = self.num_frames - 1 if wanted is None else max(wanted)
         slots: dict[int, list[int]] = {}  # frame -> where it goes in the output
         for slot, i in enumerate(range(self.num_frames) if wanted is None else wanted):
             slots.setdefault(i, []).append(slot)
-        # Decoding starts at the last clean keyframe before the first frame wanted, as decord's seek does.
-        first = 0 if wanted is None else min(wanted)
-        decoded, start = max(point for point in self.seek_points if point[0] <= first)
+        decoded, position = start
         out = None
         try:
             with av.open(io.BytesIO(self.data)) as container:
                 packets = container.demux(container.streams.video[0])
-                packets = (packet for position, packet in enumerate(packets) if position >= start)  # demuxed, not decoded
+                packets = (packet for i, packet in enumerate(packets) if i >= position)  # demuxed, not decoded
                 for frame in (frame for packet in packets for frame in packet.decode()):  # in presentation order
+                    if checked and not (decoded < len(self.frame_pts) and frame.pts == self.frame_pts[decoded]):
+                        raise SeekMissed(f"frame {decoded} shows at {frame.pts}")
+                    if checked and decoded == start[0] and not frame.key_frame:
+                        raise SeekMissed(f"frame {decoded} is not a keyframe")
                     if out is None:
                         self.height, self.width = self.height or frame.height, self.width or frame.width
                         check_pixel_limit(self.width, self.height, "frame")
@@ -317,7 +342,11 @@ class EncodedVideo:
                     if decoded > last:
                         break
         except Exception as error:
+            if checked:  # from the first keyframe, the same fault is found again, or none was there
+                raise SeekMissed(str(error)) from error
             raise UndecodableSample(self.reason, f"{self.source}: cannot decode frames: {error}") from error
+        if checked and decoded <= last:  # the decoder dropped frames (from the first keyframe, none or the same)
+            raise SeekMissed(f"{decoded} frames")
         if out is None:
             raise UndecodableSample(self.reason, f"{self.source}: no frame decodes")
         return (out[:decoded] if wanted is None else out), decoded
@@ -325,14 +354,18 @@ class EncodedVideo:
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         return new_array(self.frames, dtype, copy, "video")
 
+    def __repr__(self) -> str:
+        return f"EncodedVideo({self.num_frames} frames, {self.width}x{self.height}, {self.fps:g} fps, {self.source})"
+
 
 def clean_keyframes(packets: list[tuple[int, int | None, bool, bool]]) -> list[tuple[int, int]]:
     """Where decoding may start: (index of the first frame shown from there, position of the packet in the
     stream) for each keyframe that cuts the stream cleanly, the first keyframe always among them.
 
     ``packets`` are (position, pts, shown, keyframe), in decoding order, from the first keyframe. A keyframe
-    cuts cleanly when every packet from it on shows later than every packet before it: then decoding from it
-    gives the frames from the one it shows on, the same as decoding from the start. Not so for an open group
+    cuts cleanly when every packet before it shows earlier than it and every packet after it later: then
+    decoding from it gives the frames from the one it shows on, the same as decoding from the start (which
+    ``EncodedVideo.decode`` checks, frame by frame, as it decodes). Not so for an open group
     of pictures (x264's ``open_gop``, HEVC's CRA frames): frames decoded after its keyframe show before it, and
     refer to frames before it. Only the first keyframe is taken for a stream without timestamps, and for one
     whose first keyframe has such frames (a stream cut at an open group's keyframe): a decoder may drop them
@@ -340,17 +373,16 @@ def clean_keyframes(packets: list[tuple[int, int | None, bool, bool]]) -> list[t
     timestamps = [pts for _, pts, _, _ in packets]
     if None in timestamps or min(timestamps) < timestamps[0]:
         return [(0, packets[0][0])]
-    earliest_after = list(itertools.accumulate(reversed(timestamps), min))[::-1]
-    points, shown_before, latest = [], 0, None
+    # The earliest time shown by the packets after each one (strictly after: MPEG program streams can give a
+    # keyframe the time of the B-frame decoded after it, which then shows before it).
+    earliest_after = [*list(itertools.accumulate(reversed(timestamps), min))[::-1][1:], math.inf]
+    points, shown_before, latest = [], 0, -math.inf
     for (position, pts, shown, keyframe), earliest in zip(packets, earliest_after):
-        if keyframe and (latest is None or latest < pts) and pts <= earliest:
+        if keyframe and (not points or latest < pts < earliest):  # the first keyframe always
             points.append((shown_before, position))
         shown_before += shown
-        latest = pts if latest is None else max(latest, pts)
+        latest = max(latest, pts)
     return points
-
-    def __repr__(self) -> str:
-        return f"EncodedVideo({self.num_frames} frames, {self.width}x{self.height}, {self.fps:g} fps, {self.source})"
 
 
 def decoded_whole(sample: dict) -> dict:
