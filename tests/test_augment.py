@@ -436,3 +436,277 @@ def test_the_views_defaults_are_byol_s_and_dino_s():
     assert (g1.blur_prob, g2.blur_prob, local.blur_prob) == (1.0, 0.1, 0.5)
     assert (g1.solarize_prob, g2.solarize_prob, local.solarize_prob) == (0.0, 0.2, 0.0)
     assert (g1.jitter, g1.jitter_prob, g1.grayscale_prob) == ((0.4, 0.4, 0.2, 0.1), 0.8, 0.2)
+
+
+# --- What the transforms promise beyond shapes: the crop geometry, flips, colour steps, their rates and
+# order, and the constants a pretrained checkpoint expects (each test checked against a mutant of
+# core/augment.py that the tests above let through).
+
+PLAIN = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # unnormalized views: pixels / 255
+NO_COLOR = dict(jitter_prob=0.0, grayscale_prob=0.0)
+
+
+def coordinate_image(height=30, width=40):
+    """Red holds each pixel's row and green its column, so a view's box and flip can be read back from it."""
+    rows, cols = np.mgrid[:height, :width]
+    return np.stack([rows, cols, np.zeros_like(rows)], -1).astype(np.uint8)
+
+
+def read_box(view):
+    """(top, left, height, width, flipped) of an unnormalized (PLAIN) view of coordinate_image resized with
+    "nearest" to at least the image's size, so that every row and column of the box shows in the view."""
+    pixels = (view * 255).round().long()
+    rows, cols = pixels[0], pixels[1]
+    top, left = int(rows.min()), int(cols.min())
+    return top, left, int(rows.max()) - top + 1, int(cols.max()) - left + 1, bool(cols[0, 0] > cols[0, -1])
+
+
+def coordinate_views(make, pick, draws, seed=0):
+    """The boxes of the views that ``pick`` takes from ``draws`` outputs of ``make()`` on coordinate_image."""
+    transform, pixels = make(), coordinate_image()
+    sample = {"image": Image.fromarray(pixels), "video": torch.from_numpy(pixels)[None]}
+    torch.manual_seed(seed)
+    return [read_box(view) for _ in range(draws) for view in pick(transform(sample))]
+
+
+NEAREST = dict(interpolation="nearest", **PLAIN)
+SIAMESE_PLAIN = dict(blur_prob=(0.0, 0.0), solarize_prob=(0.0, 0.0), **NO_COLOR, **NEAREST)
+MULTICROP_PLAIN = dict(global_blur_prob=(0.0, 0.0), local_blur_prob=0.0, global_solarize_prob=(0.0, 0.0), **NO_COLOR, **NEAREST)
+CROP_AREAS = {  # the papers' area fractions: MAE (He et al.), BYOL (Grill et al.), DINO (Caron et al.)
+    "ImageCrop": (lambda: ImageCrop(48, **NEAREST), lambda out: [out["image"]], (0.2, 1.0)),
+    "TwoViews": (lambda: TwoViews(48, **SIAMESE_PLAIN), lambda out: out["views"], (0.08, 1.0)),
+    "MultiCrop global": (lambda: MultiCrop(48, 48, 1, **MULTICROP_PLAIN), lambda out: out["global_views"], (0.4, 1.0)),
+    "MultiCrop local": (lambda: MultiCrop(48, 48, 2, **MULTICROP_PLAIN), lambda out: out["local_views"], (0.05, 0.4)),
+    "VideoClip scale": (lambda: VideoClip(1, 1, 48, scale=(0.5, 0.6), **NEAREST), lambda out: [out["video"][:, 0]], (0.5, 0.6)),
+}
+
+
+@pytest.mark.parametrize("name", CROP_AREAS)
+def test_crops_cover_the_area_fractions_of_each_recipe(name):
+    # The crop scale is the strongest knob of these methods: a view drawn from another range trains another model.
+    make, pick, (low, high) = CROP_AREAS[name]
+    draws = 40 if name == "VideoClip scale" else 150  # enough draws to come near the lower end of the range
+    areas = [h * w / (30 * 40) for _, _, h, w, _ in coordinate_views(make, pick, draws=draws)]
+    assert low * 0.85 < min(areas) < low * 1.25 and max(areas) < high * 1.1
+
+
+FLIPS = {  # (transform, views of its output, the share of views mirrored)
+    "ImageCrop flip": (lambda: ImageCrop(48, **NEAREST), lambda out: [out["image"]], 0.5),
+    "ImageCrop no flip": (lambda: ImageCrop(48, flip=False, **NEAREST), lambda out: [out["image"]], 0.0),
+    "TwoViews flip": (lambda: TwoViews(48, **SIAMESE_PLAIN), lambda out: out["views"], 0.5),
+    "TwoViews no flip": (lambda: TwoViews(48, flip_prob=0.0, **SIAMESE_PLAIN), lambda out: out["views"], 0.0),
+    "VideoClip flip": (lambda: VideoClip(1, 1, 48, **NEAREST), lambda out: [out["video"][:, 0]], 0.5),
+    "VideoClip no flip": (lambda: VideoClip(1, 1, 48, flip=False, **NEAREST), lambda out: [out["video"][:, 0]], 0.0),
+    "multiscale no flip": (
+        lambda: VideoClip(1, 1, 48, flip=False, crop="multiscale", **NEAREST), lambda out: [out["video"][:, 0]], 0.0
+    ),
+}
+
+
+@pytest.mark.parametrize("name", FLIPS)
+def test_views_are_mirrored_as_often_as_asked(name):
+    # flip=False matters for data where left and right differ (text, some video actions); flip=True is every paper's.
+    make, pick, share = FLIPS[name]
+    flipped = [box[4] for box in coordinate_views(make, pick, draws=100 if share else 30)]
+    assert sum(flipped) / len(flipped) == pytest.approx(share, abs=0.12)
+
+
+def test_image_crop_resamples_bicubic_at_the_asked_aspect_ratio():
+    # MAE's crop is bicubic; a ratio the crop ignored would cut a 4:3 box out of this 7:5 image instead.
+    sample = image_sample()  # 40 x 56: aspect 1.4
+    image = v2.functional.to_image(sample["image"])
+    expected = v2.functional.resize(image, [SIZE, SIZE], interpolation=v2.InterpolationMode.BICUBIC).float() / 255
+    for seed in range(5):
+        out = run_seeded(ImageCrop(SIZE, scale=(1.0, 1.0), ratio=(1.4, 1.4), flip=False), sample, seed)["image"]
+        torch.testing.assert_close(unnormalize(out), expected)
+
+
+def test_image_eval_resizes_bicubic_to_size_over_0_875_then_center_crops():
+    # The evaluation view every linear probe is compared on: 32 px views come from a 37 px short side.
+    assert ImageEval(224).resize == 256 and ImageEval(32).resize == 37
+    sample = image_sample(height=80, width=60)
+    out = ImageEval(32)(sample)["image"]
+    resized = v2.functional.resize(v2.functional.to_image(sample["image"]), 37, interpolation=v2.InterpolationMode.BICUBIC)
+    torch.testing.assert_close(unnormalize(out), v2.functional.center_crop(resized, 32).float() / 255)
+
+
+def test_normalization_constants_are_imagenet_s_and_audioset_s():
+    # Pretrained checkpoints and their exports expect exactly these statistics of their inputs.
+    assert augment.IMAGENET_MEAN == (0.485, 0.456, 0.406) and augment.IMAGENET_STD == (0.229, 0.224, 0.225)
+    assert (augment.AUDIOSET_FBANK_MEAN, augment.AUDIOSET_FBANK_STD) == (-4.2677393, 4.5689974)
+
+
+@pytest.mark.parametrize("device_color", [False, True])
+def test_two_views_without_color_steps_are_the_normalized_crop(device_color):
+    # The colour steps take uint8 crops (scaled by 1/255) and end in the ImageNet normalization.
+    sample = image_sample(SIZE, SIZE)
+    transform = TwoViews(SIZE, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_prob=0.0, blur_prob=(0.0, 0.0),
+                         solarize_prob=(0.0, 0.0), device_color=device_color, **NO_COLOR)  # fmt: skip
+    views = transform.on_device(default_collate([transform(sample)]))["views"]
+    pixels = torch.from_numpy(np.array(sample["image"])).permute(2, 0, 1).float() / 255
+    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    for view in views:
+        torch.testing.assert_close(view[0], (pixels - mean) / std)
+
+
+def test_on_device_finishes_each_view_with_its_own_color_steps():
+    # BYOL's views are asymmetric (only the second solarized) and DINO's local views never solarized:
+    # finishing a batch must not hand one view's steps to another.
+    sample = image_sample()
+    only_second = TwoViews(SIZE, blur_prob=(0.0, 0.0), solarize_prob=(0.0, 1.0), device_color=True, **NO_COLOR, **PLAIN)
+    crops = default_collate([only_second(sample)])["views"]
+    finished = only_second.on_device({"views": list(crops)})["views"]
+    as_float = [c.float() / 255 for c in crops]
+    torch.testing.assert_close(finished[0], as_float[0])
+    torch.testing.assert_close(finished[1], torch.where(as_float[1] >= 128 / 255, 1 - as_float[1], as_float[1]))
+
+    crops = MultiCrop(SIZE, SIZE // 2, 2, global_blur_prob=(0.0, 0.0), local_blur_prob=0.0,
+                      global_solarize_prob=(1.0, 1.0), device_color=True, **NO_COLOR, **PLAIN)  # fmt: skip
+    batch = default_collate([crops(sample)])
+    raw = list(batch["local_views"])
+    for local, crop in zip(crops.on_device(batch)["local_views"], raw, strict=True):
+        torch.testing.assert_close(local, crop.float() / 255)
+
+
+def test_on_device_leaves_views_finished_on_the_workers_alone():
+    # Without device_color the data module's call to on_device must not colour and normalize a second time.
+    transform = TwoViews(SIZE)
+    views = default_collate([transform(image_sample())])["views"]
+    finished = transform.on_device({"views": list(views)})["views"]
+    assert all(torch.equal(a, b) for a, b in zip(finished, views, strict=True))
+
+
+def test_solarize_inverts_the_pixels_from_128_of_255_up():
+    # BYOL's solarization threshold, read on uint8 pixels: 128 is inverted, 127 is not.
+    pixels = torch.tensor([0, 127, 128, 129, 255], dtype=torch.uint8).view(1, 1, 5).expand(3, 1, 5)
+    out = augment.ColorAugment(solarize_prob=1.0, **PLAIN)(pixels)
+    assert (out[0, 0] * 255).round().long().tolist() == [0, 127, 127, 126, 0]
+
+
+COLOR_STEPS = {  # ColorAugment's settings with one step at p=0.3, and how to tell an image it changed
+    "jitter": (dict(jitter_prob=0.3), lambda x, y: (y - x).abs().amax((1, 2, 3)) > 1e-3),
+    "grayscale": (dict(grayscale_prob=0.3), lambda x, y: (y[:, 0] == y[:, 1]).all(-1).all(-1) & (y[:, 1] == y[:, 2]).all(-1).all(-1)),
+    "blur": (dict(blur_prob=0.3, blur_kernel=5, blur_sigma=(1.0, 2.0)), lambda x, y: (y - x).abs().amax((1, 2, 3)) > 1e-3),
+    "solarize": (dict(solarize_prob=0.3), lambda x, y: (y - x).abs().amax((1, 2, 3)) > 1e-3),
+}
+
+
+@pytest.mark.parametrize("name", COLOR_STEPS)
+def test_each_color_step_reaches_its_share_of_the_images_drawn_image_by_image(name):
+    # The probabilities are the papers' (jitter 0.8, grayscale 0.2, blur 1.0 / 0.1, solarize 0.2); drawn
+    # once per batch instead, a whole batch would be gray or not.
+    settings, changed = COLOR_STEPS[name]
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 8, 8).expand(2000, -1, -1, -1)
+    hits = changed(x, augment.ColorAugment(**settings, **PLAIN)(x)).float()
+    assert hits.mean() == pytest.approx(0.3, abs=0.04)
+    assert hits[:50].min() == 0 and hits[:50].max() == 1
+
+
+def test_blur_sigma_is_drawn_image_by_image_from_blur_sigma():
+    # SimCLR/BYOL draw sigma uniformly in [0.1, 2]: a fixed sigma would blur every view alike.
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 30, 30).expand(200, -1, -1, -1)
+    kernel = blur_kernel_size(224)
+    fixed = augment.ColorAugment(blur_prob=1.0, blur_kernel=kernel, blur_sigma=(1.3, 1.3), **PLAIN)(x)
+    torch.testing.assert_close(fixed, gaussian_blur(x, kernel, torch.full((200,), 1.3)))
+    spread = augment.ColorAugment(blur_prob=1.0, blur_kernel=kernel, blur_sigma=(0.5, 2.0), **PLAIN)(x).std((1, 2, 3))
+    sharpest, softest = (gaussian_blur(x[:1], kernel, torch.tensor([s])).std() for s in (0.5, 2.0))
+    assert softest - 1e-4 <= spread.min() < softest + 0.1 * (sharpest - softest)
+    assert sharpest - 0.1 * (sharpest - softest) < spread.max() <= sharpest + 1e-4
+
+
+def test_jitter_steps_run_in_an_order_drawn_once_per_call():
+    """Saturation and hue do not commute: on an image of one colour x, hue then saturation blends the
+    rotated colour h with gray(h), saturation then hue blends it with gray(x). The blended gray level,
+    read back from each output, says which ran first."""
+    x = torch.tensor([0.6, 0.2, 0.2]).view(1, 3, 1, 1).expand(64, 3, 2, 2)  # value 0.6, chroma 0.4
+    gray = lambda rgb: 0.2989 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]
+    jitter = augment.ColorAugment(jitter=(0.0, 0.0, 0.5, 0.5), jitter_prob=1.0, **PLAIN)
+    saturation_first = []
+    for seed in range(12):
+        torch.manual_seed(seed)
+        y = jitter(x)[:, :, 0, 0]  # (64, 3) = s * h + (1 - s) * level
+        s = (y.max(1).values - y.min(1).values) / 0.4
+        level = (y.min(1).values - 0.2 * s) / (1 - s)
+        h = (y - ((1 - s) * level)[:, None]) / s[:, None]
+        telling = ((1 - s).abs() > 0.1) & ((gray(h) - gray(x[:, :, 0, 0])).abs() > 0.05)
+        assert telling.sum() > 5
+        first = (level - gray(x[:, :, 0, 0])).abs()[telling] < 1e-3
+        assert first.all() or ((level - gray(h)).abs()[telling] < 1e-3).all()  # one order for the whole batch
+        saturation_first.append(bool(first.all()))
+    assert 0 < sum(saturation_first) < len(saturation_first)
+
+
+def test_color_settings_out_of_range_are_refused_when_built():
+    # A config with an even kernel or an out-of-range jitter should fail at start, not in a data worker.
+    with pytest.raises(ValueError, match="blur_kernel=4 must be odd"):
+        augment.ColorAugment(blur_kernel=4)
+    with pytest.raises(ValueError, match="kernel_size must be odd, got 4"):
+        gaussian_blur(torch.rand(1, 3, 8, 8), 4, torch.tensor([1.0]))
+    for jitter in [(0.4, -0.1, 0.2, 0.1), (0.4, 0.4, 0.2, 0.6)]:
+        with pytest.raises(ValueError, match="strengths must be >= 0 and the hue strength at most 0.5"):
+            augment.ColorAugment(jitter=jitter)
+
+
+def test_blur_kernel_is_a_tenth_of_the_view_made_odd_and_starts_at_40_px():
+    # 23 px at 224 as in SimCLR/BYOL; views under 40 px (CIFAR's 32) get no blur, 40 px ones do.
+    assert [blur_kernel_size(s) for s in (32, 39, 40, 96, 224, 236, 240)] == [3, 3, 5, 9, 23, 23, 25]
+    assert TwoViews(40).views[0].color.blur_prob == 1.0 and TwoViews(39).views[0].color.blur_prob == 0.0
+
+
+def test_image_must_have_three_channels():
+    # A 4-channel tensor (RGBA) would otherwise be normalized with three channels' statistics, or fail far away.
+    rgba = {"image": torch.zeros(4, 30, 30, dtype=torch.uint8), "__key__": "a1", "__url__": "s.tar"}
+    with pytest.raises(ValueError, match=r"must be RGB, got shape \(4, 30, 30\)"):
+        ImageCrop(SIZE)(rgba)
+
+
+def test_batch_views_names_a_wrong_count_or_size():
+    # A transform that does not match the model (two views for DINO's four, 24 px for 32) fails with the setting.
+    batch = default_collate([TwoViews(SIZE)(image_sample())])
+    with pytest.raises(ValueError, match=r"batch\['views'\], 3 views .* with 2 views"):
+        augment.batch_views(batch, "views", SIZE, count=3)
+    with pytest.raises(ValueError, match=r"\(24, 24\)-pixel views, but the model is set up for 32x32"):
+        augment.batch_views(batch, "views", 32, count=2)
+
+
+def test_global_local_local_box_is_the_view_crop_scaled_back_to_the_nearest_pixel():
+    # CropMAE's local crop is drawn on the resized global view: its box in image pixels is that crop scaled back.
+    ratio = (3 / 4, 4 / 3)
+    for seed in range(100):
+        torch.manual_seed(seed)
+        boxes = global_local_boxes(90, 70, SIZE, (0.1, 1.0), (0.3, 0.6), ratio)
+        torch.manual_seed(seed)
+        g_top, g_left, g_h, g_w = augment.random_resized_box(90, 70, (0.1, 1.0), ratio)
+        l_top, l_left, l_h, l_w = augment.random_resized_box(SIZE, SIZE, (0.3, 0.6), ratio)
+        assert boxes[0] == (g_top, g_left, g_h, g_w)
+        top, left, h, w = boxes[1]
+        assert abs(h - l_h * g_h / SIZE) <= 0.5 and abs(w - l_w * g_w / SIZE) <= 0.5
+        assert top == g_top + math.floor(l_top * g_h / SIZE) and left == g_left + math.floor(l_left * g_w / SIZE)
+
+
+def test_multiscale_sides_snap_to_size_only_within_3_px_and_never_pass_the_frame():
+    # VideoMAE's GroupMultiScaleCrop snaps |side - size| < 3; a snapped side cannot cut past a smaller frame.
+    torch.manual_seed(0)
+    assert augment.multiscale_box(227, 300, 224, scales=(1.0,))[2:] == (227, 227)
+    assert augment.multiscale_box(222, 300, 224, scales=(1.0,))[2:] == (222, 224)
+    clip = torch.from_numpy(coordinate_image()).permute(2, 0, 1)[None]  # (1, 3, 30, 40)
+    crop = augment.MultiScaleCrop(48, scales=(0.5,), interpolation=v2.InterpolationMode.NEAREST)
+    assert read_box(crop(clip)[0].float() / 255)[2:4] == (15, 15)  # half the short side
+
+
+def test_train_clip_and_window_starts_reach_every_position():
+    # The last start must be drawable too, or the end of every video and recording is never trained on.
+    torch.manual_seed(0)
+    starts = {frame_indices(VideoClip(4, 2, SIZE)({"video": numbered_video(9)})["video"])[0] for _ in range(40)}
+    assert starts == {0, 1, 2}
+    ramp = {"audio": torch.arange(103, dtype=torch.float32)[None], "sample_rate": 100}
+    starts = {int(AudioClip(100, 1.0)(ramp)["audio"][0]) for _ in range(60)}
+    assert starts == {0, 1, 2, 3}
+
+
+def test_audio_clip_length_is_the_rounded_sample_count():
+    # 1.001 s at 16 kHz is 16015.99... samples: the model's patch grid is sized from the rounded 16016.
+    out = AudioClip(16000, 1.001, train=False)({"audio": torch.zeros(1, 100), "sample_rate": 16000})["audio"]
+    assert out.shape == (16016,)
