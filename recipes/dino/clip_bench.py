@@ -13,9 +13,8 @@ that they clip alike.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
+import tempfile
 import time
 
 import torch
@@ -39,9 +38,8 @@ def clip_by_dtensor_norms(parameters, max_norm: float) -> None:
             p.grad.mul_((max_norm / (p.grad.norm() + 1e-6)).clamp(max=1.0))
 
 
-def rank(rank: int, port: int, args, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def rank(rank: int, rendezvous: str, args, results) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     mesh = init_device_mesh("cpu", (WORLD,))
     torch.manual_seed(0)
@@ -73,12 +71,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--size", default="small", help="ViT size (core.vit.VIT_SIZES)")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with mp.get_context("spawn").Manager() as manager:
+    # A file rendezvous: a free port found here could be taken by another process before the ranks bind it.
+    with tempfile.TemporaryDirectory() as folder, mp.get_context("spawn").Manager() as manager:
         results = manager.dict()
-        mp.spawn(rank, args=(port, args, results), nprocs=WORLD)
+        mp.spawn(rank, args=(f"{folder}/rendezvous", args, results), nprocs=WORLD)
         r = dict(results)
     print(f"ViT-{args.size}, {r['gradients']} gradients sharded over {WORLD} gloo ranks, median of {args.repeats}:")
     print(f"  DTensor norms {1000 * r['DTensor norms']:.1f} ms, clip_each_gradient {1000 * r['clip_each_gradient']:.1f} ms, "
