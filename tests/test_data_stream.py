@@ -5,11 +5,14 @@ bad samples (corrupt, pickle), pipe: sources, clear errors, and the DataModule i
 import csv
 import fractions
 import io
+import itertools
 import json
 import logging
 import math
+import multiprocessing
 import os
 import pickle
+import random
 import tarfile
 from types import SimpleNamespace
 
@@ -26,8 +29,8 @@ from lightning.pytorch.loggers import CSVLogger
 
 from core.cli import RankSeed
 from core.data import NoReadableShards, RefusedSample, ShardDataModule, UndecodableSample, decode_sample, read_batches
-from core.data.shards import expand_urls, read_shard
-from core.data.stream import COUNTERS, ShardLoader, ShardStream, StreamStats, raw_samples
+from core.data.shards import expand_urls, listing, read_shard
+from core.data.stream import COUNTERS, ReadHealth, ShardLoader, ShardRead, ShardStream, StreamStats, raw_samples, shuffled
 from core.data.write import write_shards
 
 torch.set_num_threads(1)
@@ -1354,3 +1357,219 @@ def test_a_window_at_the_clips_rate_is_drawn_over_the_exact_length_past_float32s
     clip = AudioClip(16_000, 16_001 / 16_000, train=False)
     window = clip({"audio": EncodedAudio(data), "sample_rate": 16_000})["audio"]
     torch.testing.assert_close(window, clip({"audio": EncodedAudio(data).samples(), "sample_rate": 16_000})["audio"], rtol=0, atol=0)
+
+
+# ---- behaviour pinned by mutation testing of core/data/stream.py and core/data/shards.py --------------------
+
+
+def tar_with(path, members: list[tuple[str, bytes]]) -> None:
+    """A tar of exactly these (name, data) members, for shards the repo's writer would not make."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_source_that_reads_nothing_says_why_each_of_its_shards_failed(tmp_path):
+    # The error is all a user sees of a dead source: each shard's own reason, not a generic "no samples".
+    dm = ShardDataModule(junk_shards(tmp_path), batch_size=2, num_workers=0, samples_per_epoch=10, shuffle_buffer=0)
+    with pytest.raises(NoReadableShards, match=r"junk-000000\.tar \(ReadError: .+\), .*junk-000001\.tar \(undecodable \.png\)"):
+        next(iter(dm.train_dataloader()))
+
+
+def test_a_shard_that_reads_again_after_a_failed_pass_keeps_its_source_alive():
+    # A shard that failed once (a network hiccup) must not count as dead once a later pass over it reads.
+    health = ReadHealth(["a", "b"])
+    health.record(ShardRead("a", total=1, done=1, good=0))
+    health.record(ShardRead("a", total=1, done=1, good=1))
+    health.record(ShardRead("b", total=1, done=1, good=0))
+    with pytest.raises(NoReadableShards, match=r"any of 2 shards: a \(no samples\), b \(no samples\)"):
+        health.record(ShardRead("a", total=0))  # now the latest pass over every shard gave nothing
+
+
+def test_every_bad_sample_of_a_shard_is_logged_not_only_the_first(tmp_path, caplog):
+    # Logged once per sample, not per shard: the second bad sample of a shard is a different problem to fix.
+    samples = vector_samples(6)
+    for i in (1, 4):
+        samples[i]["png"] = b"\x89PNG garbage, not an image"
+    write_shards(samples, str(tmp_path / "two-%06d.tar"))
+    with caplog.at_level(logging.WARNING, logger="core.data.stream"):
+        assert len(keys_of(read_batches(str(tmp_path / "two-000000.tar"), to_tensors, batch_size=6))) == 4
+    logged = [key for key in ("000001", "000004") if any(f"sample '{key}'" in r.getMessage() for r in caplog.records)]
+    assert logged == ["000001", "000004"]
+
+
+def test_a_shuffle_buffer_lets_every_sample_out_soon():
+    # A training stream never ends, so never flushes its buffer: a slot the draws skip would hold a sample for good.
+    out = list(shuffled(iter(range(1000)), 10, random.Random(0)))
+    assert sorted(out) == list(range(1000))
+    assert max(position - item for position, item in enumerate(out)) < 200  # about 70 for a buffer of 10
+
+
+def test_dataloader_workers_draw_samples_of_their_own(tmp_path):
+    # Workers seeded alike would give each batch num_workers times over.
+    pattern = write_vectors(tmp_path, "d", 40, per_shard=10)
+    stream = ShardStream([expand_urls(pattern)], 5, True, transform=to_tensors, shuffle_buffer=5, num_workers=2)
+    # Not through a datamodule, whose loader it references back: collected later, its workers take 5 s each to stop.
+    first, second = (batch["__key__"] for batch in ShardLoader(stream, 2, batches=2))  # one from each worker
+    assert first != second
+
+
+def test_val_with_as_many_shards_as_ranks_gives_each_rank_its_own_shard(tmp_path):
+    # The boundary of the shared-shards rule: read by every rank and thinned, each rank would lose half its shard.
+    pattern = write_vectors(tmp_path, "o", 10, per_shard=5)
+    per_rank = []
+    for rank in range(2):
+        stream = ShardStream([expand_urls(pattern)], 5, False, transform=to_tensors, rank=rank, world_size=2)
+        per_rank.append(keys_of(ShardLoader(stream, 0)))
+    assert per_rank == [[f"o_{i:06d}" for i in range(0, 5)], [f"o_{i:06d}" for i in range(5, 10)]]
+
+
+def test_a_rank_left_without_samples_blames_the_split_only_when_the_split_did_it(tmp_path):
+    # Told that the split left it empty, a user would look for more shards, not for the broken or empty ones.
+    unreadable = ShardStream([expand_urls(junk_shards(tmp_path))], 2, False, rank=2, world_size=3)
+    write_shards(vector_samples(2), str(tmp_path / "own-%06d.tar"))
+    tar_with(tmp_path / "own-000001.tar", [])  # a shard of its own for each rank, this one empty
+    empty = ShardStream([expand_urls(str(tmp_path / "own-{000000..000001}.tar"))], 2, False, rank=1, world_size=2)
+    for stream in (unreadable, empty):
+        with pytest.raises(NoReadableShards, match="see the warnings above") as error:
+            list(ShardLoader(stream, 0))
+        assert "ranks that share them" not in str(error.value)
+
+
+def test_validation_counts_no_draws_per_source(tmp_path):
+    # Validation mixes no sources: a per-source counter would be logged as a val_ metric that is always 0.
+    pattern = write_vectors(tmp_path, "n", 4, per_shard=2)
+    dm = ShardDataModule([pattern, pattern], val=pattern, num_workers=0, val_transform=to_tensors)
+    assert sum(len(batch["npy"]) for batch in dm.val_dataloader()) == 4
+    assert list(dm.val_stats) == list(COUNTERS)
+
+
+def test_train_weights_and_sizes_are_checked_when_the_datamodule_is_made():
+    # Refused at once naming the key, not at the first batch (or never, for a batch of 0) deep in a worker.
+    two = ["a-{0..1}.tar", "b-{0..1}.tar"]
+    ShardDataModule(two, train_weights=[1, 0])  # a source switched off
+    for weights in ([1], [1, -1], [0, 0]):
+        with pytest.raises(ValueError, match=r"data.train_weights=\[.*\]: need one weight >= 0 per train source"):
+            ShardDataModule(two, train_weights=weights)
+    for key in ("batch_size", "val_batches", "samples_per_epoch"):
+        with pytest.raises(ValueError, match=f"data.{key}=0: must be at least 1"):
+            ShardDataModule(two, **{key: 0})
+
+
+def test_a_training_loader_asked_for_before_the_trainer_is_made_again_for_the_trainers_rank(tmp_path):
+    # A loader looked at before the fit (rank 0 of 1) and kept would give every DDP rank rank 0's stream.
+    dm = ShardDataModule(write_vectors(tmp_path, "k", 8, per_shard=4), batch_size=4, num_workers=0, samples_per_epoch=8,
+                         train_transform=to_tensors)  # fmt: skip
+    alone = dm.train_dataloader()
+    dm.trainer = SimpleNamespace(global_rank=1, world_size=2, global_step=0, loggers=[])
+    ranked = dm.train_dataloader()
+    assert ranked is not alone and (ranked.stream.rank, ranked.stream.world_size, len(ranked)) == (1, 2, 1)
+    assert keys_of(ranked) != keys_of(alone)[:4]
+
+
+def test_a_sharded_strategy_on_one_device_needs_no_val_batches(tmp_path):
+    # val_batches is needed only where ranks must agree on a count: one device has nothing to agree with.
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    pattern = write_vectors(tmp_path, "one", 7, per_shard=7)
+    dm = ShardDataModule(pattern, val=pattern, val_batch_size=5, num_workers=0, val_transform=to_tensors)
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=1, strategy=ModelParallelStrategy())
+    assert [len(batch["__key__"]) for batch in dm.val_dataloader()] == [5, 2]
+
+
+def test_a_validation_error_shuts_the_training_workers_down(tmp_path):
+    # Lightning ends the training loader's persistent workers only at the end of a fit; a failed one leaked them.
+    dm = ShardDataModule(write_vectors(tmp_path, "w", 8, per_shard=4), val=junk_shards(tmp_path), batch_size=4,
+                         num_workers=1, samples_per_epoch=8, train_transform=DeviceFinished("train"),
+                         val_transform=DeviceFinished("val"))  # fmt: skip
+    before = set(multiprocessing.active_children())
+    with pytest.raises(NoReadableShards):
+        trainer(tmp_path, max_epochs=1).fit(SplitModel(), dm)
+    assert not set(multiprocessing.active_children()) - before
+
+
+def test_data_counters_are_logged_once_a_step_under_gradient_accumulation(tmp_path):
+    # Several batches make one step: logged at each, every counter would be written twice for the same step.
+    dm = ShardDataModule(write_vectors(tmp_path, "l", 16, per_shard=8), batch_size=2, num_workers=0, samples_per_epoch=16,
+                         train_transform=VectorTransform())  # fmt: skip
+    logger = CSVLogger(tmp_path, name="logs")
+    trainer(tmp_path, max_epochs=1, logger=logger, log_every_n_steps=1, accumulate_grad_batches=2).fit(VectorModel(), dm)
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        steps = [int(row["step"]) for row in csv.DictReader(f) if row.get("data/samples_read")]
+    assert steps == [0, 1, 2, 3]
+
+
+def test_long_shard_lists_name_eight_and_count_the_rest():
+    # Errors over 10,000 shards stay readable, and a list of exactly eight does not claim more.
+    urls = [f"s-{i}.tar" for i in range(9)]
+    assert listing(urls[:8]) == ", ".join(urls[:8])
+    assert listing(urls) == ", ".join(urls[:8]) + ", ... (9 in all)"
+
+
+def test_glob_matches_come_in_name_order(tmp_path):
+    # Ranks and workers split shards by position: a listing order that differs between machines loses samples.
+    names = [f"g-{i:06d}.tar" for i in range(30)]
+    for name in random.Random(0).sample(names, len(names)):  # created out of order
+        (tmp_path / name).write_bytes(b"")
+    assert expand_urls(str(tmp_path / "g-*.tar")) == [str(tmp_path / name) for name in names]
+
+
+def test_a_file_url_with_one_slash_is_a_local_path_and_no_pattern_is_refused(tmp_path):
+    # file:/abs/path is as valid a file URL as file:///abs/path; an empty list of patterns would read nothing.
+    write_vectors(tmp_path, "f", 4, per_shard=2)
+    assert expand_urls(f"file:{tmp_path}/f-*.tar") == [str(tmp_path / f"f-{i:06d}.tar") for i in range(2)]
+    with pytest.raises(ValueError, match="no shard pattern given"):
+        read_batches([])
+
+
+def test_webdataset_meta_members_and_names_without_an_extension_are_not_samples(tmp_path):
+    # Neither is sample data; read as samples they would be skipped as bad ones or end the shard as an error.
+    samples = vector_samples(2)
+    members = [("README", b"notes"), ("__meta__/info.json", b"{}"), ("__index__", b"0")]
+    members += [(f"{s['__key__']}.{ext}", s[ext]) for s in samples for ext in ("npy", "cls")]
+    tar_with(tmp_path / "meta-000000.tar", members)
+    loader = read_batches(str(tmp_path / "meta-000000.tar"), to_tensors, batch_size=4)
+    assert keys_of(loader) == ["000000", "000001"]
+    assert loader.stream.stats.totals() == {"samples_read": 2, "samples_skipped": 0, "samples_refused": 0, "shard_errors": 0}
+
+
+def test_raw_samples_name_their_members_by_lowercase_extension(tmp_path):
+    # read_shard's callers (core.text, the inspect tool) look members up by lowercase extension.
+    tar_with(tmp_path / "case-000000.tar", [("a.TXT", b"hello"), ("a.Cls", b"1")])
+    raws = list(read_shard(str(tmp_path / "case-000000.tar")))
+    assert [sorted(key for key in raw if not key.startswith("__")) for raw in raws] == [["cls", "txt"]]
+
+
+def test_a_corrupt_header_is_found_past_a_long_zero_padding(tmp_path):
+    # Tars written with a large blocking factor end in megabytes of zeros: the check must look past the first MiB.
+    write_shards(vector_samples(10, "s"), str(tmp_path / "whole-%06d.tar"))
+    data = (tmp_path / "whole-000000.tar").read_bytes()
+    with tarfile.open(tmp_path / "whole-000000.tar") as tar:
+        header = tar.getmembers()[10].offset
+    (tmp_path / "padded.tar").write_bytes(data[:header] + b"\xff" * 512 + data[header + 512 :] + bytes(2 << 20))
+    with pytest.raises(tarfile.ReadError, match="without its end-of-archive marker"):
+        list(read_shard(str(tmp_path / "padded.tar")))
+    (tmp_path / "long.tar").write_bytes(data + bytes(2 << 20))
+    assert len(list(read_shard(str(tmp_path / "long.tar")))) == 10
+
+
+def test_a_command_failing_after_its_tar_is_a_shard_error(tmp_path):
+    # A download command can write a whole tar and then fail (a checksum check): its exit status is checked.
+    shard = expand_urls(write_vectors(tmp_path, "c", 3, per_shard=3))[0]
+    url = f"pipe:cat {shard}; exec >&-; sleep 0.3; exit 3"  # the tar ends (end of file) before the command does
+    samples = read_shard(url)
+    assert [raw["__key__"] for raw in itertools.islice(samples, 3)] == ["c_000000", "c_000001", "c_000002"]
+    with pytest.raises(OSError, match="exit 3"):
+        next(samples)
+    stats = StreamStats(list(COUNTERS), 0)
+    assert len(list(raw_samples([url], stats))) == 3 and stats.totals()["shard_errors"] == 1
+
+
+def test_a_command_stopped_early_is_closed_without_an_error(tmp_path):
+    # A reader that stops early (val_batches, core.text) cuts the command off: curl then exits 23, which means nothing.
+    write_shards([{"__key__": f"{i:06d}", "bin": os.urandom(200_000)} for i in range(8)], str(tmp_path / "big-%06d.tar"))
+    shard = read_shard(f"pipe:cat {tmp_path}/big-000000.tar || exit 23")  # 1.6 MB: more than a pipe holds
+    assert next(shard)["__key__"] == "000000"
+    shard.close()
