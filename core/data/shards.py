@@ -165,4 +165,7 @@ def read_shard(url: str) -> Iterator[dict]:
         except Exception:
             pass
         raise
-    stream.close()  # a pipe command's exit status is checked here
+    try:
+        stream.close()  # a pipe command's exit status is checked here
+    except Exception as error:  # the command failed after its tar ended: named as above
+        raise OSError(failed_command(stream) or f"{type(error).__name__}: {error}") from error
