@@ -1453,7 +1453,7 @@ def test_train_weights_and_sizes_are_checked_when_the_datamodule_is_made():
     for weights in ([1], [1, -1], [0, 0]):
         with pytest.raises(ValueError, match=r"data.train_weights=\[.*\]: need one weight >= 0 per train source"):
             ShardDataModule(two, train_weights=weights)
-    for key in ("batch_size", "val_batches", "samples_per_epoch"):
+    for key in ("batch_size", "val_batch_size", "val_batches", "samples_per_epoch"):
         with pytest.raises(ValueError, match=f"data.{key}=0: must be at least 1"):
             ShardDataModule(two, **{key: 0})
 

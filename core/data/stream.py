@@ -487,7 +487,7 @@ class ShardDataModule(L.LightningDataModule):
             len(train_weights) != len(self.train) or min(train_weights) < 0 or sum(train_weights) <= 0
         ):
             raise ValueError(f"data.train_weights={train_weights}: need one weight >= 0 per train source {self.train}")
-        val_batch_size = val_batch_size or batch_size
+        val_batch_size = batch_size if val_batch_size is None else val_batch_size  # 0 is refused below, not the default
         sizes = {"batch_size": batch_size, "val_batch_size": val_batch_size, "samples_per_epoch": samples_per_epoch}
         if val_batches is not None:
             sizes["val_batches"] = val_batches
