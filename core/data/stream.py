@@ -18,6 +18,7 @@ import logging
 import math
 import random
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -529,7 +530,10 @@ class ShardDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer, seed=self.seed, rank=rank, world_size=world_size,
             num_workers=self.num_workers,
         )  # fmt: skip
-        self._train_loader = ShardLoader(stream, self.num_workers, batches, self._global_step, self._log_train_stats)
+        # The loader calls back weakly: a datamodule and loader referring to each other are freed by the cycle
+        # collector, and on that path PyTorch's worker shutdown waits 5 s per worker for a stop never sent.
+        step, log = weakref.WeakMethod(self._global_step), weakref.WeakMethod(self._log_train_stats)
+        self._train_loader = ShardLoader(stream, self.num_workers, batches, lambda: step()(), lambda: log()())
         return self._train_loader
 
     def val_dataloader(self) -> ShardLoader | list:
