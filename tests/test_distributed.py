@@ -115,6 +115,9 @@ def rank_results(rank: int) -> dict:
     teacher = [t[local] for t in global_batch("clip")]
     results["center"] = dino_center(torch.ones(1, IN, dtype=torch.float64), teacher, momentum=0.5)
     results["mean"] = all_reduce_mean(torch.tensor([float(rank)]))
+    leaf = torch.tensor([float(rank)], requires_grad=True)
+    results["mean_needs_grad"] = all_reduce_mean(leaf).requires_grad
+    results["leaf_after_mean"] = leaf.detach()
 
     # DINO's per-parameter clipping on gradients sharded as FSDP2 shards them (DTensors, Shard(0)).
     mesh = init_device_mesh("cpu", (WORLD,))
@@ -205,6 +208,12 @@ def test_dino_clips_each_sharded_gradient_by_the_norm_of_the_whole(ranks):
     for res in ranks:
         for got, want in zip(res["clipped"], expected, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_all_reduce_mean_leaves_its_input_alone_and_records_no_gradient(ranks):
+    # DINO's center averages the teacher's batch mean: summing into the caller's tensor in place would corrupt it.
+    for r, res in enumerate(ranks):
+        assert res["leaf_after_mean"].item() == r and res["mean_needs_grad"] is False
 
 
 def test_mismatched_batch_sizes_raise_on_every_rank(ranks):

@@ -303,6 +303,14 @@ def test_update_momentum_m_one_keeps_target_and_m_zero_copies():
     assert all(torch.equal(a, b) for a, b in zip(target.parameters(), model.parameters()))
 
 
+def test_update_momentum_records_no_autograd_history_even_for_a_trainable_target():
+    # A target that still requires grad (a plain deepcopy) must be updated in place outside autograd, not raise.
+    torch.manual_seed(0)
+    model, target = tiny_net(), tiny_net()
+    update_momentum(model, target, m=0.5)
+    assert all(p.is_leaf and p.grad_fn is None for p in target.parameters())
+
+
 def test_momentum_copy_is_frozen_and_independent():
     model = tiny_net()
     target = momentum_copy(model)
@@ -322,6 +330,12 @@ def test_cosine_momentum_key_steps():
     assert cosine_momentum(25, 100, base=0.99, end=1.0) == pytest.approx(1.0 - 0.01 * (1 + math.cos(math.pi / 4)) / 2)
     assert cosine_momentum(100, 100, base=0.99, end=1.0) == pytest.approx(1.0)
     assert cosine_momentum(150, 100, base=0.99, end=1.0) == pytest.approx(1.0)
+
+
+def test_cosine_momentum_defaults_to_byols_base_and_takes_a_run_without_steps():
+    # BYOL's tau_base is 0.996; a schedule of zero steps must not divide by zero.
+    assert cosine_momentum(0, 100) == pytest.approx(0.996) and cosine_momentum(100, 100) == pytest.approx(1.0)
+    assert cosine_momentum(0, 0, base=0.99) == pytest.approx(0.99)
 
 
 # ---------------------------------------------------------------- optimizer

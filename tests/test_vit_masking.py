@@ -1,12 +1,15 @@
-"""ViT token shapes, encoding only kept patches, exact masking counts, patch order and the MAE decoder."""
+"""ViT token shapes, encoding only kept patches, exact masking counts, patch order, the MAE decoder and the ResNet backbone."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
+import torchvision
 
 from core.heads import MAEDecoder
 from core.masking import patchify, random_mask, time_freq_mask, tube_mask, unpatchify
+from core.resnet import ResNet
 from core.vit import PatchEmbed, ViT, drop_path, sincos_pos_embed
 
 TINY = dict(dim=16, depth=1, heads=2)
@@ -136,6 +139,20 @@ def test_mask_that_keeps_nothing_raises_naming_the_setting():
         time_freq_mask(2, (8, 64), 0.99, 0.5)
 
 
+def test_tube_mask_that_leaves_no_visible_place_raises():
+    # Float error can round int(H * W * ratio) up to every place: the encoder would then see the class token alone.
+    with pytest.raises(ValueError, match="no visible patch out of 4"):
+        tube_mask(2, (3, 2, 2), 1 - 1e-7)
+
+
+def test_time_freq_mask_hides_other_rows_and_columns_in_each_sample():
+    # One draw of rows or of columns shared by the batch would hide the same bins in every sample of a step.
+    _, mask = time_freq_mask(16, (6, 8), time_mask_ratio=0.5, freq_mask_ratio=0.5, generator=torch.Generator().manual_seed(3))
+    grid = mask.view(16, 6, 8)
+    hidden_rows, hidden_cols = grid.all(dim=2), grid.all(dim=1)  # (B, F), (B, T)
+    assert len({tuple(r) for r in hidden_rows.tolist()}) > 1 and len({tuple(c) for c in hidden_cols.tolist()}) > 1
+
+
 @pytest.mark.parametrize("shape, patch_size", [((2, 3, 8, 12), (4, 4)), ((2, 3, 4, 8, 8), (2, 4, 4)), ((2, 1, 16, 32), (4, 8))])
 def test_patchify_round_trip(shape, patch_size):
     x = torch.randn(shape)
@@ -158,6 +175,12 @@ def test_patchify_patch_content_by_hand():
 def test_patchify_rejects_indivisible():
     with pytest.raises(ValueError, match=r"\(5, 8\)"):
         patchify(torch.zeros(1, 3, 5, 8), (4, 4))
+
+
+def test_patchify_rejects_a_patch_of_another_rank():
+    # A 3D tubelet on a 2D image (or the reverse) must fail naming both shapes, not deep in a reshape.
+    with pytest.raises(ValueError, match=r"\(8, 8\).*\(2, 4, 4\)"):
+        patchify(torch.zeros(1, 3, 8, 8), (2, 4, 4))
 
 
 @pytest.mark.parametrize("input_size, patch_size", [((8, 12), (4, 4)), ((4, 8, 8), (2, 4, 4))])
@@ -298,3 +321,126 @@ def test_sincos_pos_embed_rows_are_row_major_over_the_grid():
         torch.testing.assert_close(pe[k, :4], pe[(k // 3) * 3, :4])  # patch k lies in row k // 3
         torch.testing.assert_close(pe[k, 4:], pe[k % 3, 4:])  # and in column k % 3
     assert not torch.allclose(pe[1, 4:], pe[0, 4:]) and not torch.allclose(pe[3, :4], pe[0, :4])
+
+
+def mae_1d_sincos(dim: int, pos: np.ndarray) -> np.ndarray:
+    """MAE's get_1d_sincos_pos_embed_from_grid (facebookresearch/mae, util/pos_embed.py)."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def test_sincos_pos_embed_is_maes_table_with_its_halves_swapped():
+    # The table is a non-persistent buffer rebuilt at load time: its values are part of every checkpoint's meaning.
+    size, dim = 4, 16
+    grid = np.meshgrid(np.arange(size, dtype=np.float64), np.arange(size, dtype=np.float64))  # as MAE: columns first
+    mae = np.concatenate([mae_1d_sincos(dim // 2, grid[0]), mae_1d_sincos(dim // 2, grid[1])], axis=1)
+    swapped = np.concatenate([mae[:, dim // 2 :], mae[:, : dim // 2]], axis=1)
+    torch.testing.assert_close(sincos_pos_embed((size, size), dim), torch.from_numpy(swapped).float())
+
+
+def test_sincos_pos_embed_gives_the_first_axis_the_channels_left_over():
+    # 10 channels over (T, H, W): 6 for time, 2 each for rows and columns, so video tables stay as trained.
+    t, h, w = np.meshgrid(np.arange(2.0), np.arange(3.0), np.arange(4.0), indexing="ij")
+    expected = np.concatenate([mae_1d_sincos(6, t), mae_1d_sincos(2, h), mae_1d_sincos(2, w)], axis=1)
+    torch.testing.assert_close(sincos_pos_embed((2, 3, 4), 10), torch.from_numpy(expected).float())
+
+
+def test_smaller_grids_get_the_position_table_resized_bicubically():
+    # DINO's local crops read positions from a bicubic resize (Keys' a = -0.75, align_corners=False), as DINO's code.
+    vit = ViT(input_size=(16, 16), patch_size=(4, 4), **TINY)
+    vit.pos_embed.copy_(torch.tensor([0.0, 1.0, 4.0, 9.0]).repeat(4).view(1, 16, 1).expand(1, 16, 16))
+    # Columns 0.5 and 2.5 of the 4-wide table, weights (-3, 19, 19, -3) / 32, the border column repeated.
+    expected = torch.tensor([(19 * 1 - 3 * 4) / 32, (-3 * 1 + 19 * 4 + 19 * 9 - 3 * 9) / 32])
+    torch.testing.assert_close(vit.positions((2, 2))[0, :, 0], expected.repeat(2))
+
+
+def test_cls_pool_returns_the_class_token_and_mean_pool_the_patch_tokens():
+    # A linear probe on "cls" must read the class token, not the first patch.
+    torch.manual_seed(0)
+    vit = ViT(input_size=(8, 8), patch_size=(4, 4), **TINY).eval()
+    x = torch.randn(2, 3, 8, 8)
+    tokens = vit.tokens(x)
+    assert torch.equal(vit(x), tokens[:, 0])
+    vit.pool = "mean"
+    torch.testing.assert_close(vit(x), tokens[:, 1:].mean(dim=1))
+
+
+def test_vit_mlp_width_follows_mlp_ratio_and_width_must_split_into_heads():
+    # Configs that set mlp_ratio (exports rebuild from it) must get that width; a bad split fails when built.
+    vit = ViT(input_size=(8, 8), patch_size=(4, 4), dim=16, depth=1, heads=2, mlp_ratio=2.0)
+    assert vit.blocks[0].mlp[0].out_features == 32 and vit.blocks[0].mlp[2].in_features == 32
+    with pytest.raises(ValueError, match="width 16 is not divisible by 3 heads"):
+        ViT(input_size=(8, 8), patch_size=(4, 4), dim=16, depth=1, heads=3)
+
+
+def test_mae_init_treats_the_patch_projection_as_a_linear_layer():
+    # MAE's initialize_weights: xavier-uniform over the (dim, C * p * p) view of the kernel, not the conv's fans.
+    torch.manual_seed(0)
+    proj = ViT(input_size=(16, 16), patch_size=(8, 8), dim=64, depth=1, heads=2).patch_embed.proj
+    bound = math.sqrt(6 / (3 * 8 * 8 + 64))
+    assert 0.9 * bound < proj.weight.abs().max() <= bound and not proj.bias.any()
+
+
+@pytest.mark.parametrize("init, pos_embed", [("mae", "sincos"), ("trunc_normal", "learned")])
+def test_class_token_and_learned_positions_start_small(init, pos_embed):
+    # MAE, DeiT and DINO draw them with std 0.02: a zero class token or unit-scale positions train otherwise.
+    torch.manual_seed(0)
+    vit = ViT(input_size=(32, 32), patch_size=(4, 4), dim=512, depth=1, heads=8, init=init, pos_embed=pos_embed)
+    assert vit.cls_token.std().item() == pytest.approx(0.02, rel=0.15)
+    if pos_embed == "learned":
+        assert vit.pos_embed.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+# ---------------------------------------------------------------- ResNet
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_resnet_is_torchvisions_without_its_classifier(depth):
+    # Same stem, strides, widths and blocks as torchvision's: its weights load in order and give its pooled features.
+    torch.manual_seed(0)
+    ours = ResNet(depth).eval()
+    theirs = getattr(torchvision.models, f"resnet{depth}")()
+    theirs.fc = torch.nn.Identity()
+    theirs.eval()
+    ours.load_state_dict(dict(zip(ours.state_dict(), theirs.state_dict().values(), strict=True)))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_resnet_small_image_stem_keeps_32_pixel_inputs_at_4x4():
+    # The CIFAR stem (stride 1, no max-pool): the ImageNet one would shrink 32 px to 1x1 before the last stage.
+    x = torch.randn(2, 3, 32, 32)
+    small, large = ResNet(18, small_images=True, width=4), ResNet(18, width=4)
+    assert small.stages(small.stem(x)).shape == (2, 32, 4, 4) and large.stages(large.stem(x)).shape == (2, 32, 1, 1)
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_resnet_blocks_start_as_the_identity_unless_asked_not_to(depth):
+    # Goyal et al. 2017: with the branch's last BatchNorm at zero, a block passes relu(x) on, which eases large-batch training.
+    torch.manual_seed(0)
+    for zero_init in (True, False):
+        net = ResNet(depth, small_images=True, width=4) if zero_init else ResNet(depth, small_images=True, zero_init_residual=False, width=4)
+        blocks = [b for s in net.stages for b in s if b.downsample is None]
+        assert len(blocks) == (5 if depth == 18 else 12)
+        for block in blocks:
+            x = torch.randn(2, block.conv1.in_channels, 4, 4)
+            assert torch.equal(block(x), torch.relu(x)) == zero_init
+
+
+def test_resnet_convs_start_as_torchvisions():
+    # Kaiming-normal over fan-out (torchvision's init): the 7x7 stem's std is sqrt(2 / (64 * 49)), not sqrt(2 / (3 * 49)).
+    torch.manual_seed(0)
+    net = ResNet(18)
+    for conv in (net.stem[0], net.stages[1][0].downsample[0]):
+        fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / fan_out), rel=0.05)
+
+
+def test_resnet_rejects_unknown_depths_and_empty_widths():
+    # Both come from configs: a typo must fail naming the setting, not build a network without channels.
+    with pytest.raises(ValueError, match=r"depth=101 must be one of \[18, 34, 50\]"):
+        ResNet(101)
+    with pytest.raises(ValueError, match="width=0 must be positive"):
+        ResNet(18, width=0)
