@@ -9,7 +9,7 @@ three ways, measured in one run on the same shard:
   last, and converts only the clip's frames.
 
     python -m core.data.bench_video --frames 300 --width 340 --height 256      # 10 s, Kinetics-like
-    python -m core.data.bench_video --frames 1800 --videos 4                   # 60 s
+    python -m core.data.bench_video --frames 1800                              # 60 s
 
 The videos are made here (H.264 by PyAV's libx264, a keyframe every ``--keyint`` frames, x264's default 250;
 a moving noise texture, so every frame costs what a real frame does to decode) and written to a temporary
