@@ -47,8 +47,6 @@ def visible(count: int, name: str, ratio: float, of: str) -> int:
 
 def random_keep(batch: int, n: int, keep: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
     """`keep` of `n` indices drawn uniformly per sample by sorting noise, ascending: (B, keep)."""
-    if keep < 1:
-        raise ValueError(f"the mask ratio leaves no visible patch out of {n}")
     noise = torch.rand(batch, n, device=device, generator=generator)
     return noise.argsort(dim=1)[:, :keep].sort(dim=1).values
 
@@ -64,7 +62,8 @@ def tube_mask(
     """
     check_ratio("mask_ratio", mask_ratio)
     t, h, w = grid
-    spatial_keep = random_keep(batch, h * w, h * w - whole(h * w * mask_ratio), device, generator)  # (B, Ks)
+    keep = visible(h * w - whole(h * w * mask_ratio), "mask_ratio", mask_ratio, f"place of {h * w}")
+    spatial_keep = random_keep(batch, h * w, keep, device, generator)  # (B, Ks)
     offsets = torch.arange(t, device=spatial_keep.device) * (h * w)  # (T,)
     keep_idx = (offsets.view(1, t, 1) + spatial_keep.unsqueeze(1)).flatten(1)  # (B, T * Ks), sorted
     return keep_idx, mask_from_keep(keep_idx, t * h * w)
