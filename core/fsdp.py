@@ -55,12 +55,14 @@ def shard_blocks(model: L.LightningModule) -> None:
             "in a pickle, which this project does not load; set --trainer.strategy.save_distributed_checkpoint=false "
             "(rank 0 writes the full weights in one file)"
         )
-    parts = [p for p in model.children() if not isinstance(p, FSDPModule) and next(p.parameters(), None) is not None]
-    if model.device_mesh is None or not parts:
+    if model.device_mesh is None:
         return
     loose = [name for name, _ in model.named_parameters(recurse=False)]
     if loose:  # outside every unit they would be neither sharded nor averaged: each rank's would drift apart
         raise ValueError(f"shard_blocks: {type(model).__name__} holds parameters of its own ({', '.join(loose)}); put them in a submodule")
+    parts = [p for p in model.children() if not isinstance(p, FSDPModule) and next(p.parameters(), None) is not None]
+    if not parts:  # sharded already, or nothing to shard
+        return
     # Every rank is a data-parallel rank here: the data module gives each its own samples, and the recipes have
     # no tensor parallelism. ModelParallelStrategy's own mesh would put the ranks of one node in a tensor-
     # parallel group (its default), and sharding over its data-parallel part would then sync nothing.

@@ -5,10 +5,14 @@ The two ranks are started once for the module; each writes its results with torc
 compare them with a single-process reference computed here.
 """
 
+import copy
 import gc
+import logging
 import math
 import time
+import traceback
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +22,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import Shard, distribute_tensor
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from core.distributed import all_reduce_mean, gather_with_grad, world
@@ -68,6 +73,46 @@ def clip_grads() -> list[torch.Tensor]:
     """Gradients of norms above and below CLIP; the (1,)-shaped one leaves the second rank an empty shard."""
     g = torch.Generator().manual_seed(7)
     return [scale * torch.randn(*shape, generator=g, dtype=torch.float64) for shape, scale in [((3, 5), 1.0), ((1,), 0.1), ((4,), 2.0), ((5, 2), 0.05)]]
+
+
+class Tower(nn.Module):
+    """An encoder as shard_blocks meets them: an embedding, blocks in a ModuleList a level down, and a
+    `tokens` method that callers run outside forward (core.text's encoders, MLM heads)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(IN, 4, bias=False)
+        self.trunk = nn.Module()
+        self.trunk.blocks = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+
+    def run(self, x):
+        x = self.embed(x)
+        for block in self.trunk.blocks:
+            x = x + torch.tanh(block(x))
+        return x
+
+    def tokens(self, x):
+        return self.run(x)
+
+    def forward(self, x):  # not through `tokens`: FSDP reshards a root after a registered method nested in forward
+        return self.run(x).sum(-1)
+
+
+def two_towers():
+    """A LightningModule with a trained tower, a frozen one (DINO's teacher) and a child without parameters."""
+    import lightning as L
+
+    class TwoTowers(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.encoder, self.teacher = Tower().double(), Tower().double().requires_grad_(False)
+            self.loss = nn.MSELoss()
+
+    return TwoTowers()
+
+
+UNITS = ["encoder", "encoder.trunk.blocks.0", "encoder.trunk.blocks.1", "teacher", "teacher.trunk.blocks.0", "teacher.trunk.blocks.1"]
 
 
 def make_model(name: str) -> nn.Module:
@@ -130,10 +175,79 @@ def rank_results(rank: int) -> dict:
     results["clipped"] = [p.grad.full_tensor() for p in params]
 
     try:
+        results.update(sharding_results(rank, mesh))
+    except Exception:  # reported by the sharding tests; the other tests' results still come back
+        results["sharding_error"] = traceback.format_exc()
+
+    try:
         gather_with_grad(torch.zeros(3 if rank == 0 else 2, DIM))
         results["mismatch"] = "no error"
     except ValueError as e:
         results["mismatch"] = str(e)
+    return results
+
+
+def outcome(f):
+    """f()'s result, or its error as "ExceptionName: message" (a rank that raised would stop every test)."""
+    try:
+        return f()
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def sharding_results(rank: int, mesh) -> dict:
+    """core.fsdp.shard_blocks on a model handed over as ModelParallelStrategy hands it (its 2-D mesh of a
+    data-parallel dimension of 1 and a tensor-parallel one of 2: 2 ranks on one node), and whole_norms' refusals."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from core.fsdp import shard_blocks, whole_norms
+
+    rank_zero_only.rank = rank  # as Lightning sets it in a launched run: rank 0 alone logs
+    results = {}
+    model = two_towers()
+    reference = copy.deepcopy(model)
+    model._trainer = SimpleNamespace(strategy=SimpleNamespace())
+    model._device_mesh = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addHandler(handler)
+    shard_blocks(model)
+    shard_blocks(model)  # again: nothing happens
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").removeHandler(handler)
+    results["shard/messages"] = [m for m in messages if m.startswith("FSDP")]
+    results["shard/units"] = sorted(name for name, m in model.named_modules() if isinstance(m, FSDPModule))
+    results["shard/meshes"] = sorted({p.device_mesh.size() for p in model.parameters() if isinstance(p, DTensor)})
+    results["shard/local_rows"] = model.encoder.embed.weight.to_local().shape[0]
+    results["shard/all_dtensors"] = all(isinstance(p, DTensor) for p in model.parameters())
+
+    x = global_batch("clip")[0]
+    local = x[rank * BATCH : (rank + 1) * BATCH]
+    with torch.no_grad():
+        model.teacher(local)
+    # A part without a gradient has no backward to reshard it for: it reshards after its forward.
+    results["shard/teacher_resharded"] = isinstance(model.teacher.embed.weight, DTensor)
+    out = model.encoder(local)
+    # A trained part keeps its gathered weights from its forward to its backward (no second all-gather).
+    results["shard/encoder_gathered"] = not isinstance(model.encoder.embed.weight, DTensor)
+    out.pow(2).sum().backward()
+    results["shard/grads"] = {n: p.grad.full_tensor() for n, p in model.encoder.named_parameters()}
+    # The reference: one process, the global batch, the ranks' mean loss (FSDP averages gradients as DDP does).
+    ref_loss = sum(reference.encoder(x[r * BATCH : (r + 1) * BATCH]).pow(2).sum() for r in range(WORLD)) / WORLD
+    ref_loss.backward()
+    results["shard/ref_grads"] = {n: p.grad for n, p in reference.encoder.named_parameters()}
+    # `tokens` gathers the weights outside forward too.
+    results["shard/tokens"] = outcome(lambda: model.encoder.tokens(local).detach())
+    results["shard/ref_tokens"] = reference.encoder.tokens(local).detach()
+
+    # whole_norms: all plain or all sharded (Shard placements) on one mesh, anything else refused.
+    g = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sharded, replicated = distribute_tensor(g, mesh, [Shard(0)]), distribute_tensor(g, mesh, [Replicate()])
+    on_one_rank = distribute_tensor(g, model.device_mesh["data_parallel"], [Shard(0)])  # a mesh of this rank alone
+    results["norms/sharded"] = outcome(lambda: whole_norms([sharded, sharded * 2]))
+    for name, tensors in {"mixed": [sharded, g], "plain_first": [g, sharded], "replicated": [sharded, replicated],
+                          "two_meshes": [sharded, on_one_rank]}.items():  # fmt: skip
+        results[f"norms/{name}"] = outcome(lambda tensors=tensors: whole_norms(tensors))
     return results
 
 
@@ -243,7 +357,67 @@ def test_shard_blocks_refuses_parameters_outside_every_unit():
             self.encoder = nn.Linear(2, 2)
             self.logit_scale = nn.Parameter(torch.zeros(()))
 
-    model = Loose()
-    model._trainer, model._device_mesh = SimpleNamespace(strategy=SimpleNamespace()), object()  # as under FSDP2
-    with pytest.raises(ValueError, match=r"holds parameters of its own \(logit_scale\); put them in a submodule"):
-        shard_blocks(model)
+    class OnlyLoose(L.LightningModule):  # no submodule with parameters: refused all the same
+        def __init__(self):
+            super().__init__()
+            self.logit_scale = nn.Parameter(torch.zeros(()))
+
+    for model in (Loose(), OnlyLoose()):
+        model._trainer, model._device_mesh = SimpleNamespace(strategy=SimpleNamespace()), object()  # as under FSDP2
+        with pytest.raises(ValueError, match=r"holds parameters of its own \(logit_scale\); put them in a submodule"):
+            shard_blocks(model)
+
+
+def sharding(ranks) -> list[dict]:
+    """The ranks' results, once sure that their sharding section ran to its end."""
+    for res in ranks:
+        assert "sharding_error" not in res, res["sharding_error"]
+    return ranks
+
+
+def test_shard_blocks_makes_every_block_and_every_part_with_parameters_a_unit_once(ranks):
+    """Each entry of a ModuleList (nested too) is a unit, then each child with parameters; a child without
+    parameters is none, and a second call adds nothing. Rank 0 says so once."""
+    for res in sharding(ranks):
+        assert res["shard/units"] == UNITS
+        assert res["shard/all_dtensors"]
+    assert ranks[0]["shard/messages"] == ["FSDP: 6 units of TwoTowers sharded over 2 ranks"]
+
+
+def test_shard_blocks_shards_over_every_rank_whatever_mesh_the_strategy_gave(ranks):
+    """ModelParallelStrategy's 2-D mesh puts the 2 ranks of a node in its tensor-parallel dimension: sharding
+    over its data-parallel dimension (size 1) would keep whole copies and sync nothing."""
+    for res in sharding(ranks):
+        assert res["shard/meshes"] == [WORLD]
+        assert res["shard/local_rows"] == 4 // WORLD  # the embedding's 4 rows, half a rank
+
+
+def test_sharded_gradients_average_the_ranks_and_tokens_runs_outside_forward(ranks):
+    for res in sharding(ranks):
+        assert res["shard/grads"].keys() == res["shard/ref_grads"].keys()
+        for name, ref in res["shard/ref_grads"].items():
+            torch.testing.assert_close(res["shard/grads"][name], ref, rtol=1e-10, atol=1e-12, msg=name)
+        assert isinstance(res["shard/tokens"], torch.Tensor), res["shard/tokens"]
+        torch.testing.assert_close(res["shard/tokens"], res["shard/ref_tokens"], rtol=1e-10, atol=1e-12)
+
+
+def test_a_frozen_part_reshards_after_forward_and_a_trained_one_stays_gathered_for_backward(ranks):
+    """DINO's teacher has no backward: left gathered after its forward, every rank would hold it whole."""
+    for res in sharding(ranks):
+        assert res["shard/teacher_resharded"] is True
+        assert res["shard/encoder_gathered"] is True
+
+
+def test_whole_norms_refuse_tensors_not_sharded_as_shard_blocks_shards_them(ranks):
+    g = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for res in sharding(ranks):
+        torch.testing.assert_close(res["norms/sharded"], torch.stack([g.norm(), 2 * g.norm()]), rtol=1e-12, atol=1e-12)
+        for name in ("mixed", "plain_first", "replicated", "two_meshes"):
+            assert isinstance(res[f"norms/{name}"], str) and res[f"norms/{name}"].startswith("ValueError: whole_norms:"), (name, res[f"norms/{name}"])
+
+
+def test_whole_norms_of_plain_tensors_are_their_l2_norms():
+    from core.fsdp import whole_norms
+
+    tensors = [torch.tensor([3.0, -4.0]), torch.ones(2, 2), torch.zeros(3)]
+    torch.testing.assert_close(whole_norms(tensors), torch.tensor([5.0, 2.0, 0.0]))
