@@ -25,7 +25,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from core.data.decoders import member_extension
+from core.data.decoders import broken_sample, member_extension
 from core.data.shards import expand_urls, read_shard
 from core.vit import Block, init_weights
 
@@ -224,7 +224,8 @@ def read_shard_texts(pattern: str, key: str = "txt") -> Iterator[str]:
 
     pattern: a brace pattern (`data/train-{000000..000009}.tar`), a glob (`data/train-*.tar`) or a pipe/URL, as
     the training stream takes. Samples without the member, with bytes that are not UTF-8, or cut short by a
-    failed read are skipped and counted (a warning names the first); no sample with text is an error.
+    failed read, a repeated member or a link where a file should be are skipped and counted, as the stream
+    skips them (a warning names the first); no sample with text is an error.
     """
     found, skipped, first = 0, 0, ""
     for url in expand_urls(pattern):
@@ -232,7 +233,7 @@ def read_shard_texts(pattern: str, key: str = "txt") -> Iterator[str]:
             # The member itself, or the one member whose last extension it is, as the training stream decodes
             # (`caption.txt` or `0001.txt` of a dotted key for "txt").
             members = [k for k in sample if not k.startswith("__") and (k == key or member_extension(k) == key)]
-            data = sample[members[0]] if len(members) == 1 and "__partial__" not in sample else None
+            data = sample[members[0]] if len(members) == 1 and broken_sample(sample) is None else None
             try:
                 text = data.decode("utf-8") if isinstance(data, bytes) else None
             except UnicodeDecodeError:

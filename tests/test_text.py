@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from core.data.write import write_shards
-from core.text import HFTextEncoder, TextTokenizer, TextTransformer, load_tokenizer, main, train_tokenizer
+from core.text import HFTextEncoder, TextTokenizer, TextTransformer, load_tokenizer, main, masked_mean, train_tokenizer
 
 VOCAB_SIZE = 600
 # Python's own documentation: a real English + code corpus that every Python installation has.
@@ -258,3 +258,208 @@ def test_an_export_ships_every_file_its_tokenizer_needs(tokenizer_dir, tmp_path)
     shutil.rmtree(source)
     exported = load_encoder(folder).tokenizer(["a red circle"])["input_ids"]
     assert exported.equal(tok(["a red circle"])["input_ids"]) and len(set(exported[0].tolist())) > 3
+
+
+def test_vocab_size_must_leave_room_for_a_merge(tmp_path):
+    """256 byte tokens and 4 special tokens take 260 ids: a vocabulary of 260 learns nothing, 261 learns one merge."""
+    with pytest.raises(ValueError, match="vocab_size=260 must exceed"):
+        train_tokenizer(CORPUS[:40], 260, str(tmp_path / "260"))
+    assert len(train_tokenizer(CORPUS[:40], 261, str(tmp_path / "261"))) == 261
+
+
+def test_project_tokenizer_pads_with_the_text_transformers_default_pad_id(tokenizer_dir):
+    """<pad> is id 0, the pad_id TextTransformer assumes when none is given; <bos>, <eos>, <mask> follow."""
+    tt = TextTokenizer(tokenizer_dir, max_len=8)
+    tok = tt.tokenizer
+    assert (tt.pad_id, tok.bos_token_id, tok.eos_token_id, tt.mask_id) == (0, 1, 2, 3)
+    assert TextTransformer(VOCAB_SIZE, dim=8, depth=1, heads=1).token_embed.padding_idx == tt.pad_id
+
+
+def test_text_tokenizer_counts_added_tokens_in_its_vocab_size(tokenizer_dir, tmp_path):
+    """Tokens added to a tokenizer get ids past the base vocabulary: an embedding sized by the base
+    vocabulary (`tokenizer.vocab_size`) would index out of range."""
+    tok = load_tokenizer(tokenizer_dir)
+    tok.add_tokens(["<sep>", "qqqq"])
+    tok.save_pretrained(str(tmp_path / "added"))
+    tt = TextTokenizer(str(tmp_path / "added"), max_len=8)
+    ids = tt("a qqqq <sep>")["input_ids"]
+    assert tt.vocab_size == VOCAB_SIZE + 2 and int(ids.max()) == VOCAB_SIZE + 1
+    model = TextTransformer(tt.vocab_size, dim=8, depth=1, heads=1, max_len=8, pad_id=tt.pad_id)
+    assert model(**tt(["a qqqq <sep>"])).shape == (1, 8)
+
+
+def test_a_tokenizer_without_a_pad_token_is_refused_when_loaded(tokenizer_dir, tmp_path):
+    shutil.copytree(tokenizer_dir, tmp_path / "no-pad")
+    config_path = tmp_path / "no-pad" / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({k: v for k, v in config.items() if k != "pad_token"}))
+    assert load_tokenizer(str(tmp_path / "no-pad")).pad_token_id is None
+    with pytest.raises(ValueError, match="has no pad token, so it cannot pad to max_len=16"):
+        TextTokenizer(str(tmp_path / "no-pad"), max_len=16)
+
+
+def remote_code_dir(tmp_path, minilm_dir):
+    """MiniLM's files, with a config and a tokenizer config that name code of the folder's own (auto_map), code
+    that fails loudly if it is ever imported."""
+    folder = tmp_path / "remote-code"
+    folder.mkdir()
+    for file in ("tokenizer.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(os.path.join(minilm_dir, file), folder)
+    os.symlink(os.path.join(minilm_dir, "model.safetensors"), folder / "model.safetensors")
+    config = json.loads(open(os.path.join(minilm_dir, "config.json")).read())
+    (folder / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "custom.CustomModel"}}))
+    tok_config = json.loads(open(os.path.join(minilm_dir, "tokenizer_config.json")).read())
+    auto_map = {"AutoTokenizer": ["custom.CustomTokenizer", "custom.CustomTokenizer"]}
+    (folder / "tokenizer_config.json").write_text(json.dumps({**tok_config, "auto_map": auto_map, "tokenizer_class": "CustomTokenizer"}))
+    (folder / "custom.py").write_text('raise RuntimeError("the folder\'s own code ran")\n')
+    return folder
+
+
+def test_a_folders_own_code_is_never_run(tmp_path, minilm_dir, monkeypatch):
+    """trust_remote_code=False: a config naming code of its own (auto_map) loads the library's classes, never
+    the folder's Python file."""
+    from transformers import BertModel, dynamic_module_utils
+
+    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # were it ever copied
+    folder = remote_code_dir(tmp_path, minilm_dir)
+    tokenizer = TextTokenizer(str(folder), max_len=8)
+    assert type(tokenizer.tokenizer).__module__.startswith("transformers.")
+    try:
+        encoder = HFTextEncoder(str(folder))
+    except ValueError as error:  # refusing the folder is as safe as ignoring its code
+        assert "trust_remote_code" in str(error)
+    else:
+        assert type(encoder.model) is BertModel
+    assert not (tmp_path / "modules").exists()
+
+
+def tiny_bert_dir(tmp_path, minilm_dir, max_positions: int = 24) -> str:
+    """A 1-layer BERT with MiniLM's tokenizer, saved as safetensors."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_position_embeddings=max_positions)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(tmp_path / "tiny-bert")
+    for file in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(os.path.join(minilm_dir, file), tmp_path / "tiny-bert")
+    return str(tmp_path / "tiny-bert")
+
+
+def test_hf_encoder_starts_in_train_mode_and_takes_as_many_tokens_as_it_has_positions(tmp_path, minilm_dir):
+    """from_pretrained leaves a model in eval mode (dropout off): a fresh encoder trains like any other module.
+    A batch exactly as long as the position table is allowed."""
+    encoder = HFTextEncoder(tiny_bert_dir(tmp_path, minilm_dir, max_positions=24))
+    assert all(m.training for m in encoder.modules())
+    batch = TextTokenizer(encoder.config["path"], max_len=24)(["word " * 40])
+    assert encoder.eval()(**batch).shape == (1, 32)
+
+
+def test_masked_mean_averages_real_tokens_and_gives_zero_for_an_all_padding_row():
+    tokens = torch.arange(24.0).view(2, 3, 4)
+    pooled = masked_mean(tokens, torch.tensor([[1, 0, 1], [0, 0, 0]]))
+    torch.testing.assert_close(pooled, torch.stack([(tokens[0, 0] + tokens[0, 2]) / 2, torch.zeros(4)]))
+
+
+def test_text_transformer_knows_word_order():
+    """Learned positions: the same tokens in another order embed differently (without positions attention and
+    mean pooling would see a bag of tokens)."""
+    torch.manual_seed(0)
+    model = TextTransformer(VOCAB_SIZE, dim=32, depth=1, heads=2, max_len=8).eval()
+    ids, mask = torch.tensor([[1, 40, 50, 60, 2], [1, 60, 50, 40, 2]]), torch.ones(2, 5, dtype=torch.long)
+    with torch.no_grad():
+        a, b = model(ids, mask)
+    assert not torch.allclose(a, b, atol=1e-3)
+
+
+def test_text_transformer_pad_embedding_is_zero_and_never_trained():
+    """pad_id's embedding row starts at zero and gets no gradient, even from the states at padded positions."""
+    model = TextTransformer(VOCAB_SIZE, dim=16, depth=1, heads=2, max_len=8, pad_id=5)
+    assert model.token_embed.weight[5].eq(0).all() and model.token_embed.weight[4].ne(0).all()
+    ids = torch.tensor([[1, 40, 2, 5, 5]])
+    model.tokens(ids, (ids != 5).long()).pow(2).sum().backward()
+    assert model.token_embed.weight.grad[5].eq(0).all() and model.token_embed.weight.grad[40].ne(0).any()
+
+
+def test_text_transformer_token_states_are_layer_normed():
+    """The states go through a final LayerNorm (unit scale, zero shift at init): zero mean, unit variance."""
+    torch.manual_seed(0)
+    model = TextTransformer(VOCAB_SIZE, dim=32, depth=1, heads=2, max_len=8)
+    states = model.tokens(torch.tensor([[1, 40, 50, 2]]), torch.ones(1, 4, dtype=torch.long)).detach()
+    torch.testing.assert_close(states.mean(-1), torch.zeros(1, 4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(states.var(-1, unbiased=False), torch.ones(1, 4), atol=1e-3, rtol=0)
+
+
+def test_text_transformer_config_holds_every_argument_and_rebuilds_the_same_shapes(tokenizer_dir):
+    """core.export rebuilds the encoder from `config`: every argument must be in it (the test above uses defaults)."""
+    args = dict(vocab_size=VOCAB_SIZE, dim=32, depth=3, heads=4, max_len=12, pad_id=7, mlp_ratio=2.0)
+    model = TextTransformer(**args)
+    assert model.config == args
+    assert len(model.blocks) == 3 and model.blocks[0].mlp[0].out_features == 64 and model.pos_embed.shape == (1, 12, 32)
+    copy = TextTransformer(**model.config)
+    assert copy.token_embed.padding_idx == 7
+    copy.load_state_dict(model.state_dict())
+
+
+def test_text_files_are_read_as_utf8_lines(tmp_path):
+    from core.text import read_text_files
+
+    (tmp_path / "a.txt").write_bytes("naïve café\n数据\n".encode("utf-8"))
+    (tmp_path / "b.txt").write_bytes("✓".encode("utf-8"))
+    assert list(read_text_files([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")])) == ["naïve café\n", "数据\n", "✓"]
+
+
+def write_tar(path, members) -> None:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_shard_texts_skip_a_sample_with_two_text_members(tmp_path):
+    """`txt` and `caption.txt` in one sample both decode to the training stream's text, which then skips the
+    sample: which one is the text cannot be told."""
+    from core.text import read_shard_texts
+
+    write_tar(tmp_path / "t-000000.tar", [("000000.txt", b"one"), ("000001.txt", b"a"), ("000001.caption.txt", b"b"), ("000002.txt", b"two")])
+    with pytest.warns(UserWarning, match="skipped 1 samples .* the first sample '000001'"):
+        assert list(read_shard_texts(str(tmp_path / "t-*.tar"))) == ["one", "two"]
+
+
+def test_shard_texts_never_give_the_text_of_a_sample_cut_short(tmp_path):
+    """A read that fails in the middle of a sample: its members read so far may not be the whole sample, so its
+    text is not given before the error is."""
+    import tarfile
+
+    from core.text import read_shard_texts
+
+    write_tar(tmp_path / "whole.tar", [("000000.txt", b"one"), ("000001.txt", b"two"), ("000001.json", b"{" + b" " * 2000 + b"}")])
+    (tmp_path / "t-000000.tar").write_bytes((tmp_path / "whole.tar").read_bytes()[: 5 * 512 + 100])  # cut in the json
+    texts = []
+    with pytest.raises(tarfile.ReadError):
+        for text in read_shard_texts(str(tmp_path / "t-*.tar")):
+            texts.append(text)
+    assert texts == ["one"]
+
+
+def test_shard_texts_skip_what_the_stream_skips_a_repeated_member_or_a_link(tmp_path):
+    """`a.txt` beside `a.TXT`, and a link stored where a text file should be: the training stream skips such
+    samples (`core.data.decoders.broken_sample`), so the tokenizer is not trained on their text either."""
+    import io
+    import tarfile
+
+    from core.text import read_shard_texts
+
+    write_tar(tmp_path / "t-000000.tar", [("000000.txt", b"first"), ("000000.TXT", b"second"), ("000001.txt", b"ok")])
+    with tarfile.open(tmp_path / "t-000001.tar", "w") as tar:
+        link = tarfile.TarInfo("000002.txt")
+        link.type, link.linkname = tarfile.SYMTYPE, "elsewhere.txt"
+        tar.addfile(link)
+        info = tarfile.TarInfo("000003.txt")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"also"))
+    with pytest.warns(UserWarning, match="skipped 2 samples .* the first sample '000000'"):
+        assert list(read_shard_texts(str(tmp_path / "t-*.tar"))) == ["ok", "also"]

@@ -457,6 +457,26 @@ def member_extension(member: str) -> str:
     return member.rsplit(".", 1)[-1].lower()
 
 
+def broken_sample(raw: dict[str, Any]) -> UndecodableSample | None:
+    """Why the stream skips a raw sample whatever its members hold, None if it need not: a member repeated
+    (``__duplicate__``), a link where a member's file should be (``__links__``), a read cut short
+    (``__partial__``); marked so by ``core.data.shards``."""
+    where = f"sample {raw.get('__key__')!r} of {raw.get('__url__')!r}"
+    if "__duplicate__" in raw:
+        return UndecodableSample("repeated member", f"{where}: member {raw['__duplicate__']!r} repeats an extension the sample already has")
+    for name, target, kind in raw.get("__links__", []):  # links of unknown extensions are dropped, as such files are
+        if member_extension(name) in DECODERS or member_extension(name) in PICKLE_EXTENSIONS:
+            option = "--hard-dereference" if kind == "hard" else "--dereference"
+            return UndecodableSample(
+                "link member",
+                f"{where}: member {name!r} is a {kind} link to {target!r}, not a file; write the shard with the files "
+                f"themselves (tar {option}, or python -m core.data.write)",
+            )
+    if "__partial__" in raw:
+        return UndecodableSample("cut short", f"{where}: the shard's read failed while this sample was being read")
+    return None
+
+
 def decode_sample(raw: dict[str, Any]) -> dict:
     """Decode a raw WebDataset sample with the decoders above.
 
@@ -465,20 +485,8 @@ def decode_sample(raw: dict[str, Any]) -> dict:
     if a member's bytes cannot be decoded, two members decode to the same key, or no member is decodable.
     """
     where = f"sample {raw.get('__key__')!r} of {raw.get('__url__')!r}"
-    if "__duplicate__" in raw:
-        raise UndecodableSample(
-            "repeated member", f"{where}: member {raw['__duplicate__']!r} repeats an extension the sample already has"
-        )
-    for name, target, kind in raw.get("__links__", []):  # links of unknown extensions are dropped, as such files are
-        if member_extension(name) in DECODERS or member_extension(name) in PICKLE_EXTENSIONS:
-            option = "--hard-dereference" if kind == "hard" else "--dereference"
-            raise UndecodableSample(
-                "link member",
-                f"{where}: member {name!r} is a {kind} link to {target!r}, not a file; write the shard with the files "
-                f"themselves (tar {option}, or python -m core.data.write)",
-            )
-    if "__partial__" in raw:
-        raise UndecodableSample("cut short", f"{where}: the shard's read failed while this sample was being read")
+    if (error := broken_sample(raw)) is not None:
+        raise error
     members = {name: data for name, data in raw.items() if not name.startswith("__")}
     refused = sorted(name for name in members if member_extension(name) in PICKLE_EXTENSIONS)
     if refused:
