@@ -471,3 +471,258 @@ def test_spectrogram_pictures_scale_every_row_by_the_original():
     shown = to_display(flat, scale_by=original)
     assert shown.max() - shown.min() < 0.01
     assert to_display(original, scale_by=original).aminmax() == (torch.tensor(0.0), torch.tensor(1.0))
+
+
+# Pinned by mutation testing of core/data/write.py and core/data/inspect.py: each test below fails on a
+# mutant that the tests above let through.
+
+
+def test_a_plain_d_pattern_sees_every_numbered_shard_and_only_those(tmp_path):
+    """`%d` has no width: shards 10 and up are the pattern's too (a fixed width of one left them behind as
+    stale shards of an overwritten set), and a name with no digits where the number goes is not one."""
+    pattern = str(tmp_path / "x-%d.tar")
+    (tmp_path / "x-.tar").write_bytes(b"no number: not a shard")
+    write_shards(({"__key__": f"s{i}", "txt": b"t"} for i in range(12)), pattern, max_count=1)
+    with pytest.raises(FileExistsError, match="12 shards already match"):
+        write_shards([{"__key__": "a", "txt": b"t"}], pattern)
+    write_shards([{"__key__": "a", "txt": b"t"}], pattern, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["x-.tar", "x-0.tar"]
+
+
+def test_shard_limits_below_one_are_errors(tmp_path):
+    for limits in ({"max_count": 0}, {"max_bytes": 0}):
+        with pytest.raises(ValueError, match="must be at least 1"):
+            write_shards([{"__key__": "a", "txt": b"t"}], str(tmp_path / "x-%06d.tar"), **limits)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_shard_that_holds_exactly_max_bytes_is_full(tmp_path):
+    """A 3000-byte text takes 512 (header) + 3072 (padded data) bytes: with max_bytes 3584 each shard is full after one."""
+    samples = [{"__key__": f"s{i}", "txt": b"x" * 3000} for i in range(3)]
+    summary = write_shards(samples, str(tmp_path / "b-%06d.tar"), max_bytes=3584)
+    assert summary["shards"] == 3 and [len(raw_members(f)) for f in summary["files"]] == [1, 1, 1]
+
+
+def test_tgz_patterns_are_gzipped_too(tmp_path):
+    import gzip
+
+    write_shards([{"__key__": "a", "txt": b"x"}], str(tmp_path / "z-%06d.tgz"))
+    with gzip.open(tmp_path / "z-000000.tgz") as f:
+        assert f.read(512)[:5] == b"a.txt"
+
+
+def test_keys_are_checked_in_their_last_part_only(tmp_path):
+    """Readers split at the first dot of the member's last part: a dot in a folder part is fine; an empty or
+    non-string key is refused with the key named, not an AttributeError."""
+    write_shards([{"__key__": "v1.2/img", "txt": b"x"}], str(tmp_path / "ok-%06d.tar"))
+    assert list(raw_members(str(tmp_path / "ok-000000.tar"))) == ["v1.2/img"]
+    for key in ("", 7):
+        with pytest.raises(ValueError, match=f"sample key {key!r}: a key is a non-empty string"):
+            write_shards([{"__key__": key, "txt": b"x"}], str(tmp_path / "bad-%06d.tar"))
+    assert not list(tmp_path.glob("bad-*"))
+
+
+def test_hyphens_are_kept_in_keys(tmp_path):
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "red-bus.png").write_bytes(image_bytes(pixels(9), "png"))
+    write_main(["--out", str(tmp_path / "k-%06d.tar"), "folder", str(tmp_path / "flat")])
+    assert list(raw_members(str(tmp_path / "k-000000.tar"))) == ["red-bus_png"]
+
+
+def test_a_table_row_naming_a_file_that_is_not_media_is_an_error(tmp_path):
+    (tmp_path / "notes.md").write_text("# not media")
+    (tmp_path / "t.csv").write_text("path,caption\nnotes.md,a note\n")
+    with pytest.raises(ValueError, match=r"notes.md: \.md is not a media extension"):
+        write_main(["--out", str(tmp_path / "x-%06d.tar"), "table", str(tmp_path / "t.csv")])
+    assert not list(tmp_path.glob("x-*"))
+
+
+def test_hidden_folders_are_neither_classes_nor_searched(tmp_path):
+    root = tmp_path / "pets"
+    for name in ["cat/a.png", "cat/.thumbs/a.png", ".cache/b.png"]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(image_bytes(pixels(9), "png"))
+    summary = write_main(["--out", str(tmp_path / "h-%06d.tar"), "folder", str(root)])
+    assert summary["samples"] == 1 and list(raw_members(str(tmp_path / "h-000000.tar"))) == ["cat_a_png"]
+    assert (tmp_path / "h.classes.txt").read_text() == "cat\n"
+
+
+def test_what_a_folder_leaves_out_is_counted_as_it_is(tmp_path, capsys):
+    """A linked class folder is a class, not a "linked folder" left out; captions are not left out; a file
+    without an extension counts as such, not under its own name."""
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "b.png").write_bytes(image_bytes(pixels(9), "png"))
+    root = tmp_path / "pets"
+    (root / "cat").mkdir(parents=True)
+    (root / "cat" / "a.png").write_bytes(image_bytes(pixels(9), "png"))
+    (root / "cat" / "a.txt").write_text("a cat")
+    (root / "dog").symlink_to(tmp_path / "elsewhere")
+    write_main(["--out", str(tmp_path / "a-%06d.tar"), "folder", str(root)])
+    assert capsys.readouterr().err == ""
+    assert {k: v["txt"] for k, v in raw_members(str(tmp_path / "a-000000.tar")).items()} == {"cat_a_png": b"a cat", "dog_b_png": b"dog"}
+    (root / "cat" / "README").write_text("no extension")
+    write_main(["--out", str(tmp_path / "b-%06d.tar"), "folder", str(root)])
+    assert "left out of" in (err := capsys.readouterr().err) and "1 .(none)" in err and "linked" not in err
+
+
+def test_class_folders_named_by_non_ascii_digits_are_names(tmp_path):
+    """Only ASCII digits make integer labels: "²" is a digit to str.isdigit but not a number to int()."""
+    for name in ["1", "²"]:
+        (tmp_path / "n" / name).mkdir(parents=True)
+        (tmp_path / "n" / name / "a.png").write_bytes(image_bytes(pixels(9), "png"))
+    write_main(["--out", str(tmp_path / "n-%06d.tar"), "folder", str(tmp_path / "n")])
+    assert labels_by_caption(str(tmp_path / "n-000000.tar")) == {"1": 0, "²": 1}
+    assert (tmp_path / "n.classes.txt").read_text(encoding="utf-8") == "1\n²\n"
+
+
+def test_class_names_that_would_break_the_class_list_are_refused(tmp_path):
+    """The class list holds one name a line: a name with a line break would shift every label after it."""
+    (tmp_path / "p.png").write_bytes(image_bytes(pixels(9), "png"))
+    (tmp_path / "t.csv").write_text('path,caption,label\np.png,x,"red\nbus"\np.png,y,cat\n')
+    with pytest.raises(ValueError, match=r"t.csv: class name 'red\\nbus' holds a line break"):
+        write_main(["--out", str(tmp_path / "x-%06d.tar"), "table", str(tmp_path / "t.csv")])
+    # The list is read back with str.splitlines, which also breaks at \u2028, \x85, \x0c, ...
+    for brk in ["\u2028", "\x85", "\x0c", "\x1e"]:
+        (tmp_path / "u.csv").write_text(f"path,caption,label\np.png,x,red{brk}bus\np.png,y,cat\n", encoding="utf-8")
+        with pytest.raises(ValueError, match=r"u.csv: class name 'red\\(u2028|x85|x0c|x1e)bus' holds a line break"):
+            write_main(["--out", str(tmp_path / "x-%06d.tar"), "table", str(tmp_path / "u.csv")])
+
+
+def test_digits_of_other_scripts_are_class_names_in_tables_as_in_folders():
+    """A table's integer labels are ASCII digits, as folder names are: "٣" (Arabic-Indic three) is a class name in
+    both, not label 3."""
+    from core.data.write import class_indices, table_labels
+
+    wheres = ["t.csv line 2", "t.csv line 3"]
+    assert table_labels(["٣", "one"], wheres) == ([1, 0], ["one", "٣"])
+    with pytest.raises(ValueError, match="an integer label in a table of class names"):
+        table_labels(["٣", "1"], wheres)
+    assert class_indices(["٣", "1"], None, "f") == ({"1": 0, "٣": 1}, ["1", "٣"])
+
+
+def test_a_classes_file_with_an_empty_or_repeated_line_is_refused(tmp_path):
+    from core.data.write import read_classes
+
+    (tmp_path / "ok.txt").write_bytes(b"a\r\nb\n")
+    assert read_classes(str(tmp_path / "ok.txt")) == ["a", "b"]
+    for name, text in [("empty.txt", "a\n\nb\n"), ("twice.txt", "a\nb\na\n"), ("none.txt", "")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=f"--classes .*{name}: one class name per line, none empty or repeated"):
+            read_classes(str(tmp_path / name))
+
+
+def test_a_pattern_in_a_folder_of_its_own_puts_the_class_list_there(tmp_path, capsys):
+    (tmp_path / "pets" / "cat").mkdir(parents=True)
+    (tmp_path / "pets" / "cat" / "a.png").write_bytes(image_bytes(pixels(9), "png"))
+    write_main(["--out", str(tmp_path / "train" / "%06d.tar"), "folder", str(tmp_path / "pets")])
+    assert (tmp_path / "train" / "classes.txt").read_text() == "cat\n"
+    assert f"class list: {tmp_path / 'train' / 'classes.txt'}" in capsys.readouterr().out
+
+
+def test_a_decomposed_class_folder_is_captioned_with_its_composed_name(tmp_path):
+    (tmp_path / "u" / "A\u0308rger").mkdir(parents=True)
+    (tmp_path / "u" / "A\u0308rger" / "a.png").write_bytes(image_bytes(pixels(9), "png"))
+    write_main(["--out", str(tmp_path / "u-%06d.tar"), "folder", str(tmp_path / "u")])
+    assert [raw["txt"] for raw in raw_members(str(tmp_path / "u-000000.tar")).values()] == ["\u00c4rger".encode()]
+
+
+def test_jsonl_blank_lines_are_skipped_and_a_line_must_be_an_object(tmp_path):
+    (tmp_path / "p.png").write_bytes(image_bytes(pixels(9), "png"))
+    (tmp_path / "t.jsonl").write_text('{"path": "p.png", "caption": "a"}\n\n  \n{"path": "p.png", "caption": "b"}\n')
+    write_main(["--in-order", "--out", str(tmp_path / "t-%06d.tar"), "table", str(tmp_path / "t.jsonl")])
+    assert [raw["txt"] for raw in read_shard(str(tmp_path / "t-000000.tar"))] == [b"a", b"b"]
+    (tmp_path / "list.jsonl").write_text('{"path": "p.png", "caption": "a"}\n["p.png", "b"]\n')
+    with pytest.raises(ValueError, match="list.jsonl line 2: a JSON object per line, not list"):
+        write_main(["--out", str(tmp_path / "x-%06d.tar"), "table", str(tmp_path / "list.jsonl")])
+
+
+def test_table_booleans_and_empty_paths_are_refused_naming_the_line(tmp_path):
+    (tmp_path / "p.png").write_bytes(image_bytes(pixels(9), "png"))
+    (tmp_path / "bool.jsonl").write_text('{"path": "p.png", "caption": "a", "label": true}\n')
+    with pytest.raises(ValueError, match="bool.jsonl line 1: label True is neither an integer nor a class name"):
+        write_main(["--out", str(tmp_path / "x-%06d.tar"), "table", str(tmp_path / "bool.jsonl")])
+    (tmp_path / "empty.csv").write_text("path,caption\np.png,a\n,b\n")
+    with pytest.raises(ValueError, match="empty.csv line 3: media path '' is not a path"):
+        write_main(["--out", str(tmp_path / "x-%06d.tar"), "table", str(tmp_path / "empty.csv")])
+    assert not list(tmp_path.glob("x-*"))
+
+
+def test_table_keys_are_as_wide_as_the_last_row_number(tmp_path):
+    (tmp_path / "p.png").write_bytes(image_bytes(pixels(9), "png"))
+    for rows, keys in [(10, [str(i) for i in range(10)]), (11, [f"{i:02d}" for i in range(11)])]:
+        (tmp_path / f"{rows}.csv").write_text("path,caption\n" + "p.png,c\n" * rows)
+        write_main(["--out", str(tmp_path / f"k{rows}-%06d.tar"), "table", str(tmp_path / f"{rows}.csv")])
+        assert sorted(raw_members(str(tmp_path / f"k{rows}-000000.tar"))) == keys
+
+
+def test_text_input_without_text_is_an_error_and_whitespace_lines_are_not_documents(tmp_path):
+    from core.data.write import text_samples
+
+    (tmp_path / "none").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .txt files"):
+        list(text_samples([str(tmp_path / "none")]))
+    (tmp_path / "a.txt").write_text("one\n   \n\t\ntwo\n")
+    assert [s["txt"] for s in text_samples([str(tmp_path / "a.txt")], per_line=True)] == [b"one", b"two"]
+
+
+def test_text_is_stored_with_its_own_line_ends_and_must_be_utf8(tmp_path):
+    (tmp_path / "crlf.txt").write_bytes(b"a\r\nb\r\n")
+    write_main(["--out", str(tmp_path / "c-%06d.tar"), "text", str(tmp_path / "crlf.txt")])
+    assert [raw["txt"] for raw in read_shard(str(tmp_path / "c-000000.tar"))] == [b"a\r\nb\r\n"]
+    (tmp_path / "latin.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin.txt is not utf-8 text"):
+        write_main(["--out", str(tmp_path / "l-%06d.tar"), "text", str(tmp_path / "latin.txt")])
+
+
+def test_a_key_clash_between_lines_names_both_lines(tmp_path):
+    (tmp_path / "docs" / "a").mkdir(parents=True)
+    (tmp_path / "docs" / "a" / "b.txt").write_text("one\n")
+    (tmp_path / "docs" / "a_b.txt").write_text("two\n")
+    with pytest.raises(ValueError, match=r"a_b.txt line 1 and .*a/b.txt line 1 both get the key 'a_b_txt_0000000'"):
+        write_main(["--in-order", "--out", str(tmp_path / "x-%06d.tar"), "text", str(tmp_path / "docs"), "--per-line"])
+
+
+def test_text_files_are_written_shuffled_unless_asked_to_keep_their_order(tmp_path):
+    (tmp_path / "docs").mkdir()
+    for i in range(10):
+        (tmp_path / "docs" / f"{i}.txt").write_text(str(i))
+
+    def written_order(*args):
+        out = tmp_path / "-".join(args or ["default"])
+        write_main(["--out", str(out / "t-%06d.tar"), *args, "text", str(tmp_path / "docs")])
+        return [raw["txt"] for raw in read_shard(str(out / "t-000000.tar"))]
+
+    in_order = written_order("--in-order")
+    assert in_order == [str(i).encode() for i in range(10)]
+    shuffled = written_order()
+    assert sorted(shuffled) == in_order and shuffled != in_order
+
+
+def test_inspect_counts_skipped_samples_lists_reasons_sorted_and_three_examples_each(tmp_path, capsys):
+    samples = [{"__key__": f"s{i}", "png": b"garbage"} for i in range(5)]
+    samples += [{"__key__": "p", "pyd": b"never unpickled"}, {"__key__": "ok", "cls": b"1"}]
+    write_shards(samples, str(tmp_path / "g-%06d.tar"))
+    assert inspect_main([str(tmp_path / "g-000000.tar")]) == 0
+    out = capsys.readouterr().out
+    assert "samples read: 1" in out and "samples skipped: 6" in out  # samples, not reasons
+    assert out.index("refused .pyd (pickle): 1") < out.index("undecodable .png: 5")
+    assert [line.split(": ")[0] for line in out.splitlines() if "e.g." in line] == [
+        f"    e.g. {tmp_path}/g-000000.tar {key}" for key in ("p", "s0", "s1", "s2")
+    ]
+
+
+def test_inspect_names_unreadable_shards_and_strict_fails_on_them(tmp_path, capsys):
+    write_shards([{"__key__": "ok", "cls": b"1"}], str(tmp_path / "m-%06d.tar"))
+    (tmp_path / "m-000001.tar").write_bytes(b"not a tar\n" * 300)
+    pattern = str(tmp_path / "m-{000000..000001}.tar")
+    assert inspect_main([pattern]) == 0
+    assert f"unreadable shards: 1\n  {tmp_path}/m-000001.tar: ReadError: invalid header\n" in capsys.readouterr().out
+    assert inspect_main([pattern, "--strict"]) == 1
+    assert "0 samples skipped, 1 shards unreadable" in capsys.readouterr().err
+    assert inspect_main([str(tmp_path / "m-000001.tar")]) == 1
+    assert "extensions seen: none\ndecoded keys: none" in capsys.readouterr().out
+
+
+def test_inspect_refuses_a_pattern_it_cannot_open_with_status_2(capsys):
+    assert inspect_main(["s3://bucket/train-{000000..000009}.tar"]) == 2
+    assert "error: shard pattern 's3://bucket/train-{000000..000009}.tar': webdataset opens no s3:// URLs" in capsys.readouterr().err

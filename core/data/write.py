@@ -32,7 +32,7 @@ import webdataset as wds
 from core.data.decoders import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, member_extension
 
 
-INTEGER_LABEL = re.compile(r"-?\d+(\.0*)?")  # 3, or 3.0 as pandas writes an integer column with a gap
+INTEGER_LABEL = re.compile(r"-?[0-9]+(\.0*)?")  # 3, or 3.0 as pandas writes an integer column with a gap
 
 
 def shard_number_field(pattern: str) -> tuple[str, str, int]:
@@ -195,7 +195,8 @@ def class_indices(names: list[str], pinned: list[str] | None, where: str) -> tup
     sorted, or the number itself when every name is a non-negative integer (folders ``0``..``9``: label 2 for
     folder ``2``, as a table's integer labels, and no list; sorted as text, folder ``10`` would take label 2).
     A name the pinned list lacks is an error."""
-    broken = [name for name in names if "\n" in name or "\r" in name]
+    # Any break `str.splitlines` splits at (\u2028, \x85, ...): the class list is read back with it.
+    broken = [name for name in names if "".join(name.splitlines()) != name]
     if broken:
         raise ValueError(f"{where}: class name {broken[0]!r} holds a line break")
     if pinned is not None:
@@ -353,7 +354,7 @@ def table_labels(values: list, wheres: list[str], classes: list[str] | None = No
     for value, where in zip(values, wheres):
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise ValueError(f"{where}: label {value!r} is neither an integer nor a class name")
-        if isinstance(value, str) and re.fullmatch(r"-?\d+\.\d*", value.strip()) and not INTEGER_LABEL.fullmatch(value.strip()):
+        if isinstance(value, str) and re.fullmatch(r"-?[0-9]+\.[0-9]*", value.strip()) and not INTEGER_LABEL.fullmatch(value.strip()):
             raise ValueError(f"{where}: label {value!r} is a number but not an integer")
     numbers = [isinstance(v, int) or INTEGER_LABEL.fullmatch(v.strip()) is not None for v in values]
     if all(numbers):
