@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import resource
 import time
 import warnings
 from collections.abc import Callable, Collection
@@ -139,18 +138,40 @@ def copy_renamed(
     """Copy each parameter of `model` (but those named in `skip`) into the reference's parameter named
     `reference_name(name)`; every reference parameter but those named in `unmatched` must get one."""
     params = dict(reference.named_parameters())
-    unset = set(params) - set(unmatched)
+    unset, source = set(params) - set(unmatched), {}
     for name, value in model.named_parameters():
-        if name not in skip:
-            params[reference_name(name)].copy_(value)
-            unset.discard(reference_name(name))
+        if name in skip:
+            continue
+        target = reference_name(name)
+        # copy_ broadcasts: a (1, 4) weight would fill a (3, 4) one without an error.
+        if target not in params:
+            raise RuntimeError(f"{name!r} maps to the reference's {target!r}, which it does not have")
+        if target in source:
+            raise RuntimeError(f"{name!r} and {source[target]!r} both map to the reference's {target!r}")
+        if params[target].shape != value.shape:
+            raise RuntimeError(f"{name!r} {tuple(value.shape)} maps to the reference's {target!r} {tuple(params[target].shape)}")
+        params[target].copy_(value)
+        source[target] = name
+        unset.discard(target)
     if unset:
         raise RuntimeError(f"reference parameters without a counterpart: {sorted(unset)}")
 
 
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def resident_bytes(field: str = "VmRSS") -> int:
+    """This process's resident memory (`VmRSS`), or its peak (`VmHWM`) since `reset_peak_resident`: one source
+    for both (`ru_maxrss` lags `/proc/self/statm`, and a step that allocates little read a negative rise)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_resident() -> None:
+    """Set the peak (`VmHWM`) back to what is resident now (Linux 4.0 and later), so that it is this step's,
+    not the imports'."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def measure(build: Build, impl: str, args) -> dict:
@@ -159,6 +180,7 @@ def measure(build: Build, impl: str, args) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_resident()
     before = resident_bytes()
     step = build(impl, args)
 
@@ -178,8 +200,8 @@ def measure(build: Build, impl: str, args) -> dict:
     seconds = (time.perf_counter() - start) / args.steps
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
-    else:  # ru_maxrss is in KiB on Linux
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    else:
+        peak = resident_bytes("VmHWM") - before
     return {"impl": impl, "seconds_per_step": seconds, "flops_per_step": counter.get_total_flops(), "peak_memory_bytes": peak}
 
 
@@ -205,7 +227,7 @@ def compare(build: Build, args) -> dict:
     ours, ref = best["ours"], best["reference"]
     ratios = {
         "time": ours["seconds_per_step"] / ref["seconds_per_step"],
-        "memory": ours["peak_memory_bytes"] / ref["peak_memory_bytes"],
+        "memory": ours["peak_memory_bytes"] / ref["peak_memory_bytes"] if ref["peak_memory_bytes"] > 0 else None,
         "flops": ours["flops_per_step"] / ref["flops_per_step"],
     }
     return {"setup": vars(args), "reference": ref, "ours": ours, "ours_over_reference": ratios}
@@ -229,7 +251,8 @@ def table(report: dict, title: str) -> str:
     spread = "; ".join(f"{name} " + ", ".join(f"{t:.3f}" for t in report[name]["rounds_seconds_per_step"]) for name in IMPLS)
     lines.append(f"s/step by round: {spread}")
     q = report["ours_over_reference"]
-    lines.append(f"ours / reference: time {q['time']:.2f}x, memory {q['memory']:.2f}x, FLOPs {q['flops']:.2f}x")
+    memory = f"{q['memory']:.2f}x" if q["memory"] is not None else "-"  # a reference whose peak did not rise
+    lines.append(f"ours / reference: time {q['time']:.2f}x, memory {memory}, FLOPs {q['flops']:.2f}x")
     return "\n".join(lines)
 
 
