@@ -2,7 +2,9 @@
 
 import csv
 import glob
+import io
 import os
+import tarfile
 
 import pytest
 import torch
@@ -12,6 +14,20 @@ from core.bench import copy_renamed
 from core.data.shards import local_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tar_with(path, members: list[tuple[str, bytes | tuple[bytes, str]]]) -> None:
+    """A tar of exactly these members, for shards the repo's writer would not make: (name, data) for a file,
+    (name, (tarfile.SYMTYPE or tarfile.LNKTYPE, target)) for a link."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if isinstance(data, tuple):
+                info.type, info.linkname = data
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ import PIL.Image
 import pytest
 import soundfile
 import torch
+from conftest import tar_with
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
@@ -314,15 +315,7 @@ def test_a_hard_link_names_its_own_tar_option_and_a_link_no_decoder_reads_is_dro
         ("a.npy", npy_bytes(np.zeros(DIM, np.float32))), ("a.cls", b"0"), ("a.README", (tarfile.SYMTYPE, "../README")),
         ("b.cls", b"1"), ("b.npy", (tarfile.LNKTYPE, "a.npy")), ("__index__", (tarfile.SYMTYPE, "/etc/index")),
     ]  # fmt: skip
-    with tarfile.open(tmp_path / "hl-000000.tar", "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            if isinstance(data, tuple):
-                info.type, info.linkname = data
-                tar.addfile(info)
-            else:
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    tar_with(tmp_path / "hl-000000.tar", members)
     report = inspect_shards(str(tmp_path / "hl-000000.tar"))
     assert report.samples_read == 1 and dict(report.skipped) == {"link member": 1}  # a kept, its README link dropped
     assert "'b.npy' is a hard link to 'a.npy'" in report.examples["link member"][0]
@@ -1360,15 +1353,6 @@ def test_a_window_at_the_clips_rate_is_drawn_over_the_exact_length_past_float32s
 
 
 # ---- behaviour pinned by mutation testing of core/data/stream.py and core/data/shards.py --------------------
-
-
-def tar_with(path, members: list[tuple[str, bytes]]) -> None:
-    """A tar of exactly these (name, data) members, for shards the repo's writer would not make."""
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def test_a_source_that_reads_nothing_says_why_each_of_its_shards_failed(tmp_path):

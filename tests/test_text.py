@@ -14,6 +14,7 @@ import pydoc_data.topics
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tar_with
 
 from core.data.write import write_shards
 from core.text import HFTextEncoder, TextTokenizer, TextTransformer, load_tokenizer, main, masked_mean, train_tokenizer
@@ -224,15 +225,8 @@ def test_shard_texts_skip_and_count_what_is_not_text(tmp_path):
     tokenizer's training; dotted keys are read as the training stream reads them."""
     from core.text import read_shard_texts
 
-    import io
-    import tarfile
-
     members = [("000000.txt", b"one"), ("000001.txt", b"\xff\xfe not utf-8"), ("img.0002.txt", b"dotted"), ("000003.json", b"{}")]
-    with tarfile.open(tmp_path / "t-000000.tar", "w") as tar:  # another writer's shard: ours refuses dotted keys
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    tar_with(tmp_path / "t-000000.tar", members)  # another writer's shard: ours refuses dotted keys
     with pytest.warns(UserWarning, match=r"skipped 2 samples without a UTF-8 'txt' member .* the first sample '000001'"):
         assert list(read_shard_texts(str(tmp_path / "t-*.tar"))) == ["one", "dotted"]
     with pytest.warns(UserWarning), pytest.raises(KeyError, match="no sample in .* has a UTF-8 'caption' member"):
@@ -408,23 +402,12 @@ def test_text_files_are_read_as_utf8_lines(tmp_path):
     assert list(read_text_files([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")])) == ["naïve café\n", "数据\n", "✓"]
 
 
-def write_tar(path, members) -> None:
-    import io
-    import tarfile
-
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def test_shard_texts_skip_a_sample_with_two_text_members(tmp_path):
     """`txt` and `caption.txt` in one sample both decode to the training stream's text, which then skips the
     sample: which one is the text cannot be told."""
     from core.text import read_shard_texts
 
-    write_tar(tmp_path / "t-000000.tar", [("000000.txt", b"one"), ("000001.txt", b"a"), ("000001.caption.txt", b"b"), ("000002.txt", b"two")])
+    tar_with(tmp_path / "t-000000.tar", [("000000.txt", b"one"), ("000001.txt", b"a"), ("000001.caption.txt", b"b"), ("000002.txt", b"two")])
     with pytest.warns(UserWarning, match="skipped 1 samples .* the first sample '000001'"):
         assert list(read_shard_texts(str(tmp_path / "t-*.tar"))) == ["one", "two"]
 
@@ -436,7 +419,7 @@ def test_shard_texts_never_give_the_text_of_a_sample_cut_short(tmp_path):
 
     from core.text import read_shard_texts
 
-    write_tar(tmp_path / "whole.tar", [("000000.txt", b"one"), ("000001.txt", b"two"), ("000001.json", b"{" + b" " * 2000 + b"}")])
+    tar_with(tmp_path / "whole.tar", [("000000.txt", b"one"), ("000001.txt", b"two"), ("000001.json", b"{" + b" " * 2000 + b"}")])
     (tmp_path / "t-000000.tar").write_bytes((tmp_path / "whole.tar").read_bytes()[: 5 * 512 + 100])  # cut in the json
     texts = []
     with pytest.raises(tarfile.ReadError):
@@ -448,18 +431,11 @@ def test_shard_texts_never_give_the_text_of_a_sample_cut_short(tmp_path):
 def test_shard_texts_skip_what_the_stream_skips_a_repeated_member_or_a_link(tmp_path):
     """`a.txt` beside `a.TXT`, and a link stored where a text file should be: the training stream skips such
     samples (`core.data.decoders.broken_sample`), so the tokenizer is not trained on their text either."""
-    import io
     import tarfile
 
     from core.text import read_shard_texts
 
-    write_tar(tmp_path / "t-000000.tar", [("000000.txt", b"first"), ("000000.TXT", b"second"), ("000001.txt", b"ok")])
-    with tarfile.open(tmp_path / "t-000001.tar", "w") as tar:
-        link = tarfile.TarInfo("000002.txt")
-        link.type, link.linkname = tarfile.SYMTYPE, "elsewhere.txt"
-        tar.addfile(link)
-        info = tarfile.TarInfo("000003.txt")
-        info.size = 4
-        tar.addfile(info, io.BytesIO(b"also"))
+    tar_with(tmp_path / "t-000000.tar", [("000000.txt", b"first"), ("000000.TXT", b"second"), ("000001.txt", b"ok")])
+    tar_with(tmp_path / "t-000001.tar", [("000002.txt", (tarfile.SYMTYPE, "elsewhere.txt")), ("000003.txt", b"also")])
     with pytest.warns(UserWarning, match="skipped 2 samples .* the first sample '000000'"):
         assert list(read_shard_texts(str(tmp_path / "t-*.tar"))) == ["ok", "also"]
