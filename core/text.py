@@ -223,9 +223,9 @@ def read_shard_texts(pattern: str, key: str = "txt") -> Iterator[str]:
     """The `key` member of every sample in the WebDataset shards matching `pattern`, decoded as UTF-8.
 
     pattern: a brace pattern (`data/train-{000000..000009}.tar`), a glob (`data/train-*.tar`) or a pipe/URL, as
-    the training stream takes. Samples without the member, with bytes that are not UTF-8, or cut short by a
-    failed read, a repeated member or a link where a file should be are skipped and counted, as the stream
-    skips them (a warning names the first); no sample with text is an error.
+    the training stream takes. Samples without the member or with bytes that are not UTF-8 are skipped and
+    counted, as are those the stream skips (`core.data.decoders.broken_sample`: a repeated member, a link where
+    a file should be, a read cut short); a warning names the first. No sample with text is an error.
     """
     found, skipped, first = 0, 0, ""
     for url in expand_urls(pattern):

@@ -463,7 +463,8 @@ def broken_sample(raw: dict[str, Any]) -> UndecodableSample | None:
     (``__partial__``); marked so by ``core.data.shards``."""
     where = f"sample {raw.get('__key__')!r} of {raw.get('__url__')!r}"
     if "__duplicate__" in raw:
-        return UndecodableSample("repeated member", f"{where}: member {raw['__duplicate__']!r} repeats an extension the sample already has")
+        message = f"{where}: member {raw['__duplicate__']!r} repeats an extension the sample already has"
+        return UndecodableSample("repeated member", message)
     for name, target, kind in raw.get("__links__", []):  # links of unknown extensions are dropped, as such files are
         if member_extension(name) in DECODERS or member_extension(name) in PICKLE_EXTENSIONS:
             option = "--hard-dereference" if kind == "hard" else "--dereference"
