@@ -51,7 +51,7 @@ class ReferenceMAE(nn.Module):
 
     def __init__(
         self, image_size: tuple[int, int], patch_size: int, in_chans: int, dim: int, depth: int, heads: int,
-        decoder_dim: int, decoder_depth: int, decoder_heads: int, mask_ratio: float = 0.75, norm_pix_loss: bool = True,
+        decoder_dim: int, decoder_depth: int, decoder_heads: int, mask_ratio: float = 0.75, norm_pix_loss: bool = False,
     ):  # fmt: skip
         super().__init__()
         block = partial(Block, mlp_ratio=4.0, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
