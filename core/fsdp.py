@@ -71,8 +71,10 @@ def shard_blocks(model: L.LightningModule) -> None:
         for blocks in (m for m in part.modules() if isinstance(m, nn.ModuleList)):
             for block in blocks:
                 fully_shard(block, mesh=mesh)
-        # FSDP leaves a root unit's parameters gathered after its forward, for the backward that follows; a
-        # part that is never trained (DINO's teacher) has no backward and would stay gathered, whole, on every rank.
+        # FSDP leaves a root unit's parameters gathered after its forward, for the backward that follows (but for
+        # a part whose forward calls its registered `tokens`, as ViT.forward does: torch 2.11 reshards it after
+        # and gathers its few root parameters again for the backward); a part that is never trained (DINO's
+        # teacher) has no backward and would stay gathered, whole, on every rank.
         frozen = not any(p.requires_grad for p in part.parameters())
         fully_shard(part, mesh=mesh, reshard_after_forward=True if frozen else None)
         for method in FORWARD_METHODS:
