@@ -8,8 +8,8 @@ import pickle
 import numpy as np
 import PIL.Image
 import pytest
-import soundfile
 import torch
+from test_data_stream import audio_bytes, npy_bytes
 
 from core.data import decoders
 from core.data.decoders import (
@@ -24,21 +24,10 @@ from core.data.decoders import (
 )
 
 
-def image_bytes(image: PIL.Image.Image, fmt: str) -> bytes:
+def encoded(image: PIL.Image.Image, fmt: str) -> bytes:
+    """``image`` in any PIL mode (palette, 16 bit, ...), encoded as ``fmt``."""
     out = io.BytesIO()
     image.save(out, format=fmt)
-    return out.getvalue()
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    np.save(out, array, allow_pickle=True)
-    return out.getvalue()
-
-
-def wav_bytes(samples: int = 100, sample_rate: int = 8000) -> bytes:
-    out = io.BytesIO()
-    soundfile.write(out, np.zeros((samples, 1), np.float32), sample_rate, format="WAV", subtype="PCM_16")
     return out.getvalue()
 
 
@@ -54,9 +43,9 @@ def test_the_pixel_limit_takes_exactly_the_limit_and_refuses_one_pixel_more(monk
         check_pixel_limit(111, 1, "image")
     with pytest.raises(PIL.Image.DecompressionBombError):
         check_pixel_limit(12, 10, "frame")  # 22 as a sum, 120 as the product
-    assert decode_sample(sample(png=image_bytes(PIL.Image.new("L", (11, 10)), "PNG")))["image"].size == (11, 10)
+    assert decode_sample(sample(png=encoded(PIL.Image.new("L", (11, 10)), "PNG")))["image"].size == (11, 10)
     with pytest.raises(UndecodableSample, match="could be decompression bomb") as error:
-        decode_sample(sample(png=image_bytes(PIL.Image.new("L", (12, 10)), "PNG")))
+        decode_sample(sample(png=encoded(PIL.Image.new("L", (12, 10)), "PNG")))
     assert error.value.reason == "undecodable .png"
     monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", None)
     check_pixel_limit(100_000, 100_000, "image")
@@ -67,10 +56,10 @@ def test_every_image_extension_decodes_and_every_mode_comes_out_rgb():
     grey = PIL.Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8))
     formats = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "bmp": "BMP"}
     for ext, fmt in formats.items():
-        image = decode_sample(sample(**{ext: image_bytes(grey, fmt)}))["image"]
+        image = decode_sample(sample(**{ext: encoded(grey, fmt)}))["image"]
         assert image.mode == "RGB" and image.size == (8, 8), ext
     for mode in ("L", "P", "RGBA", "LA"):
-        image = decode_sample(sample(png=image_bytes(grey.convert(mode), "PNG")))["image"]
+        image = decode_sample(sample(png=encoded(grey.convert(mode), "PNG")))["image"]
         assert image.mode == "RGB", mode
         np.testing.assert_array_equal(np.asarray(image)[..., 1], np.asarray(grey))
 
@@ -78,16 +67,16 @@ def test_every_image_extension_decodes_and_every_mode_comes_out_rgb():
 def test_16_bit_greyscale_keeps_its_top_byte_not_its_bottom_one():
     """A ramp whose top and bottom bytes differ (tests/test_data_stream.py's 0..65535 ramp is k * 257: both bytes k)."""
     values = (np.arange(256, dtype=np.uint16) * 256 + 17).reshape(16, 16)  # top byte 0..255, bottom byte 17
-    image = np.asarray(decode_sample(sample(png=image_bytes(PIL.Image.fromarray(values), "PNG")))["image"])
+    image = np.asarray(decode_sample(sample(png=encoded(PIL.Image.fromarray(values), "PNG")))["image"])
     assert image.shape == (16, 16, 3)
     np.testing.assert_array_equal(image[..., 0], np.arange(256, dtype=np.uint8).reshape(16, 16))
     # Pillow opens by content, not extension: a big-endian 16-bit TIFF (mode I;16B) keeps its top byte too.
     big_endian = PIL.Image.frombytes("I;16B", (16, 16), values.astype(">u2").tobytes())
-    tiff = PIL.Image.open(io.BytesIO(image_bytes(big_endian, "TIFF")))
+    tiff = PIL.Image.open(io.BytesIO(encoded(big_endian, "TIFF")))
     assert tiff.mode == "I;16B"
     top = [[tiff.getpixel((x, y)) >> 8 for x in range(16)] for y in range(16)]
     assert len({v for row in top for v in row}) > 100  # a range, which Pillow's RGB conversion would clip to white
-    np.testing.assert_array_equal(np.asarray(decode_sample(sample(png=image_bytes(big_endian, "TIFF")))["image"])[..., 0], top)
+    np.testing.assert_array_equal(np.asarray(decode_sample(sample(png=encoded(big_endian, "TIFF")))["image"])[..., 0], top)
 
 
 def test_new_array_gives_the_decoded_array_in_the_dtype_asked_and_refuses_to_promise_no_copy():
@@ -176,7 +165,7 @@ def test_an_undecodable_member_is_counted_by_its_lowercase_extension():
 def test_a_lazily_decoded_member_is_named_and_counted_by_its_sample_and_extension():
     """An audio member's samples are decoded by the transform, long after decode_sample: a failure then
     still names the sample and counts under the member's extension."""
-    audio = decode_sample(sample(**{"voice.WAV": wav_bytes()}))["audio"]
+    audio = decode_sample(sample(**{"voice.WAV": audio_bytes(np.zeros((100, 1)), 8000, "WAV")}))["audio"]
     assert audio.source == "sample 'k' of 'u': member 'voice.WAV'" and audio.reason == "undecodable .wav"
     audio.data = b"RIFF, then nothing"  # what the transform meets when the samples turn out not to decode
     with pytest.raises(UndecodableSample, match="sample 'k' of 'u': member 'voice.WAV': cannot decode") as error:
@@ -185,7 +174,7 @@ def test_a_lazily_decoded_member_is_named_and_counted_by_its_sample_and_extensio
 
 
 def test_decoded_whole_decodes_audio_and_passes_everything_else_through():
-    decoded = decode_sample(sample(wav=wav_bytes(100), cls=b"2"))
+    decoded = decode_sample(sample(wav=audio_bytes(np.zeros((100, 1)), 8000, "WAV"), cls=b"2"))
     whole = decoded_whole(decoded)
     assert isinstance(whole["audio"], torch.Tensor) and whole["audio"].shape == (1, 100)
     assert {k: v for k, v in whole.items() if k != "audio"} == {k: v for k, v in decoded.items() if k != "audio"}
