@@ -1,8 +1,8 @@
 """Procedural shapes, colors and textured backgrounds shared by the demo image and video sets.
 
-A shape is a function ``(x, y) -> bool`` in its own frame, where the object fits in the unit disk.
-``paint_shape`` places it on a canvas (center, radius, angle) and anti-aliases it by supersampling the
-pixels of its bounding box.
+A shape is a function ``(x, y) -> bool`` in its own frame, where the object fits in the unit disk but
+for the heart's lobes and the bowtie's corners (``SHAPE_REACH``). ``paint_shape`` places it on a canvas
+(center, radius, angle) and anti-aliases it by supersampling the pixels of its bounding box.
 """
 
 from __future__ import annotations
@@ -88,6 +88,10 @@ SHAPES = {
     "bowtie": bowtie,
 }
 
+# How far from its center any shape reaches, in radii: the bowtie's corners are at 1.28, the heart's lobes
+# at 1.14, the others within 1. Painting only the unit disk's box cut those tips off at some angles.
+SHAPE_REACH = 1.3
+
 # Named colors (RGB 0..255); captions use the names, renders jitter the values.
 COLORS = {
     "red": (220, 40, 40),
@@ -165,8 +169,8 @@ def window(grid: Grid, canvas: np.ndarray, lo, hi) -> tuple[Grid, np.ndarray]:
 
 
 def paint_shape(canvas: np.ndarray, grid: Grid, shape, center, radius: float, angle: float, color) -> None:
-    """Paint ``shape`` (fits in the unit disk) in ``color`` onto ``canvas`` (H, W, 3), in place."""
-    reach = radius + 1
+    """Paint ``shape`` (within ``SHAPE_REACH`` radii of its center) in ``color`` onto ``canvas`` (H, W, 3), in place."""
+    reach = SHAPE_REACH * radius + 1
     sub, view = window(grid, canvas, (center[0] - reach, center[1] - reach), (center[0] + reach, center[1] + reach))
     if view.size:
         view[:] = composite(view, shape_coverage(shape, sub, center, radius, angle), color)
