@@ -16,6 +16,8 @@ from core.masking import whole
 from recipes.audiomae import bench
 from recipes.audiomae.model import AudioMAE, roll_and_scale
 from conftest import ROOT, assert_same_gradients, bench_steps, mae_demo_run, same_reconstruction_as_reference
+from test_byol import assert_bench_builds_on_the_device, bench_sides
+from test_mae import assert_bench_feeds_both_sides_the_same_inputs, assert_same_masked_autoencoder_bench_steps
 
 # 0.25 s at 8 kHz: 23 Kaldi frames, cropped to 16; 32 mel bins; 8x8 patches: a (4, 2) grid.
 TINY = dict(
@@ -167,3 +169,29 @@ def test_demo_config_trains_logs_pictures_and_exports_an_encoder_that_takes_wave
     shards = os.path.join(ROOT, "data", "demo", "audio", "{}-000000.tar")
     scores = finetune(folder, shards.format("train"), shards.format("val"), num_classes=10, steps=2, batch_size=4, lr=1e-3)
     assert set(scores) == {"pretrained", "random init"} and all(0 <= s["val_acc"] <= 1 for s in scores.values())
+
+
+def test_bench_runs_the_same_audiomae_step_on_both_sides(monkeypatch):
+    """recipes/audiomae/bench.py from one command line (a ViT-S encoder, 6 heads): the reference (the official
+    structure with its global decoder) is built to the spectrogram and sizes asked for and does the work ours
+    does: spectrograms of one shape; on the same spectrograms and noise, from the same weights, the same loss
+    and gradients; AdamW with the same settings on the same parameters, under the same precision and device;
+    `reference_for` keeps the model's mask ratio."""
+    argv = (
+        "--size small --depth 1 --n-mels 32 --frames 16 --patch-size 8 --decoder-dim 32 --decoder-depth 3 --decoder-heads 4 "
+        "--batch 2 --precision bf16-mixed"
+    )
+    sides = bench_sides(monkeypatch, bench, argv.split(), ("AudioMAE", "reference_for"))
+    model, reference = sides["ours"].models["AudioMAE"], sides["reference"].models["reference_for"]
+    h = model.hparams
+    sizes = (h.size, h.encoder_depth, h.n_mels, h.n_frames, h.patch_size, h.decoder_dim, h.decoder_depth, h.decoder_heads)
+    assert sizes == ("small", 1, 32, 16, 8, 32, 3, 4)
+    assert_same_masked_autoencoder_bench_steps(monkeypatch, sides, model, reference)
+    assert_bench_builds_on_the_device(monkeypatch, bench, argv.split())
+    assert bench.reference_for(AudioMAE(**{**TINY, "mask_ratio": 0.5})).mask_ratio == 0.5
+
+
+def test_bench_feeds_both_sides_the_same_spectrograms(monkeypatch):
+    """The two sides of recipes/audiomae/bench.py train on the same random spectrograms."""
+    argv = "--size tiny --depth 1 --n-mels 32 --frames 16 --patch-size 8 --decoder-dim 32 --decoder-depth 1 --decoder-heads 2 --batch 2"
+    assert_bench_feeds_both_sides_the_same_inputs(monkeypatch, bench, argv, "AudioMAE")

@@ -6,6 +6,7 @@ import os
 import lightning as L
 import pytest
 import torch
+from lightly.utils.lars import LARS as LightlyLARS
 
 from core.augment import ImageEval, TwoViews
 from core.data import ShardDataModule
@@ -15,6 +16,7 @@ from core.resnet import ResNet
 from recipes.barlowtwins import bench
 from recipes.barlowtwins.model import BarlowTwins
 from conftest import assert_same_as_reference, bench_steps, noisy_views
+from test_byol import assert_same_siamese_bench_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")]
@@ -127,3 +129,19 @@ def test_same_loss_and_gradients_as_lightlys_barlow_twins(monkeypatch):
     with pytest.raises(ValueError, match="projector_dims"):
         bench.reference_for(tiny_barlow())  # [32, 16]: lightly's head has 3 layers
     bench_steps(bench, ["--width", "4", "--projector", "16", "--batch", "4"])
+
+
+def test_bench_runs_the_same_barlow_twins_step_on_both_sides(monkeypatch):
+    """recipes/barlowtwins/bench.py from one command line: the reference (lightly's Barlow Twins) is built to the
+    sizes asked for and does the work ours does, from the same weights: the same loss and gradients on the
+    same views (lightly's standardisation eps set near 0, as above), LARS (ours this recipe's, the reference
+    lightly's) with the same settings (the biases' own rate included) on the same parameters, under the same
+    precision and device; and `reference_for` carries the model's lambda."""
+    import lightly.loss.barlow_twins_loss as lightly_barlow
+
+    monkeypatch.setattr(lightly_barlow, "_normalize", lambda z: torch.nn.functional.batch_norm(z, None, None, training=True, eps=1e-12))
+    argv = "--width 4 --image-size 16 --projector 24 --batch 8 --precision bf16-mixed"
+    # Gradients of up to 100 here, a few rounded apart by 2e-5.
+    model, _ = assert_same_siamese_bench_steps(monkeypatch, bench, argv.split(), "BarlowTwins", (LARS, LightlyLARS), rtol=1e-5, atol=1e-4)
+    assert model.hparams.image_size == 16 and list(model.hparams.projector_dims) == [24] * 3
+    assert bench.reference_for(tiny_barlow(projector_dims=[32, 32, 16], lambd=0.02)).criterion.lambda_param == 0.02

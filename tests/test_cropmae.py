@@ -2,8 +2,11 @@
 view through cross-attention, the loss on hidden local patches only, a one-batch overfit, bad
 configurations, and the demo config end to end through the CLI, export and load_encoder."""
 
+import re
+
 import pytest
 import torch
+from torch import nn
 
 from core import load_encoder
 from core.export import export_checkpoint
@@ -12,6 +15,8 @@ from core.masking import patchify
 from recipes.cropmae import bench
 from recipes.cropmae.model import CropMAE, center_crop_resized, visible_count
 from conftest import bench_steps, mae_demo_run, patch_pixels, same_reconstruction_as_reference
+from test_byol import assert_bench_builds_on_the_device, assert_same_optimizer_settings, bench_sides
+from test_mae import assert_bench_feeds_both_sides_the_same_inputs, bench_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -144,3 +149,61 @@ def test_demo_config_trains_logs_pictures_and_exports_an_unmasked_encoder(tmp_pa
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(encoder(x), model.embed({"image": x}), rtol=0, atol=0)
+
+
+def packed_name(name: str) -> str:
+    """A parameter's name in the reference, the cross-attention's q and kv named as the in_proj they are packed in."""
+    cross = re.fullmatch(r"decoder\.blocks\.(\d+)\.cross\.(?:q|kv)\.(weight|bias)", name)
+    return f"decoder_blocks.{cross[1]}.multihead_attn.in_proj_{cross[2]}" if cross else bench.reference_name(name)
+
+
+def test_bench_runs_the_same_cropmae_step_on_both_sides(monkeypatch):
+    """recipes/cropmae/bench.py from one command line (a ViT-S encoder, 6 heads): the reference (the CropMAE
+    code's structure) is built to the sizes, mask ratio and decoder dropout asked for, and applies every one of
+    its dropouts in training; it takes views of the shape ours takes, and with dropout off (eval mode) does the
+    work ours does: the same loss and gradients from the same weights, views and noise; AdamW with the same
+    settings on the same parameters, under the same precision and device."""
+    argv = (
+        "--size small --depth 1 --image-size 16 --patch-size 4 --decoder-dim 32 --decoder-depth 2 --decoder-heads 4 "
+        "--decoder-mlp-dim 48 --mask-ratio 0.75 --dropout 0.25 --batch 2 --precision bf16-mixed"
+    ).split()
+    sides = bench_sides(monkeypatch, bench, argv, ("CropMAE", "reference_for"))
+    ours, ref = sides["ours"], sides["reference"]
+    model, reference = ours.models["CropMAE"], ref.models["reference_for"]
+    h = model.hparams
+    sizes = (h.size, h.encoder_depth, h.image_size, h.patch_size, h.decoder_dim, h.decoder_depth, h.decoder_heads, h.decoder_mlp_dim)
+    assert sizes == ("small", 1, 16, 4, 32, 2, 4, 48) and (h.mask_ratio, h.decoder_dropout) == (0.75, 0.25)
+    assert model.num_visible == 4 and reference.mask_ratio == 0.75  # of 16 patches
+    dropouts = [m for m in reference.decoder_blocks.modules() if isinstance(m, nn.Dropout)]
+    attention = [a.dropout for b in reference.decoder_blocks for a in (b.self_attn, b.multihead_attn)]
+    assert len(dropouts) == 8 and {m.p for m in dropouts} == {0.25} and attention == [0.25] * 4
+    calls = []
+    for m in dropouts:
+        m.register_forward_hook(lambda module, inputs, output: calls.append(module))
+    inputs = bench_inputs(monkeypatch, sides, model, reference)  # one step of each, in training mode
+    assert len(calls) == len(dropouts) and set(map(id, calls)) == set(map(id, dropouts))  # each once a step
+    assert [x.shape for x in inputs["reference"]] == [x.shape for x in inputs["ours"]] == [(2, 3, 16, 16)] * 2
+    assert not torch.equal(*inputs["ours"]) and not torch.equal(*inputs["reference"])  # a global and a local view
+    model.eval()
+    reference.eval()
+    torch.manual_seed(1)
+    loss = ours.loss()
+    torch.manual_seed(1)
+    ref_loss = reference(*inputs["ours"])[0]  # on ours' views (the bench's own differ: see below)
+    torch.testing.assert_close(loss, ref_loss)
+    loss.backward()
+    ref_loss.backward()
+    packed = {}
+    for mine, theirs, rows in bench.cross_attention_parts(model, reference):
+        packed[id(mine)] = theirs.grad[rows]
+    ref_params = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, packed[id(p)] if id(p) in packed else ref_params[bench.reference_name(name)].grad, msg=name)
+    assert_same_optimizer_settings(ours, model, ref, reference, packed_name)
+    assert_bench_builds_on_the_device(monkeypatch, bench, argv)
+
+
+def test_bench_feeds_both_sides_the_same_views(monkeypatch):
+    """The two sides of recipes/cropmae/bench.py train on the same random pair of views."""
+    argv = "--size tiny --depth 1 --image-size 16 --patch-size 4 --decoder-dim 32 --decoder-depth 1 --decoder-heads 2 --decoder-mlp-dim 64 --batch 2"
+    assert_bench_feeds_both_sides_the_same_inputs(monkeypatch, bench, argv, "CropMAE")

@@ -682,7 +682,7 @@ def test_audio_event_is_the_labeled_sound(generators, monkeypatch):
 def test_audio_event_sits_at_its_onset_at_its_gain(generators, monkeypatch):
     """Without its noise a clip is silent before the recorded onset and after onset + duration, and the event
     peaks at the recorded gain (dBFS)."""
-    audio, rate = generators.audio, generators.audio.SAMPLE_RATE
+    audio = generators.audio
     for label in range(len(audio.CLASSES)):
         for seed in range(2):
             clip, meta, start, n = audio_event_alone(generators, monkeypatch, [seed, label], label)

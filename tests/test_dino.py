@@ -16,8 +16,9 @@ from core.momentum import cosine_momentum, update_momentum
 from core.resnet import ResNet
 from core.vit import ViT
 from recipes.dino import bench, clip_bench
-from recipes.dino.model import DINO, DINOHead, encode
+from recipes.dino.model import DINO, DINOHead, clip_each_gradient, encode
 from conftest import assert_same_gradients, bench_steps, flat
+from test_byol import assert_bench_builds_on_the_device, assert_same_optimizer_settings, bench_sides, nudge_trainable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")]
@@ -266,11 +267,84 @@ def test_same_loss_clipped_gradients_teacher_and_center_as_dinos_code(network):
     bench_steps(bench, sizes + backbone_args)
 
 
+SIZES = "--global-size 16 --local-size 8 --out-dim 64 --hidden-dim 32 --bottleneck-dim 16"
+
+
+def test_bench_runs_the_same_dino_step_on_both_sides(monkeypatch):
+    """recipes/dino/bench.py from one command line (the demo's ResNet, 3 local crops): the reference (DINO's
+    code) is built to the sizes asked for and does the work ours does, from the same weights and crops: the
+    same loss over every crop, gradients clipped alike (the loss scaled up so that the clip at 3 acts) and none
+    for the prototypes frozen in epoch 0, AdamW with the same settings on the same parameters, the same teacher
+    and center EMA step, under the same precision and device."""
+    argv = f"--backbone resnet --width 4 {SIZES} --local-crops 3 --batch 4 --precision bf16-mixed".split()
+    sides = bench_sides(monkeypatch, bench, argv, ("DINO", "reference_for"))
+    ours, ref = sides["ours"], sides["reference"]
+    model, reference = ours.models["DINO"], ref.models["reference_for"]
+    h = model.hparams
+    assert (h.global_size, h.local_size, h.out_dim, h.hidden_dim, h.bottleneck_dim) == (16, 8, 64, 32, 16)
+    loss, ref_loss = ours.loss(), ref.loss()
+    torch.testing.assert_close(loss, ref_loss)
+    assert None not in (ours.before_step, ref.before_step, ours.after, ref.after)  # clipping; EMA steps
+    (1e4 * loss).backward()
+    (1e4 * ref_loss).backward()
+    ours.before_step()
+    ref.before_step()
+    assert model.head.prototypes.grad is None
+    assert_same_gradients(model, reference, bench.reference_name)
+    norms = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+    assert sum(bool(torch.isclose(n, torch.tensor(3.0))) for n in norms) > 3  # the clip acted on several
+    # DINO's clip_gradients reads each gradient's norm back to the host, as the reference's step does.
+    assert sorted(bench.clip_gradients(reference.student, 1e9)) == pytest.approx(sorted(n.item() for n in norms), rel=1e-5)
+    assert_same_optimizer_settings(ours, model, ref, reference, bench.reference_name)
+    nudge_trainable(model, reference, bench.reference_name)
+    ours.after()
+    ref.after()
+    ref_params = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, ref_params[bench.reference_name(name)], msg=name)
+    torch.testing.assert_close(model.center, reference.dino_loss.center)
+    assert model.center.abs().max() > 0
+
+
+def test_bench_builds_the_vit_student_and_teacher_alike_on_both_sides(monkeypatch):
+    """recipes/dino/bench.py with a ViT: the students drop paths at the same rates, the teachers at none
+    (DINO's teacher is built without stochastic depth), the same parameters are trained with the same
+    settings, on the device asked for; and `reference_for` carries every setting of the loss."""
+    argv = f"--size tiny --patch-size 8 {SIZES} --local-crops 2 --batch 2".split()
+    sides = bench_sides(monkeypatch, bench, argv, ("DINO", "reference_for"))
+    model, reference = sides["ours"].models["DINO"], sides["reference"].models["reference_for"]
+    rates = lambda backbone: [block.drop_path_rate for block in backbone.blocks]  # noqa: E731
+    assert rates(reference.student.backbone) == rates(model.backbone) and max(rates(model.backbone)) > 0
+    assert rates(reference.teacher.backbone) == rates(model.teacher_backbone) == [0.0] * 12
+    assert_same_optimizer_settings(sides["ours"], model, sides["reference"], reference, bench.reference_name)
+    assert_bench_builds_on_the_device(monkeypatch, bench, argv)
+    loss = bench.reference_for(tiny_dino(teacher_temp=0.05, student_temp=0.2, center_momentum=0.8), n_local=3).dino_loss
+    assert (loss.teacher_temp, loss.student_temp, loss.center_momentum, loss.ncrops) == (0.05, 0.2, 0.8, 5)
+
+
+def test_clip_bench_baseline_clips_each_gradient_on_its_own_as_clip_each_gradient_does():
+    """clip_bench's baseline, `clip_by_dtensor_norms` (here on plain tensors), clips as this recipe's
+    `clip_each_gradient`: a gradient above the norm is scaled down to it, one below it is left as it is."""
+    grads = [torch.full((4,), 2.0), torch.full((4,), 0.1)]  # norms 4 and 0.2
+    clipped = {}
+    for clip in (clip_bench.clip_by_dtensor_norms, clip_each_gradient):
+        params = [nn.Parameter(torch.zeros(4)) for _ in grads]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        clip(params, 1.0)
+        clipped[clip] = [p.grad for p in params]
+    for baseline, ours in zip(*clipped.values()):
+        torch.testing.assert_close(baseline, ours)
+    assert clipped[clip_each_gradient][0].norm().item() == pytest.approx(1.0) and torch.equal(clipped[clip_each_gradient][1], grads[1])
+
+
 @pytest.mark.timeout(120)
-def test_clip_bench_times_both_clippings_on_two_ranks_and_they_agree():
+def test_clip_bench_times_both_clippings_on_two_ranks_and_they_agree(capsys):
     result = clip_bench.main(["--size", "tiny", "--repeats", "1"])
     assert result["gradients"] == 149 and result["clip_each_gradient"] > 0 and result["DTensor norms"] > 0
     assert result["error"] < 1e-6
+    # The printed ratio is the DTensor norms' time over clip_each_gradient's: how many times faster this recipe's is.
+    assert f"ratio {result['DTensor norms'] / result['clip_each_gradient']:.1f}x" in capsys.readouterr().out
 
 
 def test_bad_input_fails_clearly():

@@ -10,10 +10,12 @@ from core import load_encoder
 from core.export import export_checkpoint
 from core.visualize import pictures_due
 from core.mae_reference import copy_weights, reference_name
+from recipes.mae import bench
 from recipes.mae.bench import main as bench_main
 from recipes.mae.bench import reference_for
 from recipes.mae.model import MAE
 from conftest import assert_same_gradients, mae_demo_run, patch_pixels, same_reconstruction_as_reference
+from test_byol import assert_bench_builds_on_the_device, assert_same_optimizer_settings, bench_sides
 
 
 def small_mae(**kw):
@@ -118,3 +120,70 @@ def test_bench_times_both_models_in_their_own_processes(tmp_path, capsys):
     assert flops["reference"] - flops["ours"] == 3 * 2 * 4 * p * d  # (forward + 2 backward) x batch 4 x one token
     assert 0.99 < report["ours_over_reference"]["flops"] < 1
     assert "ours / reference: time" in capsys.readouterr().out
+
+
+def bench_inputs(monkeypatch, sides, model, reference) -> dict:
+    """What each side's benchmark step feeds its model, one step of each run: {"ours": the arguments of
+    `model.reconstruct`, "reference": those of `reference`'s forward}."""
+    seen, reconstruct = {}, model.reconstruct
+
+    def recording(*inputs):
+        seen["ours"] = inputs
+        return reconstruct(*inputs)
+
+    monkeypatch.setattr(model, "reconstruct", recording)
+    hook = reference.register_forward_pre_hook(lambda module, inputs: seen.update(reference=inputs))
+    sides["ours"].loss()
+    sides["reference"].loss()
+    hook.remove()
+    return seen
+
+
+def assert_same_masked_autoencoder_bench_steps(monkeypatch, sides, model, reference) -> None:
+    """Both steps of a masked autoencoder's benchmark on core.mae_reference: inputs of the same shapes; on ours'
+    inputs, from the same weights and the noise drawn from the same seed (both draw torch.rand of (B, N)), the
+    same loss and gradients; AdamW with the same settings on the same parameters, under the same precision
+    (`bench_sides` checks it)."""
+    inputs = bench_inputs(monkeypatch, sides, model, reference)
+    assert [x.shape for x in inputs["reference"]] == [x.shape for x in inputs["ours"]]
+    torch.manual_seed(1)
+    loss = sides["ours"].loss()
+    torch.manual_seed(1)
+    ref_loss = reference(*inputs["ours"])[0]
+    torch.testing.assert_close(loss, ref_loss)
+    loss.backward()
+    ref_loss.backward()
+    assert_same_gradients(model, reference, reference_name)
+    assert_same_optimizer_settings(sides["ours"], model, sides["reference"], reference, reference_name)
+
+
+def assert_bench_feeds_both_sides_the_same_inputs(monkeypatch, bench, argv: str, model_class: str) -> None:
+    """Each side of a masked autoencoder's benchmark, built from the command line `argv`, feeds its model the
+    same random tensors (the reference's mask, which ours draws in its step, aside)."""
+    sides = bench_sides(monkeypatch, bench, argv.split(), (model_class, "reference_for"))
+    model, reference = sides["ours"].models[model_class], sides["reference"].models["reference_for"]
+    inputs = bench_inputs(monkeypatch, sides, model, reference)
+    for mine, theirs in zip(inputs["ours"], inputs["reference"]):
+        torch.testing.assert_close(theirs, mine, rtol=0, atol=0)
+
+
+def test_bench_runs_the_same_mae_step_on_both_sides(monkeypatch):
+    """recipes/mae/bench.py from one command line (a ViT-S encoder: 6 heads, where the tiny one has 3): the
+    reference (the official MAE structure) is built to the sizes asked for and does the work ours does: images
+    of one shape; on the same images and noise, from the same weights, the same loss and gradients; AdamW with
+    the same settings on the same parameters, under the same precision and device."""
+    argv = "--size small --depth 1 --image-size 16 --patch-size 4 --decoder-dim 32 --decoder-depth 2 --decoder-heads 4 --batch 3"
+    argv += " --precision bf16-mixed"
+    sides = bench_sides(monkeypatch, bench, argv.split(), ("MAE", "reference_for"))
+    model, reference = sides["ours"].models["MAE"], sides["reference"].models["reference_for"]
+    h = model.hparams
+    sizes = (h.size, h.encoder_depth, h.image_size, h.patch_size, h.decoder_dim, h.decoder_depth, h.decoder_heads)
+    assert sizes == ("small", 1, 16, 4, 32, 2, 4)
+    assert_same_masked_autoencoder_bench_steps(monkeypatch, sides, model, reference)
+    assert_bench_builds_on_the_device(monkeypatch, bench, argv.split())
+
+
+def test_bench_feeds_both_sides_the_same_images(monkeypatch):
+    """The two sides of recipes/mae/bench.py train on the same random images."""
+    argv = "--size tiny --depth 1 --image-size 16 --patch-size 4 --decoder-dim 32 --decoder-depth 1 --decoder-heads 2 --batch 2"
+    assert_bench_feeds_both_sides_the_same_inputs(monkeypatch, bench, argv, "MAE")

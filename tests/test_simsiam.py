@@ -14,6 +14,7 @@ from core.resnet import ResNet
 from recipes.simsiam import bench
 from recipes.simsiam.model import SimSiam
 from conftest import assert_same_as_reference, bench_steps, noisy_views
+from test_byol import assert_same_siamese_bench_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")]
@@ -109,3 +110,12 @@ def test_same_loss_and_gradients_as_lightlys_simsiam():
     same weights: the benchmark compares one method done two ways."""
     assert_same_as_reference(tiny_simsiam(), bench, views())
     bench_steps(bench, ["--width", "4", "--projection-dim", "16", "--predictor-hidden", "8", "--batch", "4"])
+
+
+def test_bench_runs_the_same_simsiam_step_on_both_sides(monkeypatch):
+    """recipes/simsiam/bench.py from one command line: the reference (lightly's SimSiam) is built to the sizes
+    asked for and does the work ours does, from the same weights: the same loss and gradients on the same
+    views, SGD with the same settings on the same parameters, under the same precision and device."""
+    argv = "--width 4 --image-size 16 --projection-dim 24 --predictor-hidden 6 --batch 6 --precision bf16-mixed"
+    model, _ = assert_same_siamese_bench_steps(monkeypatch, bench, argv.split(), "SimSiam", (torch.optim.SGD, torch.optim.SGD))
+    assert (model.hparams.image_size, model.hparams.projection_dim, model.hparams.predictor_hidden) == (16, 24, 6)

@@ -3,12 +3,15 @@ collapse, the loss goes down on a fixed batch, bad input fails clearly."""
 
 import pytest
 import torch
+from lightly.utils.lars import LARS as LightlyLARS
 
 from core.losses import vicreg_loss
+from core.optim import LARS
 from core.resnet import ResNet
 from recipes.vicreg import bench
 from recipes.vicreg.model import VICReg
 from conftest import assert_same_as_reference, bench_steps, noisy_views
+from test_byol import assert_same_siamese_bench_steps
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")]
 
@@ -66,3 +69,13 @@ def test_same_loss_and_gradients_as_lightlys_vicreg():
     with pytest.raises(ValueError, match="projector_dims"):
         bench.reference_for(tiny_vicreg())  # [32, 16]: lightly's head has one width
     bench_steps(bench, ["--width", "4", "--expander", "16", "--batch", "4"])
+
+
+def test_bench_runs_the_same_vicreg_step_on_both_sides(monkeypatch):
+    """recipes/vicreg/bench.py from one command line: the reference (lightly's VICReg) is built to the expander
+    asked for and does the work ours does, from the same weights: the same loss and gradients on the same
+    views, LARS (ours this recipe's, the reference lightly's) with the same settings on the same parameters,
+    under the same precision and device."""
+    argv = "--width 4 --image-size 16 --expander 24 --batch 8 --precision bf16-mixed"
+    model, _ = assert_same_siamese_bench_steps(monkeypatch, bench, argv.split(), "VICReg", (LARS, LightlyLARS))
+    assert model.hparams.image_size == 16 and list(model.hparams.projector_dims) == [24] * 3

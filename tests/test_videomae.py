@@ -12,6 +12,8 @@ from core.masking import patchify, whole
 from recipes.videomae import bench
 from recipes.videomae.model import VideoMAE, tubelet_targets
 from conftest import bench_steps, mae_demo_run
+from test_byol import assert_bench_builds_on_the_device, assert_same_optimizer_settings, bench_sides
+from test_mae import assert_bench_feeds_both_sides_the_same_inputs, bench_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -203,3 +205,35 @@ def test_a_model_stride_other_than_the_clips_fails_before_the_first_step(tmp_pat
     # The export would record stride 1 for clips sampled every 2nd frame: core.evaluate would read others.
     with pytest.raises(ValueError, match="data.train_transform's stride is 2 and model.stride is 1"):
         mae_demo_run(VideoMAE, "videomae", tmp_path, "--model.stride=1")
+
+
+def test_bench_gives_the_reference_the_sizes_clips_and_mask_that_ours_takes(monkeypatch):
+    """recipes/videomae/bench.py from one command line (a ViT-S encoder, 6 heads; tubelets 4 frames deep): the
+    reference is VideoMAE's structure as VideoMAE builds it (no class token) to the sizes asked for, heads
+    included, takes clips of the shape ours takes with a tube mask that hides as many tubelets as ours hides,
+    and is trained by AdamW with the same settings on the same parameters (but ours' class token and decoder
+    bias), under the same precision and device. (With a class token the two compute the same: see above.)"""
+    argv = (
+        "--size small --depth 1 --frames 4 --image-size 16 --patch-size 4 --tubelet-size 4 --decoder-dim 32 --decoder-depth 2 "
+        "--decoder-heads 4 --batch 2 --precision bf16-mixed"
+    )
+    sides = bench_sides(monkeypatch, bench, argv.split(), ("VideoMAE", "reference_for"))
+    ours, ref = sides["ours"], sides["reference"]
+    model, reference = ours.models["VideoMAE"], ref.models["reference_for"]
+    h = model.hparams
+    sizes = (h.size, h.encoder_depth, h.num_frames, h.image_size, h.patch_size, h.tubelet_size, h.decoder_dim, h.decoder_depth, h.decoder_heads)
+    assert sizes == ("small", 1, 4, 16, 4, 4, 32, 2, 4)
+    assert reference.cls_token is None
+    assert [b.attn.num_heads for b in reference.blocks] == [6] and [b.attn.num_heads for b in reference.decoder_blocks] == [4, 4]
+    inputs = bench_inputs(monkeypatch, sides, model, reference)
+    (video,), (videos, mask) = inputs["ours"], inputs["reference"]
+    assert videos.shape == video.shape == (2, 3, 4, 16, 16)
+    assert mask.dtype == torch.bool and mask.sum(1).tolist() == model.mask(2, "cpu")[1].sum(1).tolist() == [14, 14]  # int(16 * 0.9)
+    assert_same_optimizer_settings(ours, model, ref, reference, bench.reference_name, skip={"encoder.cls_token", "decoder.embed.bias"})
+    assert_bench_builds_on_the_device(monkeypatch, bench, argv.split())
+
+
+def test_bench_feeds_both_sides_the_same_clips(monkeypatch):
+    """The two sides of recipes/videomae/bench.py train on the same random clips."""
+    argv = "--size tiny --depth 1 --frames 4 --image-size 16 --patch-size 4 --decoder-dim 32 --decoder-depth 1 --decoder-heads 2 --batch 2"
+    assert_bench_feeds_both_sides_the_same_inputs(monkeypatch, bench, argv, "VideoMAE")

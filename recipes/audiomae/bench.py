@@ -44,12 +44,13 @@ def build(impl: str, args):
         n_mels=args.n_mels, n_frames=args.frames, patch_size=args.patch_size, size=args.size, encoder_depth=args.depth,
         decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads,
     )
+    # Drawn before the reference's weights, from the same seed on both sides: one batch for both.
+    spectrograms = torch.randn(args.batch, 1, args.n_mels, args.frames, device=args.device)
     model = ours if impl == "ours" else reference_for(ours)
     if impl == "reference":
         copy_weights(ours, model)
     model.to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, betas=(0.9, 0.95), weight_decay=1e-4)
-    spectrograms = torch.randn(args.batch, 1, args.n_mels, args.frames, device=args.device)
     loss = (lambda: ours.reconstruct(spectrograms)[0]) if impl == "ours" else (lambda: model(spectrograms)[0])
     return bench.training_step(loss, optimizer, args)
 

@@ -138,12 +138,13 @@ def build(impl: str, args):
         decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads,
         decoder_mlp_dim=args.decoder_mlp_dim, decoder_dropout=args.dropout, mask_ratio=args.mask_ratio,
     )  # fmt: skip
+    # Drawn before the reference's weights, from the same seed on both sides: one batch for both.
+    views = [torch.randn(args.batch, 3, args.image_size, args.image_size, device=args.device) for _ in range(2)]
     model = ours if impl == "ours" else reference_for(ours)
     if impl == "reference":
         copy_weights(ours, model)
     model.to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
-    views = [torch.randn(args.batch, 3, args.image_size, args.image_size, device=args.device) for _ in range(2)]
     loss = (lambda: ours.reconstruct(*views)[0]) if impl == "ours" else (lambda: model(*views)[0])
     return bench.training_step(loss, optimizer, args)
 

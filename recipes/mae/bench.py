@@ -39,12 +39,13 @@ def build(impl: str, args):
         image_size=args.image_size, patch_size=args.patch_size, size=args.size, encoder_depth=args.depth,
         decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads,
     )
+    # Drawn before the reference's weights, from the same seed on both sides: one batch for both.
+    images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=args.device)
     model = ours if impl == "ours" else reference_for(ours)
     if impl == "reference":
         copy_weights(ours, model)
     model.to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
-    images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=args.device)
     loss = (lambda: ours.reconstruct(images)[0]) if impl == "ours" else (lambda: model(images)[0])
     return bench.training_step(loss, optimizer, args)
 

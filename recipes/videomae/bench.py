@@ -135,12 +135,13 @@ def build(impl: str, args):
         size=args.size, encoder_depth=args.depth, decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
         decoder_heads=args.decoder_heads,
     )
+    # Drawn before the reference's weights, from the same seed on both sides: one batch for both.
+    videos = torch.randn(args.batch, 3, args.frames, args.image_size, args.image_size, device=args.device)
     model = ours if impl == "ours" else reference_for(ours)
     if impl == "reference":
         copy_weights(ours, model)
     model.to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
-    videos = torch.randn(args.batch, 3, args.frames, args.image_size, args.image_size, device=args.device)
     mask = ours.mask(args.batch, args.device)[1]
     loss = (lambda: ours.reconstruct(videos)[0]) if impl == "ours" else (lambda: model(videos, mask)[0])
     return bench.training_step(loss, optimizer, args)
