@@ -5,11 +5,13 @@ import glob
 import io
 import os
 import tarfile
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 
+from core import bench as harness
 from core.bench import copy_renamed
 from core.data.shards import local_files
 
@@ -117,6 +119,126 @@ def bench_steps(bench, argv: list[str]) -> None:
         step()
         step()
         assert any(not torch.equal(b, p) for b, p in zip(before, weights)), f"{impl}: the step left every weight as it was"
+
+
+def bench_sides(monkeypatch, bench, argv: list[str], record: tuple[str, ...]) -> dict:
+    """Both implementations of a recipe's benchmark (recipes/<name>/bench.py) as its command line `argv`
+    sets them up (through its `main`) and as core.bench.measure builds each (seed 0), untimed: {impl: the
+    parts its step runs (`loss`, `optimizer`, `before_step`, `after`, the `args` it runs under, as
+    core.bench.training_step got them) and `models`: what the bench module's callables named in `record`
+    returned first while building it (the recipe's model class, `reference_for`)}."""
+    runs, steps, made = [], [], {}
+    monkeypatch.setattr(harness, "run", lambda build, args, title: runs.append((build, args)))
+    bench.main(argv)
+    ((build, args),) = runs
+    training_step = harness.training_step
+
+    def recording(loss, optimizer, args, before_step=None, after=None):
+        steps.append(SimpleNamespace(loss=loss, optimizer=optimizer, args=args, before_step=before_step, after=after))
+        return training_step(loss, optimizer, args, before_step, after)
+
+    monkeypatch.setattr(harness, "training_step", recording)
+    for name in record:
+        def made_by(*a, _call=getattr(bench, name), _name=name, **kw):
+            result = _call(*a, **kw)
+            made.setdefault(_name, result)
+            return result
+
+        monkeypatch.setattr(bench, name, made_by)
+    sides = {}
+    for impl in harness.IMPLS:
+        made.clear()
+        torch.manual_seed(0)
+        build(impl, args)
+        (side,) = steps
+        steps.clear()
+        assert vars(side.args) == vars(args), f"{impl}: the step does not run under the command line's settings"
+        side.models = dict(made)
+        sides[impl] = side
+    return sides
+
+
+def trainable(model, name=lambda n: n, skip=()) -> set[str]:
+    """`name` of each parameter of `model` that requires a gradient, but those named in `skip`."""
+    return {name(n) for n, p in model.named_parameters() if p.requires_grad and n not in skip}
+
+
+def optimizer_settings(optimizer, model, keys, name=lambda n: n, skip=()) -> dict:
+    """{name(a parameter's name in `model`): its optimizer group's `keys`} for every trainable parameter that
+    `optimizer` steps."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    rows = [(names[id(p)], g) for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    return {name(n): {k: g[k] for k in keys} for n, g in rows if n not in skip}
+
+
+def assert_same_optimizer_settings(ours, model, ref, reference, reference_name, skip=()) -> None:
+    """The two steps' optimizers train the same parameters (each of ours is the reference's parameter named
+    `reference_name(name)`; `skip`: ours only) with the same settings, those that both kinds of optimizer
+    have (lr, momentum, weight decay, trust coefficient; or all of AdamW's); every trainable parameter of
+    either model is stepped, and no other (a target or teacher is frozen on both sides)."""
+    keys = set.intersection(*(set(g) for g in [*ours.optimizer.param_groups, *ref.optimizer.param_groups])) - {"params"}
+    assert {"lr", "weight_decay"} <= keys
+    mine = optimizer_settings(ours.optimizer, model, keys, reference_name, skip)
+    theirs = optimizer_settings(ref.optimizer, reference, keys)
+    assert set(mine) == trainable(model, reference_name, skip), "ours leaves trainable parameters out of its optimizer"
+    assert set(theirs) == trainable(reference), "the reference leaves trainable parameters out of its optimizer"
+    assert mine == theirs
+
+
+@torch.no_grad()
+def nudge_trainable(model, reference, reference_name, seed=0) -> None:
+    """Move each trainable parameter of `model` and its reference counterpart by the same random step (as an
+    optimizer step would, so that an EMA then has something to average)."""
+    ref_params = dict(reference.named_parameters())
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            step = 0.1 * torch.randn(p.shape, generator=g)
+            p.add_(step)
+            ref_params[reference_name(name)].add_(step)
+
+
+def assert_same_siamese_bench_steps(
+    monkeypatch, bench, argv, model_class: str, optimizers: tuple[type, type], loss_from_reference=lambda ref: ref, scale=1.0, **tolerance
+):
+    """Both steps of a siamese recipe's benchmark from one command line (recipes/<name>/bench.py): from the same
+    weights the same loss (ours is `loss_from_reference` of lightly's) on the same views, the same gradients
+    (`scale` times lightly's), each side its own kind of optimizer (`optimizers`: ours, the reference's) with the
+    same settings for the same parameters, the same EMA step after it (or none on both sides), then the same
+    loss again (a target now apart from the online network), on the device asked for; `tolerance` for the
+    gradients. Returns (ours, reference) models."""
+    sides = bench_sides(monkeypatch, bench, argv, (model_class, "reference_for"))
+    ours, ref = sides["ours"], sides["reference"]
+    model, reference = ours.models[model_class], ref.models["reference_for"]
+    assert (type(ours.optimizer), type(ref.optimizer)) == optimizers
+    loss, ref_loss = ours.loss(), ref.loss()
+    torch.testing.assert_close(loss, loss_from_reference(ref_loss))
+    loss.backward()
+    ref_loss.backward()
+    for side in (ours, ref):
+        if side.before_step is not None:
+            side.before_step()
+    assert_same_gradients(model, reference, bench.reference_name, scale=scale, **tolerance)
+    assert_same_optimizer_settings(ours, model, ref, reference, bench.reference_name)
+    nudge_trainable(model, reference, bench.reference_name)
+    for side in (ours, ref):
+        if side.after is not None:
+            side.after()
+    ref_params = dict(reference.named_parameters())
+    for name, p in model.named_parameters():  # the targets too, if any
+        torch.testing.assert_close(p, ref_params[bench.reference_name(name)], msg=name)
+    torch.testing.assert_close(ours.loss(), loss_from_reference(ref.loss()))
+    assert_bench_builds_on_the_device(monkeypatch, bench, argv)
+    return model, reference
+
+
+def assert_bench_builds_on_the_device(monkeypatch, bench, argv) -> None:
+    """`--device` reaches both sides: built for the meta device (no memory, nothing computed), every parameter
+    either side's optimizer steps is there."""
+    for impl, side in bench_sides(monkeypatch, bench, [*argv, "--device", "meta"], ()).items():
+        devices = {p.device.type for g in side.optimizer.param_groups for p in g["params"]}
+        assert devices == {"meta"}, impl
+
 
 
 def patch_pixels(mask: torch.Tensor) -> torch.Tensor:

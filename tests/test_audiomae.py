@@ -15,8 +15,10 @@ from core.mae_reference import copy_weights, reference_name
 from core.masking import whole
 from recipes.audiomae import bench
 from recipes.audiomae.model import AudioMAE, roll_and_scale
-from conftest import ROOT, assert_same_gradients, bench_steps, mae_demo_run, same_reconstruction_as_reference
-from test_byol import assert_bench_builds_on_the_device, bench_sides
+from conftest import (
+    ROOT, assert_bench_builds_on_the_device, assert_same_gradients, bench_sides, bench_steps, mae_demo_run,
+    same_reconstruction_as_reference,
+)
 from test_mae import assert_bench_feeds_both_sides_the_same_inputs, assert_same_masked_autoencoder_bench_steps
 
 # 0.25 s at 8 kHz: 23 Kaldi frames, cropped to 16; 32 mel bins; 8x8 patches: a (4, 2) grid.

@@ -15,8 +15,7 @@ from core.optim import LARS
 from core.resnet import ResNet
 from recipes.barlowtwins import bench
 from recipes.barlowtwins.model import BarlowTwins
-from conftest import assert_same_as_reference, bench_steps, noisy_views
-from test_byol import assert_same_siamese_bench_steps
+from conftest import assert_same_as_reference, assert_same_siamese_bench_steps, bench_steps, noisy_views
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")]

@@ -14,8 +14,10 @@ from core.losses import masked_patch_loss
 from core.masking import patchify
 from recipes.cropmae import bench
 from recipes.cropmae.model import CropMAE, center_crop_resized, visible_count
-from conftest import bench_steps, mae_demo_run, patch_pixels, same_reconstruction_as_reference
-from test_byol import assert_bench_builds_on_the_device, assert_same_optimizer_settings, bench_sides
+from conftest import (
+    assert_bench_builds_on_the_device, assert_same_optimizer_settings, bench_sides, bench_steps, mae_demo_run,
+    patch_pixels, same_reconstruction_as_reference,
+)
 from test_mae import assert_bench_feeds_both_sides_the_same_inputs, bench_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")

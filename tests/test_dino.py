@@ -17,8 +17,10 @@ from core.resnet import ResNet
 from core.vit import ViT
 from recipes.dino import bench, clip_bench
 from recipes.dino.model import DINO, DINOHead, clip_each_gradient, encode
-from conftest import assert_same_gradients, bench_steps, flat
-from test_byol import assert_bench_builds_on_the_device, assert_same_optimizer_settings, bench_sides, nudge_trainable
+from conftest import (
+    assert_bench_builds_on_the_device, assert_same_gradients, assert_same_optimizer_settings, bench_sides,
+    bench_steps, flat, nudge_trainable,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")]

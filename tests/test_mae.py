@@ -14,8 +14,10 @@ from recipes.mae import bench
 from recipes.mae.bench import main as bench_main
 from recipes.mae.bench import reference_for
 from recipes.mae.model import MAE
-from conftest import assert_same_gradients, mae_demo_run, patch_pixels, same_reconstruction_as_reference
-from test_byol import assert_bench_builds_on_the_device, assert_same_optimizer_settings, bench_sides
+from conftest import (
+    assert_bench_builds_on_the_device, assert_same_gradients, assert_same_optimizer_settings, bench_sides,
+    mae_demo_run, patch_pixels, same_reconstruction_as_reference,
+)
 
 
 def small_mae(**kw):

@@ -13,8 +13,7 @@ from core.data import ShardDataModule
 from core.resnet import ResNet
 from recipes.simsiam import bench
 from recipes.simsiam.model import SimSiam
-from conftest import assert_same_as_reference, bench_steps, noisy_views
-from test_byol import assert_same_siamese_bench_steps
+from conftest import assert_same_as_reference, assert_same_siamese_bench_steps, bench_steps, noisy_views
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")]

@@ -10,8 +10,7 @@ from core.optim import LARS
 from core.resnet import ResNet
 from recipes.vicreg import bench
 from recipes.vicreg.model import VICReg
-from conftest import assert_same_as_reference, bench_steps, noisy_views
-from test_byol import assert_same_siamese_bench_steps
+from conftest import assert_same_as_reference, assert_same_siamese_bench_steps, bench_steps, noisy_views
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")]
 

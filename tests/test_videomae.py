@@ -11,8 +11,7 @@ from core.losses import masked_patch_loss
 from core.masking import patchify, whole
 from recipes.videomae import bench
 from recipes.videomae.model import VideoMAE, tubelet_targets
-from conftest import bench_steps, mae_demo_run
-from test_byol import assert_bench_builds_on_the_device, assert_same_optimizer_settings, bench_sides
+from conftest import assert_bench_builds_on_the_device, assert_same_optimizer_settings, bench_sides, bench_steps, mae_demo_run
 from test_mae import assert_bench_feeds_both_sides_the_same_inputs, bench_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
