@@ -144,7 +144,9 @@ class Block(nn.Module):
 
 
 def init_weights(module: nn.Module) -> None:
-    """The MAE initialisation: xavier-uniform linears (and patch projections, as if linear), unit norms."""
+    """The MAE initialisation: xavier-uniform linears (and patch projections, as if linear), unit norms.
+    Every bias starts at zero; the official MAE code leaves the patch projection's at PyTorch's default draw
+    (uniform in +-1/sqrt(fan_in)), a difference of one vector at initialisation."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)

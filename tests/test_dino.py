@@ -345,6 +345,12 @@ def test_clip_bench_times_both_clippings_on_two_ranks_and_they_agree(capsys):
     result = clip_bench.main(["--size", "tiny", "--repeats", "1"])
     assert result["gradients"] == 149 and result["clip_each_gradient"] > 0 and result["DTensor norms"] > 0
     assert result["error"] < 1e-6
+    # The gradients are torch.randn of each parameter's shape: those of more than one element have norms above
+    # 1 (the clipping's max_norm) and are scaled down to it; the ViT's 1-element ones, if any, may not be.
+    torch.manual_seed(0)
+    norms = [torch.randn(p.shape).norm().item() for p in ViT((224, 224), (16, 16), 3, size="tiny").parameters()]
+    assert result["scaled_down"] == sum(n > 1.0 for n in norms) > 100
+    assert result["largest_norm"] == pytest.approx(1.0, abs=1e-5)
     # The printed ratio is the DTensor norms' time over clip_each_gradient's: how many times faster this recipe's is.
     assert f"ratio {result['DTensor norms'] / result['clip_each_gradient']:.1f}x" in capsys.readouterr().out
 

@@ -53,7 +53,8 @@ def rank(rank: int, rendezvous: str, args, results) -> None:
 
 
 def time_both(args) -> dict:
-    """Both clippings of the same sharded gradients: their median times and largest difference."""
+    """Both clippings of the same sharded gradients: their median times, the largest difference between
+    them, and what clip_each_gradient did (how many gradients it scaled down, the largest norm it left)."""
     mesh = init_device_mesh("cpu", (WORLD,))
     torch.manual_seed(0)
     vit = ViT((224, 224), (16, 16), 3, size=args.size)
@@ -74,7 +75,14 @@ def time_both(args) -> dict:
             times[name].append(time.perf_counter() - start)
         clipped[name] = [p.grad.full_tensor() for p in vit.parameters()]
     error = max((a - b).abs().max().item() for a, b in zip(*clipped.values()))
-    return dict(gradients=len(grads), error=error, **{name: statistics.median(t) for name, t in times.items()})
+    ours = clipped["clip_each_gradient"]
+    return dict(
+        gradients=len(grads),
+        error=error,
+        scaled_down=sum(not torch.equal(g, c) for g, c in zip(grads, ours)),
+        largest_norm=max(c.norm().item() for c in ours),
+        **{name: statistics.median(t) for name, t in times.items()},
+    )
 
 
 def main(argv=None) -> dict:
@@ -90,6 +98,7 @@ def main(argv=None) -> dict:
     print(f"ViT-{args.size}, {r['gradients']} gradients sharded over {WORLD} gloo ranks, median of {args.repeats}:")
     print(f"  DTensor norms {1000 * r['DTensor norms']:.1f} ms, clip_each_gradient {1000 * r['clip_each_gradient']:.1f} ms, "
           f"ratio {r['DTensor norms'] / r['clip_each_gradient']:.1f}x; largest difference in the clipped gradients {r['error']:.1e}")  # fmt: skip
+    print(f"  {r['scaled_down']} of the {r['gradients']} gradients scaled down to norm 1; largest norm after clipping {r['largest_norm']:.4f}")
     return r
 
 
