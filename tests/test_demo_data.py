@@ -284,6 +284,84 @@ def test_audio_loss_floor_is_below_predicting_zero_and_above_zero(monkeypatch):
     assert 0.3 < oracle < 0.9 * zero
 
 
+@pytest.mark.parametrize("modality", list(LABELED))
+def test_probe_raw_loads_each_split_as_stored(builds, monkeypatch, modality):
+    """probe_raw's features are the inputs as the shards store them, in shard order with their labels:
+    pixels / 255, every frame's pixels / 255, or the log-mel of the channels' mean."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "data"))
+    import probe_raw
+    from core.augment import log_mel
+
+    demo = builds["seed0"]
+    info = load_info(os.path.join(demo, modality))["splits"]["val"]
+    x, y = probe_raw.load_split(probe_raw.split_pattern(demo, modality, "val"), modality)
+    samples = split_samples(os.path.join(demo, modality), info)
+    assert len(y) == len(x) == info["samples"] == len(samples)
+    first = sorted(samples)[0]  # read_batches keeps the shards' order, and one shard's samples are in key order
+    decoded = decode_sample({"__key__": first, **samples[first]})
+    assert y[0].item() == decoded["label"]
+    if modality == "image":
+        expected = torch.from_numpy(np.array(decoded["image"])).float() / 255  # (32, 32, 3)
+    elif modality == "video":
+        expected = decoded["video"].frames().float() / 255  # (T, 32, 32, 3)
+    else:
+        expected = log_mel(decoded["audio"].samples().mean(0, keepdim=True), sample_rate=16_000)  # (1, 1, 128, frames)
+    torch.testing.assert_close(x[0], expected.flatten())
+
+
+def test_probe_raw_prints_a_row_per_modality(builds, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "data"))
+    import probe_raw
+
+    probe_raw.main(["--demo", builds["seed0"], "--only", "image, audio", "--steps", "3"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [row[0] for row in rows] == ["image", "audio"]
+    counts = {m: load_info(os.path.join(builds["seed0"], m))["splits"] for m in ("image", "audio")}
+    image, audio = rows
+    assert image[2:5] == ["3072", str(counts["image"]["train"]["samples"]), str(counts["image"]["val"]["samples"])]
+    assert int(audio[-6]) % 128 == 0 and audio[-5:-3] == [str(counts["audio"][s]["samples"]) for s in ("train", "val")]
+    assert all(0 <= float(value.rstrip("%")) <= 100 for row in rows for value in row[-3:-1])
+    with pytest.raises(SystemExit):
+        probe_raw.main(["--demo", builds["seed0"], "--only", "image,smell"])
+    assert "unknown modality smell" in capsys.readouterr().err
+
+
+def test_nuisance_cues_knn_standardises_each_feature():
+    """nuisance_cues' kNN puts every feature on one scale: a class read from a feature spread over 0.1 is
+    still found beside an uninformative one spread over 1000, which would decide every distance unscaled."""
+    sys.path.insert(0, os.path.join(ROOT, "data"))
+    try:
+        import nuisance_cues
+    finally:
+        sys.path.remove(os.path.join(ROOT, "data"))
+    rng = np.random.default_rng(0)
+
+    def draw(n):
+        labels = np.arange(n) % 10
+        informative = labels * 0.01 + rng.normal(0, 0.001, n)  # the classes 0.01 apart
+        return np.stack([informative, rng.normal(0, 1000, n)], 1), labels
+
+    (train, train_labels), (test, test_labels) = draw(500), draw(200)
+    assert nuisance_cues.knn_accuracy(train, train_labels, test, test_labels) > 0.6  # 0.715; unscaled, near chance
+    assert nuisance_cues.knn_accuracy(train, train_labels, test, rng.permutation(test_labels)) < 0.3
+
+
+def test_nuisance_cues_prints_what_data_readme_says(capsys, monkeypatch):
+    """data/README.md quotes nuisance_cues.py's numbers; when the generators change them, the README must follow."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "data"))
+    import nuisance_cues
+
+    nuisance_cues.main()
+    out = capsys.readouterr().out
+    with open(os.path.join(ROOT, "data", "README.md")) as f:
+        readme = " ".join(f.read().split())
+    quoted = re.findall(r"-?\d+\.\d%?", out)
+    medians = dict(re.findall(r"(click train|pure tone) (-\d+\.\d)", out))
+    assert len(quoted) == 15, out  # 3 scores, 10 class medians, 2 shares of the backgrounds
+    for number in [*quoted[:3], medians["click train"], medians["pure tone"], *quoted[-2:]]:
+        assert number in readme, f"nuisance_cues.py prints {number}, which data/README.md does not quote:\n{out}"
+
+
 # --- The generators themselves: every measured result rests on each label being what its sample shows.
 # These call the generator functions on a few samples each, not whole sets, and check the property on
 # the rendered pixels and waveforms.
