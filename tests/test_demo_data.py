@@ -326,14 +326,12 @@ def test_probe_raw_prints_a_row_per_modality(builds, capsys, monkeypatch):
     assert "unknown modality smell" in capsys.readouterr().err
 
 
-def test_nuisance_cues_knn_standardises_each_feature():
+def test_nuisance_cues_knn_standardises_each_feature(monkeypatch):
     """nuisance_cues' kNN puts every feature on one scale: a class read from a feature spread over 0.1 is
     still found beside an uninformative one spread over 1000, which would decide every distance unscaled."""
-    sys.path.insert(0, os.path.join(ROOT, "data"))
-    try:
-        import nuisance_cues
-    finally:
-        sys.path.remove(os.path.join(ROOT, "data"))
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "data"))
+    import nuisance_cues
+
     rng = np.random.default_rng(0)
 
     def draw(n):
