@@ -337,7 +337,11 @@ class EncodedVideo:
                     if (frame.height, frame.width) != (self.height, self.width):
                         raise ValueError(f"frame {decoded} is {frame.width}x{frame.height}, the stream's {self.width}x{self.height}")
                     if decoded in slots:
-                        out[slots[decoded]] = frame.to_ndarray(format="rgb24")  # (H, W, 3)
+                        # One thread: with swscale's default (a pool of threads per conversion, made and
+                        # joined for every frame) a data worker hung for good in the pool's wait under CPU
+                        # contention (FFmpeg 8, PyAV 18; seen in the test suite). The data workers are the
+                        # parallelism, and one thread converts a frame faster than a fresh pool does.
+                        out[slots[decoded]] = frame.to_ndarray(format="rgb24", threads=1)  # (H, W, 3)
                     decoded += 1
                     if decoded > last:
                         break
