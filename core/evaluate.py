@@ -96,7 +96,8 @@ def features(
     targets, seen = [], 0
     transform = WithTarget(eval_transform(first.input), target)
     for batch in read_batches(urls, transform, batch_size, num_workers=num_workers):
-        x = batch[key].to(device)
+        take = min(len(batch[key]), limit - seen)  # the last batch only up to the limit: encoding more is wasted
+        x = batch[key][:take].to(device)
         for name, enc in encoders.items():
             out[name].append(enc(x).float())
             if tokens:
@@ -104,12 +105,12 @@ def features(
         out["raw input"].append(first.preprocess(x).flatten(1).float())
         if tokens:
             out_tokens["raw input"].append(first.raw_tokens(x).half())
-        targets += batch["label"].tolist() if target == "label" else batch["target"]
-        seen += len(x)
+        targets += (batch["label"].tolist() if target == "label" else batch["target"])[:take]
+        seen += take
         if seen >= limit:
             break
-    pooled = {k: torch.cat(v)[:limit] for k, v in out.items()}
-    return pooled, targets[:limit], {k: torch.cat(v)[:limit] for k, v in out_tokens.items()} if tokens else None
+    pooled = {k: torch.cat(v) for k, v in out.items()}
+    return pooled, targets, {k: torch.cat(v) for k, v in out_tokens.items()} if tokens else None
 
 
 def evaluate(

@@ -222,8 +222,9 @@ class OnlineProbe(L.Callback):
     The LightningModule provides `embed(batch) -> (B, D)`: the encoder's embedding of the clean inputs, and
     batches carry `"label"`. Features of all ranks are gathered, so every rank logs the same number. A sample
     seen again in the same validation run (`data.val_batches` re-reads a rank's shards) is probed once: in
-    both halves, kNN would find it as its own neighbour. At most `max_samples` rows are embedded over all
-    ranks (each rank its share), so the probe reads the same on one process as on many.
+    both halves, kNN would find it as its own neighbour. At most `max_samples` rows are kept over all ranks
+    (each rank its share, the rest of the batch that reaches it dropped), so the probe reads the same on one
+    process as on many.
     """
 
     needs_why = "the online probe (off: --probe.max_samples 0)"  # in the skip warning of a sample without a label
@@ -247,7 +248,8 @@ class OnlineProbe(L.Callback):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         # Under FSDP `embed` is a collective: whether to call it must depend on what every rank has alike.
         # max_samples is the whole probe's: each rank embeds its share, so the probe reads alike at any world size.
-        if self.embedded >= math.ceil(self.max_samples / trainer.world_size):
+        room = math.ceil(self.max_samples / trainer.world_size) - self.embedded
+        if room <= 0:
             return
         if "label" not in batch:
             raise KeyError(
@@ -255,12 +257,13 @@ class OnlineProbe(L.Callback):
                 f"this batch has {sorted(batch)}. Turn the probe off with --probe.max_samples 0."
             )
         with torch.no_grad():
-            features = pl_module.embed(batch).detach().float().cpu()
+            # The batch's rows past this rank's share are dropped: the whole probe holds max_samples at any world size.
+            features = pl_module.embed(batch).detach().float().cpu()[:room]
         self.embedded += len(features)
         new = list(range(len(features)))  # batches without keys (not from shards): every row
         if "__key__" in batch:
-            new, urls = [], batch.get("__url__", [""] * len(features))
-            for i, sample in enumerate(zip(urls, batch["__key__"])):
+            new, urls = [], batch.get("__url__", [""] * len(batch["__key__"]))
+            for i, sample in zip(range(len(features)), zip(urls, batch["__key__"])):
                 if sample not in self.seen:
                     self.seen.add(sample)
                     new.append(i)

@@ -322,6 +322,11 @@ def test_evaluate_numbers_the_classes_of_both_splits_alike_and_its_raw_row_is_th
     assert scores["raw input"]["linear_acc"] == 1.0
     pooled, _, _ = features({"pretrained": load_encoder(folder)}, str(tmp_path / "light-000000.tar"), 4, 4, 0, "json.tone")
     assert pooled["raw input"].shape == (4, 3 * 8 * 8) and pooled["pretrained"].shape[1] != 3 * 8 * 8
+    # A limit inside a batch: the encoder sees the samples up to it and no more.
+    encoder, encoded = load_encoder(folder), []
+    encoder.backbone.register_forward_pre_hook(lambda _, args: encoded.append(len(args[0])))
+    pooled, targets, _ = features({"pretrained": encoder}, str(tmp_path / "light-000000.tar"), 6, 4, 0, "json.tone")
+    assert encoded == [4, 2] and len(targets) == 6 and all(len(v) == 6 for v in pooled.values())
 
 
 def test_evaluate_refuses_a_val_split_sharing_training_shards_and_limits_below_one(tmp_path):

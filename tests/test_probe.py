@@ -348,6 +348,13 @@ def test_online_probe_keeps_a_repeated_sample_once_and_embeds_every_batch_alike(
         probe.on_validation_batch_end(two, encoder, None, batch(keys), 0)
     assert encoder.calls == 1
 
+    # A share reached inside a batch: its rows past the share are dropped, repeats counted as above.
+    probe, encoder = OnlineProbe(max_samples=5), CountingEncoder()
+    probe.on_validation_epoch_start(one, encoder)
+    for keys in ([0, 1, 2], [2, 3, 4]):
+        probe.on_validation_batch_end(one, encoder, None, batch(keys), 0)
+    assert torch.cat(probe.features)[:, 0].tolist() == [0, 1, 2, 3] and torch.cat(probe.labels).tolist() == [0, 1, 0, 1]
+
 
 def test_rankme_of_all_zero_features_is_one():
     assert rankme(torch.zeros(16, 8)) == pytest.approx(1.0, abs=1e-3)
