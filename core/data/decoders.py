@@ -26,6 +26,7 @@ import io
 import itertools
 import json
 import math
+import re
 from typing import Any, Callable
 
 import av
@@ -41,6 +42,7 @@ VIDEO_EXTENSIONS = frozenset({"mp4", "webm", "mkv", "avi", "mov"})
 # Formats whose loading runs pickle, i.e. arbitrary code chosen by whoever wrote the shard.
 PICKLE_EXTENSIONS = frozenset({"pyd", "pickle", "pkl", "pth", "pt", "joblib", "dill"})
 EXIF_ORIENTATION = 0x0112
+LABEL = re.compile(rb"[ \t\r\n]*(-?[0-9]+)[ \t\r\n]*")  # a .cls member: `echo 3 > x.cls` adds the line end
 
 
 class SampleError(ValueError):
@@ -403,8 +405,14 @@ def decoded_whole(sample: dict) -> dict:
 
 
 def decode_label(data: bytes) -> int:
-    """Decode a class index stored as ASCII digits."""
-    return int(data.decode("ascii").strip())
+    """Decode a class index stored as ASCII digits (``3``, ``-1``), spaces and line ends around them allowed.
+
+    Stricter than ``int``, which would also read ``1_0`` as 10 and strip ASCII's separator controls: a label
+    member holding anything else is not a class index and fails its sample."""
+    match = LABEL.fullmatch(data)
+    if match is None:
+        raise ValueError(f"a class label is ASCII digits with an optional '-', not {data[:40]!r}")
+    return int(match[1])
 
 
 def _label(data: bytes) -> dict:
