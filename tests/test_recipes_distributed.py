@@ -98,7 +98,16 @@ def launched_by_lightning(args: list[str], env: dict, timeout: float = 130) -> s
 
 def launched_together(args: list[str], env: dict, out, timeout: float = 130) -> subprocess.CompletedProcess:
     """Both ranks started at once with the variables `torchrun --standalone --nproc-per-node 2` sets (Lightning's
-    TorchElasticEnvironment reads them); their outputs joined, rank 0's first."""
+    TorchElasticEnvironment reads them); their outputs joined, rank 0's first. The free port is found by binding
+    and closing, so another process can take it before rank 0 listens on it: then the run is started again."""
+    for _ in range(3):
+        result = launched_together_once(args, env, out, timeout)
+        if "EADDRINUSE" not in result.stderr:
+            return result
+    return result
+
+
+def launched_together_once(args: list[str], env: dict, out, timeout: float) -> subprocess.CompletedProcess:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
