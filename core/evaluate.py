@@ -78,6 +78,19 @@ class WithTarget:
         return out
 
 
+def refuse_shared_shards(train: str, val: str, why: str) -> None:
+    """A ValueError when the --train and --val patterns name a shard in common (./val-0.tar and /abs/val-0.tar
+    are one file): a score on them would not be held out."""
+    from core.data import expand_urls
+
+    def same_files(pattern: str) -> set[str]:
+        return {url if ":" in url.split("/")[0] else os.path.realpath(url) for url in expand_urls(pattern)}
+
+    shared = sorted(same_files(train) & same_files(val))
+    if shared:
+        raise ValueError(f"--train and --val share {len(shared)} shard(s), {shared[0]} first: {why}")
+
+
 @torch.no_grad()
 def features(
     encoders: dict[str, Encoder], urls: str, limit: int, batch_size: int, num_workers: int, target: str = "label", tokens: bool = False,
@@ -118,20 +131,10 @@ def evaluate(
     num_workers: int = 2, target: str = "label", attentive: bool = False, rank: bool = False, device: str = "cpu",
     init_seeds: int = 1,
 ) -> dict:
-    from core.data import expand_urls
-
     for name, value in (("init_seeds", init_seeds), ("train_limit", train_limit), ("val_limit", val_limit)):
         if value < 1:
             raise ValueError(f"{name}={value} must be at least 1")
-
-    def same_files(pattern: str) -> set[str]:  # ./val-0.tar and /abs/val-0.tar are one file
-        return {url if ":" in url.split("/")[0] else os.path.realpath(url) for url in expand_urls(pattern)}
-
-    shared = sorted(same_files(train) & same_files(val))
-    if shared:
-        raise ValueError(
-            f"--train and --val share {len(shared)} shard(s), {shared[0]} first: the probes would be scored on samples they were fitted on"
-        )
+    refuse_shared_shards(train, val, "the probes would be scored on samples they were fitted on")
     torch.manual_seed(0)  # the random-init encoder's weights
     encoders = {"pretrained": load_encoder(path).to(device), "random init": load_encoder(path, pretrained=False).to(device)}
     for seed in range(1, init_seeds):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.data import Requires, read_batches
-from core.evaluate import eval_transform
+from core.evaluate import eval_transform, refuse_shared_shards
 from core.export import load_encoder
 from core.optim import decayed, param_groups
 from core.schedules import WarmupCosine
@@ -138,6 +138,7 @@ def finetune(
             raise ValueError(f"{option}={value} must be at least 1")
     if not 0 <= drop_path < 1:
         raise ValueError(f"drop_path={drop_path} must be in [0, 1)")
+    refuse_shared_shards(train, val, "the fine-tuned models would be scored on samples they were trained on")
     results = {}
     for name, pretrained in (("pretrained", True), ("random init", False)):
         torch.manual_seed(0)  # the random init's weights, the head's and the order of the crops

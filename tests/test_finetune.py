@@ -178,6 +178,13 @@ def test_finetune_names_the_option_a_wrong_value_breaks(tmp_path):
         finetune_main([folder, *shards, "--num-classes", "1", "--steps", "1", "--batch-size", "64"])
 
 
+def test_finetune_refuses_val_shards_it_trains_on(tmp_path):
+    """It scored the fine-tuned models on their own training samples and called that val accuracy."""
+    shards, folder = tone_shards(tmp_path), export_vit(tmp_path, 0)
+    with pytest.raises(ValueError, match="--train and --val share 1 shard.*train-000000.tar first: the fine-tuned models"):
+        finetune_main([folder, "--train", f"{{{shards[1]},{shards[3]}}}", "--val", f"{tmp_path}/./train-000000.tar", "--num-classes", "2", "--steps", "1"])
+
+
 def test_a_sample_without_a_label_is_skipped_not_a_failed_run(tmp_path, capsys):
     """It failed the batching of the whole run (a TypeError, or a KeyError when first in its batch)."""
     shards, folder = tone_shards(tmp_path, unlabelled=("t0", "v0")), export_vit(tmp_path, 0)
