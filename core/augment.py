@@ -592,6 +592,7 @@ class VideoClip:
             raise ValueError(f"crop={crop!r} must be 'random_resized' or 'multiscale'")
         self.num_frames, self.stride, self.train, self.short_clips = num_frames, stride, train, short_clips
         self.span = (num_frames - 1) * stride + 1
+        self.interpolation = interpolation  # exported with the validation view (core.export.validation_view)
         mode = v2.InterpolationMode(interpolation)
         if train and crop == "multiscale":
             spatial = [MultiScaleCrop(size, interpolation=mode)]

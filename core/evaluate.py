@@ -49,7 +49,8 @@ def eval_transform(spec: dict):
         return augment.ImageEval(size, resize=spec.get("resize", size), interpolation=spec.get("interpolation", "bicubic"), mean=mean, std=std)
     if modality == "video":
         size, mean, std, short_clips = spec["size"][0], tuple(spec["mean"]), tuple(spec["std"]), spec.get("short_clips", "error")
-        return augment.VideoClip(spec["frames"], spec["stride"], size, train=False, mean=mean, std=std, short_clips=short_clips)
+        interpolation = spec.get("interpolation", "bilinear")  # exports from before it was recorded: VideoClip's default
+        return augment.VideoClip(spec["frames"], spec["stride"], size, train=False, interpolation=interpolation, mean=mean, std=std, short_clips=short_clips)
     if modality == "audio":
         return augment.AudioClip(spec["sample_rate"], spec["seconds"], train=False)
     raise ValueError(f"core.evaluate probes image, video and audio encoders, not {modality!r}")

@@ -168,7 +168,14 @@ def test_the_export_records_the_validation_view_and_evaluation_uses_it(tmp_path)
     spec = {"modality": "image", "size": [224, 224], "mean": [0.5] * 3, "std": [0.25] * 3, **view}
     image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8))
     torch.testing.assert_close(eval_transform(spec)({"image": image})["image"], ImageEval(224, mean=(0.5,) * 3, std=(0.25,) * 3)({"image": image})["image"])
-    assert validation_view(module(VideoClip(4, 2, 8, train=False, short_clips="repeat_last"))) == {"short_clips": "repeat_last"}
+    # A clip's interpolation too: it was dropped, and core.evaluate resized a bicubic run's clips bilinearly.
+    view = validation_view(module(VideoClip(4, 2, 8, train=False, short_clips="repeat_last", interpolation="bicubic")))
+    assert view == {"short_clips": "repeat_last", "interpolation": "bicubic"}
+    spec = {"modality": "video", "frames": 4, "stride": 2, "size": [8, 8], "mean": [0.5] * 3, "std": [0.25] * 3, **view}
+    video = {"video": np.random.default_rng(0).integers(0, 255, (8, 12, 16, 3), dtype=np.uint8)}
+    reference = VideoClip(4, 2, 8, train=False, mean=(0.5,) * 3, std=(0.25,) * 3, interpolation="bicubic")(video)["video"]
+    torch.testing.assert_close(eval_transform(spec)(video)["video"], reference)
+    assert not eval_transform({**spec, "interpolation": "bilinear"})(video)["video"].equal(reference)
     assert validation_view(SimpleNamespace(_trainer=None)) == {}  # outside a fit
 
 

@@ -184,7 +184,7 @@ def test_demo_config_trains_logs_pictures_and_exports_an_unmasked_encoder(tmp_pa
     encoder = load_encoder(folder)
     assert encoder.input == {
         "modality": "video", "frames": 8, "stride": 2, "size": [32, 32],
-        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "short_clips": "error",
+        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "short_clips": "error", "interpolation": "bilinear",
     }  # fmt: skip
     video = torch.randn(2, 3, 8, 32, 32)
     model.eval()
