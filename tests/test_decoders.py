@@ -4,8 +4,10 @@ the video and audio decoders are tests/test_data_stream.py's.)"""
 
 import io
 import pickle
+from unittest.mock import patch
 
 import numpy as np
+import PIL.EpsImagePlugin
 import PIL.Image
 import pytest
 import torch
@@ -70,13 +72,29 @@ def test_16_bit_greyscale_keeps_its_top_byte_not_its_bottom_one():
     image = np.asarray(decode_sample(sample(png=encoded(PIL.Image.fromarray(values), "PNG")))["image"])
     assert image.shape == (16, 16, 3)
     np.testing.assert_array_equal(image[..., 0], np.arange(256, dtype=np.uint8).reshape(16, 16))
-    # Pillow opens by content, not extension: a big-endian 16-bit TIFF (mode I;16B) keeps its top byte too.
+    # A big-endian 16-bit image (mode I;16B, as a TIFF holds it) keeps its top byte too.
     big_endian = PIL.Image.frombytes("I;16B", (16, 16), values.astype(">u2").tobytes())
-    tiff = PIL.Image.open(io.BytesIO(encoded(big_endian, "TIFF")))
-    assert tiff.mode == "I;16B"
-    top = [[tiff.getpixel((x, y)) >> 8 for x in range(16)] for y in range(16)]
+    top = [[big_endian.getpixel((x, y)) >> 8 for x in range(16)] for y in range(16)]
     assert len({v for row in top for v in row}) > 100  # a range, which Pillow's RGB conversion would clip to white
-    np.testing.assert_array_equal(np.asarray(decode_sample(sample(png=encoded(big_endian, "TIFF")))["image"])[..., 0], top)
+    with patch.object(PIL.Image, "open", lambda *_, **__: big_endian):
+        np.testing.assert_array_equal(np.asarray(decode_sample(sample(png=b"16-bit"))["image"])[..., 0], top)
+
+
+def test_an_image_member_is_read_only_as_the_formats_the_extensions_name(monkeypatch, tmp_path):
+    """Pillow opens by content: a .png holding PostScript went to Ghostscript, a program run on the shard's
+    bytes (a stand-in `gs` here records whether it ran). A .jpg holding a PNG still decodes."""
+    grey = PIL.Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8))
+    assert decode_sample(sample(jpg=encoded(grey, "PNG")))["image"].size == (8, 8)
+    ran = tmp_path / "gs-ran"
+    gs = tmp_path / "gs"
+    gs.write_text(f"#!/bin/sh\ntouch {ran}\nexit 1\n")
+    gs.chmod(0o755)
+    monkeypatch.setattr(PIL.EpsImagePlugin, "gs_binary", str(gs), raising=False)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
+    for content in (eps, encoded(grey, "TIFF"), encoded(grey, "GIF")):
+        with pytest.raises(UndecodableSample, match="cannot identify image file"):
+            decode_sample(sample(png=content))
+    assert not ran.exists()
 
 
 def test_new_array_gives_the_decoded_array_in_the_dtype_asked_and_refuses_to_promise_no_copy():

@@ -37,6 +37,9 @@ import soundfile
 import torch
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp"})
+# What Pillow may read an image member as, whatever its extension says (a .jpg that is a PNG decodes). Not any
+# format Pillow knows: an EPS member would be handed to Ghostscript, a program run on the shard's content.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 AUDIO_EXTENSIONS = frozenset({"flac", "wav", "ogg", "mp3"})
 VIDEO_EXTENSIONS = frozenset({"mp4", "webm", "mkv", "avi", "mov"})
 # Formats whose loading runs pickle, i.e. arbitrary code chosen by whoever wrote the shard.
@@ -82,7 +85,7 @@ def decode_image(data: bytes) -> PIL.Image.Image:
     value above 255 to white. An image past Pillow's pixel limit (89M) is an error, where Pillow only warns
     up to twice it: a 140 KB PNG can hold 144M pixels, 690 MB decoded. (Checked here, not by turning the
     warning into an error: a `warnings.catch_warnings` per sample would reset which warnings were shown.)"""
-    image = PIL.Image.open(io.BytesIO(data))  # reads the header only
+    image = PIL.Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
     with image:
         check_pixel_limit(image.width, image.height, "image")
         if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
