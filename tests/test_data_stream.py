@@ -196,9 +196,10 @@ def test_decoders_choose_by_last_lowercase_extension_and_drop_unknown():
     assert decoded == {"__key__": "k", "__url__": "u", "text": "hi", "label": 3}
 
 
-@pytest.mark.parametrize("label", [b"1_0", b"3\x1c", b"+3", b"", b"3.5", b"\xd9\xa3", b"- 3"])
+@pytest.mark.parametrize("label", [b"1_0", b"3\x1c", b"+3", b"", b"3.5", b"\xd9\xa3", b"- 3", b"9223372036854775808"])
 def test_a_label_that_is_not_ascii_digits_fails_its_sample(label):
-    """`int` would read the first two as 10 and 3 (digit separators, ASCII's separator controls stripped)."""
+    """`int` would read the first two as 10 and 3 (digit separators, ASCII's separator controls stripped); the
+    last, past int64, stopped the run where the batch was collated."""
     with pytest.raises(UndecodableSample, match="'cls'.*ASCII digits"):
         decode_sample({"__key__": "k", "__url__": "u", "cls": label})
 

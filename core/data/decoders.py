@@ -413,8 +413,8 @@ def decode_label(data: bytes) -> int:
     Stricter than ``int``, which would also read ``1_0`` as 10 and strip ASCII's separator controls: a label
     member holding anything else is not a class index and fails its sample."""
     match = LABEL.fullmatch(data)
-    if match is None:
-        raise ValueError(f"a class label is ASCII digits with an optional '-', not {data[:40]!r}")
+    if match is None or not -(2**63) <= int(match[1]) < 2**63:  # past int64 it could not be batched
+        raise ValueError(f"a class label is ASCII digits with an optional '-', an int64, not {data[:40]!r}")
     return int(match[1])
 
 
