@@ -1526,6 +1526,15 @@ def test_webdataset_meta_members_and_names_without_an_extension_are_not_samples(
     assert loader.stream.stats.totals() == {"samples_read": 2, "samples_skipped": 0, "samples_refused": 0, "shard_errors": 0}
 
 
+def test_a_member_named_as_a_samples_own_entry_is_dropped_not_read_as_it(tmp_path):
+    """`b.__links__` was taken for the sample's list of links and stopped the run; `b.__key__` renamed it."""
+    members = [("a.txt", b"one"), ("b.txt", b"two"), ("b.__links__", b"xyz"), ("b.__KEY__", b"c"), ("c.txt", b"three")]
+    tar_with(tmp_path / "own-000000.tar", members)
+    loader = read_batches(str(tmp_path / "own-000000.tar"), None, batch_size=1)
+    assert keys_of(loader) == ["a", "b", "c"]
+    assert loader.stream.stats.totals()["samples_skipped"] == 0
+
+
 def test_raw_samples_name_their_members_by_lowercase_extension(tmp_path):
     # read_shard's callers (core.text, the inspect tool) look members up by lowercase extension.
     tar_with(tmp_path / "case-000000.tar", [("a.TXT", b"hello"), ("a.Cls", b"1")])

@@ -109,7 +109,8 @@ def samples_of(members: Iterator[dict]) -> Iterator[dict]:
     skip the sample, where dropping them would lose a member without a word. When reading fails, the sample
     being grouped is given before the error marked ``__partial__``, for the decoder to skip and count: whether
     it lost a member cannot be told (a shard written image-first and cut before its ``.cls`` would otherwise
-    pass an unlabelled sample on to a batch of labelled ones)."""
+    pass an unlabelled sample on to a batch of labelled ones). A member whose extension starts with ``__``
+    is dropped, as one of an unknown extension is later."""
     sample = None
     try:
         for member in members:
@@ -121,6 +122,8 @@ def samples_of(members: Iterator[dict]) -> Iterator[dict]:
                     yield sample
                 sample = {"__key__": key, "__url__": member["__url__"]}
             ext = ext.lower()
+            if ext.startswith("__"):  # `a.__links__`: the sample's own entries go by such names; no decoder reads one
+                continue
             if "link" in member:
                 sample.setdefault("__links__", []).append((member["fname"], *member["link"]))
             elif ext in sample:
