@@ -1515,6 +1515,14 @@ def test_a_file_url_with_one_slash_is_a_local_path_and_no_pattern_is_refused(tmp
         read_batches([])
 
 
+def test_a_shard_whose_path_holds_glob_characters_is_found(tmp_path):
+    """`run[1]/...` was taken for a glob only: it matches `run1/...`, and the file itself was reported missing."""
+    (tmp_path / "run[1]").mkdir()
+    write_shards(vector_samples(2), str(tmp_path / "run[1]" / "f-%06d.tar"))
+    assert expand_urls(f"{tmp_path}/run[1]/f-000000.tar") == [f"{tmp_path}/run[1]/f-000000.tar"]
+    assert keys_of(read_batches(f"{tmp_path}/run[1]/f-000000.tar", to_tensors, batch_size=2)) == ["000000", "000001"]
+
+
 def test_webdataset_meta_members_and_names_without_an_extension_are_not_samples(tmp_path):
     # Neither is sample data; read as samples they would be skipped as bad ones or end the shard as an error.
     samples = vector_samples(2)

@@ -30,7 +30,8 @@ def local_files(pattern: str) -> list[str]:
     the shards or globs of it that name no file (``{train,extra}/*.tar`` with ``extra/`` empty)."""
 
     def files_of(path: str) -> list[str]:
-        found = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
+        # A file named as given first: `run[1]/train-000000.tar` is that file, not a glob matching `run1/...`.
+        found = sorted(glob.glob(path)) if glob.has_magic(path) and not os.path.isfile(path) else [path]
         # A file a glob finds named `pipe:...` or `http:...` would be run or fetched by webdataset's gopen.
         return [os.path.join(".", file) if urlparse(file).scheme else file for file in found if os.path.isfile(file)]
 
