@@ -10,8 +10,9 @@ Each transform here is a small class with typed init arguments, so a config can 
 returns only tensors (plus ``"label"`` when the sample has one, for probes), ready for the default collate.
 
 Random choices draw from torch's global generator, so a fixed ``torch.manual_seed`` reproduces them. The
-shard stream seeds each data worker's generator from (seed, rank, worker, step, pass), not torch's default
-worker seed, so that a resumed run draws what the unbroken one would (core/data/stream.py).
+shard stream seeds each data worker's generators (torch's, Python's and NumPy's) from (seed, rank, worker,
+step, pass), not torch's default worker seed, so that ranks and workers draw apart and a resumed run does not
+repeat the draws of its first steps (core/data/stream.py).
 
 Log-mel features are not computed here but on the model's device, by :func:`log_mel`.
 """

@@ -1103,10 +1103,11 @@ def test_transforms_finish_their_own_split_on_the_device(tmp_path):
 
 class Drawing(VectorTransform):
     """Draws from torch's global generator in the data worker (as a crop does) and on the device (as
-    core.augment's colour steps do)."""
+    core.augment's colour steps do), and from Python's and NumPy's in the worker (as a transform of one's
+    own may, timm's RandAugment say)."""
 
     def __call__(self, sample: dict) -> dict:
-        return {**super().__call__(sample), "crop": torch.rand(())}
+        return {**super().__call__(sample), "crop": torch.rand(()), "host": torch.tensor([random.random(), np.random.rand()])}
 
     def on_device(self, batch):
         return {**batch, "jitter": torch.rand(len(batch["x"]))}
@@ -1115,10 +1116,11 @@ class Drawing(VectorTransform):
 class DrawsModel(VectorModel):
     def __init__(self):
         super().__init__()
-        self.draws = {}
+        self.draws, self.host_draws = {}, {}
 
     def training_step(self, batch, batch_idx):
         self.draws[self.global_step] = (batch["crop"].tolist(), batch["jitter"].tolist(), torch.rand(2).tolist())
+        self.host_draws[self.global_step] = batch["host"].T.tolist()  # [Python's draws, NumPy's]
         return super().training_step(batch, batch_idx)
 
 
@@ -1166,16 +1168,18 @@ def test_a_resumed_run_draws_on_the_device_and_in_the_workers_as_the_unbroken_ru
                              train_transform=Drawing())  # fmt: skip
         saving = ModelCheckpoint(tmp_path / "ckpt", filename="{step}", every_n_train_steps=3, save_top_k=-1)
         trainer(tmp_path, max_steps=6, callbacks=[RankSeed(), saving], enable_checkpointing=True).fit(model, dm, ckpt_path=ckpt_path)
-        return model.draws
+        return model.draws, model.host_draws
 
-    unbroken = fit()
-    resumed = fit(tmp_path / "ckpt" / "step=3.ckpt")
+    unbroken, unbroken_host = fit()
+    resumed, resumed_host = fit(tmp_path / "ckpt" / "step=3.ckpt")
     assert sorted(resumed) == [3, 4, 5]
     for step in resumed:
         assert resumed[step][1:] == unbroken[step][1:], step  # the device's and the model's draws
     crops = lambda draws: {tuple(crop) for crop, _, _ in draws.values()}
-    if num_workers:
+    host = lambda draws, which: {value for step in draws.values() for value in step[which]}
+    if num_workers:  # Python's and NumPy's too: they had been seeded alike in every run, and a resume replayed them
         assert not crops(resumed) & crops(unbroken)
+        assert not host(resumed_host, 0) & host(unbroken_host, 0) and not host(resumed_host, 1) & host(unbroken_host, 1)
     else:
         assert all(resumed[step] == unbroken[step] for step in resumed)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.combined_loader import _shutdown_workers_and_reset_iterator
@@ -332,8 +333,10 @@ class ShardStream(IterableDataset):
         worker, num_workers = _worker_slot()
         if self.resample:
             rng = random.Random(f"{self.seed}/{self.rank}/{worker}/{self.start_step}/{self.iteration}")
-            if get_worker_info() is not None:  # the transforms' draws too (core.augment uses torch's generator)
-                torch.manual_seed(rng.getrandbits(63))
+            if get_worker_info() is not None:  # the transforms' draws too: core.augment's from torch's generator,
+                torch.manual_seed(rng.getrandbits(63))  # a transform of one's own perhaps from Python's or NumPy's
+                random.seed(rng.getrandbits(64))
+                np.random.seed(rng.getrandbits(32))
             sources = [self._resampled_source(i, rng) for i in range(len(self.sources))]
             samples = mixed(sources, self.weights, rng, self.stats)
         else:
