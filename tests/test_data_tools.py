@@ -307,15 +307,20 @@ def test_shards_are_written_whole_or_not_at_all_and_never_over_others(tmp_path):
         if clash_at is not None:
             yield {"__key__": "same", "txt": b"again"}
 
-    from core.data.write import unique_keys
-
     def origin(stream):
-        return ({**sample, "__origin__": sample["__key__"]} for sample in stream)
+        return ({**sample, "__origin__": f"input {i}"} for i, sample in enumerate(stream))
 
     pattern = str(tmp_path / "w-%06d.tar")
-    with pytest.raises(ValueError, match="both get the key 'same'"):  # found in the third shard
-        write_shards(unique_keys(origin(samples(6, clash_at=1))), pattern, max_count=2)
+    with pytest.raises(ValueError, match="input 6 and input 1 both get the key 'same'"):  # found in the fourth shard
+        write_shards(origin(samples(6, clash_at=1)), pattern, max_count=2)
     assert os.listdir(tmp_path) == []  # no shard that looks complete, no .partial left behind
+    # Through the Python API too, where the two would have been merged into one sample on reading; a sample
+    # with no member was counted and not written.
+    with pytest.raises(ValueError, match="sample 1 and sample 0 both get the key 'same'"):
+        write_shards([{"__key__": "same", "txt": b"one"}, {"__key__": "same", "txt": b"two"}], pattern)
+    with pytest.raises(ValueError, match="sample 1 .key 'b'. has no member to write"):
+        write_shards([{"__key__": "a", "txt": b"one"}, {"__key__": "b"}], pattern)
+    assert os.listdir(tmp_path) == []
 
     first = write_shards(samples(6), pattern, max_count=2)
     assert first["shards"] == 3 and first["bytes"] == sum(os.path.getsize(f) for f in first["files"])
@@ -418,6 +423,20 @@ def test_shard_patterns_need_one_number_field_and_the_check_sees_its_width(tmp_p
     write_shards(sample, str(tmp_path / "train-%06d.tar"))
     write_shards(sample, str(tmp_path / "train-%06d.tar"), overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["train-000000.tar", "train-2023.tar"]  # 4 digits are not a %06d number
+
+
+def test_a_pattern_spelled_with_a_double_slash_sees_and_replaces_the_shards_there(tmp_path):
+    """`--out "$DIR/train-%06d.tar"` with DIR=out/: the existing-shard check saw none, so shards were replaced
+    without --overwrite, and with it the stale ones were left beside the new."""
+    sample = [{"__key__": "a", "txt": b"x"}]
+    write_shards([*sample, *({"__key__": f"b{i}", "txt": b"y"} for i in range(3))], str(tmp_path / "w-%06d.tar"), max_count=1)
+    with pytest.raises(FileExistsError, match="4 shards already match"):
+        write_shards(sample, f"{tmp_path}//w-%06d.tar")
+    written = write_shards(sample, f"{tmp_path}//w-%06d.tar", overwrite=True)
+    assert written["files"] == [str(tmp_path / "w-000000.tar")] and sorted(os.listdir(tmp_path)) == ["w-000000.tar"]
+    with pytest.raises(ValueError, match="the shard number field goes in the file name"):  # it made a folder named %03d
+        write_shards(sample, str(tmp_path / "part-%03d" / "data.tar"))
+    assert sorted(os.listdir(tmp_path)) == ["w-000000.tar"]
 
 
 def test_gzipped_patterns_are_gzipped(tmp_path):

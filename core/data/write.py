@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import json
 import os
 import random
@@ -43,15 +42,21 @@ def shard_number_field(pattern: str) -> tuple[str, str, int]:
     if len(fields) != 1 or pattern.count("%") != 1:
         raise ValueError(f"shard pattern {pattern!r} needs exactly one shard number field, %d or %0Nd (e.g. out/train-%06d.tar), and no other %")
     field = fields[0]
+    if os.sep in pattern[field.end() :]:
+        raise ValueError(f"shard pattern {pattern!r}: the shard number field goes in the file name, not in a folder's")
     return pattern[: field.start()], pattern[field.end() :], int(field[1]) if field[1] else 1
 
 
 def existing_shards(pattern: str) -> list[str]:
     """The files a shard pattern names that exist: ``out/train-%06d.tar`` -> ``out/train-000000.tar``, ...
-    (digits where the number goes, at least as many as its width; ``out/train-extra.tar`` is not one of them)."""
-    before, after, width = shard_number_field(pattern)
-    candidates = glob.glob(glob.escape(before) + "*" + glob.escape(after))
-    return sorted(f for f in candidates if re.fullmatch(re.escape(before) + r"\d{%d,}" % width + re.escape(after), f))
+    (digits where the number goes, at least as many as its width; ``out/train-extra.tar`` is not one of them),
+    spelled as ``pattern % n`` spells them: the folder as given, however many slashes end it."""
+    folder, name = os.path.split(pattern)
+    before, after, width = shard_number_field(name)
+    shard = re.compile(re.escape(before) + r"\d{%d,}" % width + re.escape(after))
+    if not os.path.isdir(folder or "."):
+        return []
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder or ".") if shard.fullmatch(f))
 
 
 def write_shards(
@@ -65,6 +70,9 @@ def write_shards(
     samples give byte-identical shards. Keys must not contain a dot in their last part: readers split a
     member's name into key and extension at the first dot.
 
+    Every sample needs a key of its own and a member: a repeated key would merge two samples on reading
+    (``__origin__``, if a sample has it, names where it came from in the error; it is not written).
+
     Nothing is half written: shards are written as ``<name>.partial`` and renamed once every sample is in,
     and an error on the way removes them. Shards that already match the pattern are an error, or with
     ``overwrite`` are replaced, those beyond the new last one removed, once the new ones are in place.
@@ -72,20 +80,28 @@ def write_shards(
     """
     if max_count < 1 or max_bytes < 1:
         raise ValueError(f"max_count ({max_count}) and max_bytes ({max_bytes}) must be at least 1")
-    existing = existing_shards(pattern)  # checks the pattern too
+    shard_number_field(pattern)  # checks the pattern
+    # `out//train-%06d.tar` as `out/train-%06d.tar`: the shards written, those found and those removed spelled alike.
+    pattern = os.path.join(*os.path.split(pattern))
+    existing = existing_shards(pattern)
     if existing and not overwrite:
         raise FileExistsError(
             f"{len(existing)} shards already match {pattern} (e.g. {existing[0]}); "
             "remove them or pass --overwrite (overwrite=True) to replace them"
         )
     os.makedirs(os.path.dirname(os.path.abspath(pattern)), exist_ok=True)
-    files, total, in_shard, extensions, writer = [], 0, 0, set(), None
+    files, total, in_shard, extensions, writer, seen = [], 0, 0, set(), None, {}
     try:
         try:
             for sample in samples:
-                key = sample.get("__key__")
+                key, origin = sample.get("__key__"), sample.get("__origin__", f"sample {total}")
                 if not isinstance(key, str) or not key or "." in key.rsplit("/", 1)[-1]:
                     raise ValueError(f"sample key {key!r}: a key is a non-empty string without a dot in its last part")
+                if key in seen:
+                    raise ValueError(f"{origin} and {seen[key]} both get the key {key!r}; rename one of them")
+                if all(k.startswith("_") for k in sample):  # TarWriter writes no member whose name starts with _
+                    raise ValueError(f"{origin} (key {key!r}) has no member to write")
+                seen[key] = origin
                 if writer is None or in_shard >= max_count or writer.tarstream.offset >= max_bytes:
                     if writer is not None:
                         writer.close()
@@ -145,17 +161,6 @@ def media_member(path: str) -> dict[str, bytes]:
         raise ValueError(f"{path}: .{ext} is not a media extension ({', '.join(sorted(MEDIA_EXTENSIONS))})")
     with open(path, "rb") as f:
         return {ext: f.read()}
-
-
-def unique_keys(samples: Iterable[dict]) -> Iterator[dict]:
-    """Pass samples through, raising on a repeated key (two inputs that map to the same key)."""
-    seen: dict[str, str] = {}
-    for sample in samples:
-        key, origin = sample["__key__"], sample.pop("__origin__")
-        if key in seen:
-            raise ValueError(f"{origin} and {seen[key]} both get the key {key!r}; rename one of them")
-        seen[key] = origin
-        yield sample
 
 
 def _files_with_extensions(folder: str, extensions: frozenset[str], recursive: bool) -> tuple[list[str], Counter]:
@@ -511,7 +516,7 @@ def main(argv: list[str] | None = None) -> dict:
         samples, classes = table_samples(args.file, args.path_column, args.caption_column, args.label_column, seed, pinned)
     else:
         samples = text_samples(args.paths, args.per_line, seed)
-    summary = write_shards(unique_keys(samples), args.out, args.max_count, args.max_bytes, overwrite=args.overwrite)
+    summary = write_shards(samples, args.out, args.max_count, args.max_bytes, overwrite=args.overwrite)
     print(f"wrote {summary['samples']} samples in {summary['shards']} shards, {summary['bytes']:,} bytes")
     print(f"shards: {brace_pattern(args.out, summary['shards'])}")
     print(f"extensions: {', '.join(summary['extensions'])}")
