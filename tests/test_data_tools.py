@@ -212,6 +212,57 @@ def test_folder_reports_what_it_leaves_out_and_refuses_a_class_it_cannot_fill(tm
         write_main(["--out", str(tmp_path / "b-%06d.tar"), "folder", str(root)])
 
 
+def test_a_folder_it_cannot_read_is_an_error_not_a_class_or_files_left_out(tmp_path, monkeypatch):
+    """os.walk skips a folder it cannot list without a word: its files were missing from the shards, and with
+    --classes a whole class could be, the run ending with status 0."""
+    root = tmp_path / "pets"
+    for name in ["cat/a.png", "cat/locked/b.png", "dog/c.png"]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(image_bytes(pixels(9), "png"))
+    scandir = os.scandir
+
+    def locked(path="."):  # as a folder of mode 000 is to a user other than root
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", locked)
+    with pytest.raises(OSError, match=r"cannot read the folder .*cat/locked: Permission denied"):
+        write_main(["--out", str(tmp_path / "a-%06d.tar"), "folder", str(root)])
+    assert not list(tmp_path.glob("a-*"))
+
+
+def test_class_folders_7_and_07_are_one_number_and_refused(tmp_path):
+    for name in ["1", "7", "07"]:
+        (tmp_path / "n" / name).mkdir(parents=True)
+        (tmp_path / "n" / name / "a.png").write_bytes(image_bytes(pixels(9), "png"))
+    with pytest.raises(ValueError, match="classes '07' and '7' are one number, 7; merge them"):
+        write_main(["--out", str(tmp_path / "n-%06d.tar"), "folder", str(tmp_path / "n")])
+
+
+def test_captions_in_any_case_and_without_a_byte_order_mark(tmp_path):
+    """A caption `c.TXT` was neither used nor reported (the class name stood in); a byte-order mark stayed at
+    the front of a caption, a text document and a --classes file's first class."""
+    root = tmp_path / "pets"
+    for name in ["cat/a.png", "cat/b.png", "cat/c.png"]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(image_bytes(pixels(9), "png"))
+    (root / "cat" / "a.TXT").write_text("an upper-case caption")
+    (root / "cat" / "b.txt").write_bytes("\ufeffa caption from Notepad".encode("utf-8"))
+    (tmp_path / "bom.classes.txt").write_bytes("\ufeffcat\ndog\n".encode("utf-8"))
+    write_main(["--out", str(tmp_path / "a-%06d.tar"), "folder", str(root), "--classes", str(tmp_path / "bom.classes.txt")])
+    raw = raw_members(str(tmp_path / "a-000000.tar"))
+    assert {key: (sample["txt"], sample["cls"]) for key, sample in raw.items()} == {
+        "cat_a_png": (b"an upper-case caption", b"0"), "cat_b_png": (b"a caption from Notepad", b"0"), "cat_c_png": (b"cat", b"0"),
+    }  # fmt: skip
+    (root / "cat" / "a.txt").write_text("a second caption")
+    with pytest.raises(ValueError, match=r"a.png has 2 caption files, a.TXT, a.txt; keep one"):
+        write_main(["--out", str(tmp_path / "b-%06d.tar"), "folder", str(root)])
+    (tmp_path / "doc.txt").write_bytes("\ufeffhello\n".encode("utf-8"))
+    write_main(["--out", str(tmp_path / "t-%06d.tar"), "text", str(tmp_path / "doc.txt")])
+    assert [sample["txt"] for sample in raw_members(str(tmp_path / "t-000000.tar")).values()] == [b"hello\n"]
+
+
 def labels_by_caption(pattern: str) -> dict[str, int]:
     return {raw["txt"].decode(): int(raw["cls"]) for raw in raw_members(pattern).values()}
 

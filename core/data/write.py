@@ -66,7 +66,7 @@ def write_shards(
     """Write ``samples`` to shards named by ``pattern`` (e.g. ``out/train-%06d.tar``).
 
     A new shard starts when the current one holds ``max_count`` samples or ``max_bytes`` bytes (tar headers
-    included: a shard passes it by at most one sample). Every member is stamped with ``mtime``, so the same
+    included: a shard passes it by at most one sample, plus the tar's end marker padded to a 10 KiB record). Every member is stamped with ``mtime``, so the same
     samples give byte-identical shards. Keys must not contain a dot in their last part: readers split a
     member's name into key and extension at the first dot.
 
@@ -168,8 +168,12 @@ def _files_with_extensions(folder: str, extensions: frozenset[str], recursive: b
     extension (captions aside). Hidden files and folders (``.DS_Store``, macOS's ``._photo.jpg``) are
     skipped. Linked files are taken; linked folders inside are not followed (one linking back up would
     repeat files, across classes too) but counted; a dangling link is an error."""
+    def unreadable(error: OSError):  # os.walk would skip the folder and its files without a word
+        raise OSError(f"cannot read the folder {error.filename}: {error.strerror}") from error
+
     files, left_out = [], Counter()
-    for directory, subfolders, names in os.walk(folder) if recursive else [next(os.walk(folder))]:
+    walk = os.walk(folder, onerror=unreadable)
+    for directory, subfolders, names in walk if recursive else [next(walk)]:
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
         linked = sum(os.path.islink(os.path.join(directory, d)) for d in subfolders)
         if recursive and linked:
@@ -211,6 +215,11 @@ def class_indices(names: list[str], pinned: list[str] | None, where: str) -> tup
             raise ValueError(f"{where}: classes {unknown} are not in --classes ({len(pinned)} classes: {shown})")
         return {name: pinned.index(name) for name in names}, pinned
     if names and all(name.isascii() and name.isdigit() for name in names):
+        numbers = {}
+        for name in sorted(names):
+            if int(name) in numbers:  # `7` and `07`
+                raise ValueError(f"{where}: classes {numbers[int(name)]!r} and {name!r} are one number, {int(name)}; merge them")
+            numbers[int(name)] = name
         return {name: int(name) for name in names}, []
     classes = sorted(set(names))
     return {name: index for index, name in enumerate(classes)}, classes
@@ -293,13 +302,29 @@ def folder_samples(
     if left_out:
         print(f"left out of {root}: {describe_left_out(left_out)} (not {what} files)", file=sys.stderr)
 
+    captions: dict[str, dict[str, list[str]]] = {}  # folder -> {stem: its caption files' names}
+
+    def caption_file(path: str) -> str | None:
+        """``a.txt`` (or ``a.TXT``: any case, as the media files' extensions) beside ``a.jpg``, if there is one."""
+        folder, name = os.path.split(path)
+        if folder not in captions:
+            captions[folder] = {}
+            for other in os.listdir(folder):
+                stem, ext = os.path.splitext(other)
+                if ext.lower() == ".txt":
+                    captions[folder].setdefault(stem, []).append(other)
+        found = sorted(captions[folder].get(os.path.splitext(name)[0], []))
+        if len(found) > 1:
+            raise ValueError(f"{path} has {len(found)} caption files, {', '.join(found)}; keep one")
+        return os.path.join(folder, found[0]) if found else None
+
     def samples() -> Iterator[dict]:
         for path, label, name in shuffled_order(files, seed):
             relative = os.path.relpath(path, root)
             sample = {"__key__": sample_key(relative), "__origin__": path, **media_member(path)}
-            caption_file = os.path.splitext(path)[0] + ".txt"
-            if os.path.isfile(caption_file):
-                sample["txt"] = _read_text(caption_file).strip().encode("utf-8")
+            caption = caption_file(path)
+            if caption is not None:
+                sample["txt"] = _read_text(caption).strip().encode("utf-8")
             elif label is not None:
                 sample["txt"] = name.encode("utf-8")
             if label is not None:
@@ -311,7 +336,8 @@ def folder_samples(
 
 def _read_text(path: str) -> str:
     try:
-        with open(path, encoding="utf-8", newline="") as f:  # line ends as they are
+        # -sig: a byte-order mark (Notepad writes one) is not text; line ends as they are.
+        with open(path, encoding="utf-8-sig", newline="") as f:
             return f.read()
     except UnicodeDecodeError as error:
         raise ValueError(f"{path} is not utf-8 text: {error}") from error
@@ -530,6 +556,6 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (FileExistsError, FileNotFoundError, ValueError) as error:  # the input's fault: a message, not a traceback
+    except (OSError, ValueError) as error:  # the input's fault (a missing or unreadable file too): a message, not a traceback
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
