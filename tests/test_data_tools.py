@@ -131,8 +131,8 @@ def test_csv_and_jsonl_captions_with_any_media(tmp_path):
     assert raw["2"]["png"] == (media / "p.png").read_bytes()
 
     rows = [{"file": "media/m.mp4", "text": "a clip", "label": 4}, {"file": "media/p.png", "text": "img", "label": 2}]
-    (tmp_path / "captions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    write_main(["--out", str(tmp_path / "j-%06d.tar"), "table", str(tmp_path / "captions.jsonl"),
+    (tmp_path / "captions.JSONL").write_text("".join(json.dumps(row) + "\n" for row in rows))  # the extension in any case
+    write_main(["--out", str(tmp_path / "j-%06d.tar"), "table", str(tmp_path / "captions.JSONL"),
                 "--path-column", "file", "--caption-column", "text"])  # fmt: skip
     raw = raw_members(str(tmp_path / "j-000000.tar"))
     assert set(raw["0"]) >= {"mp4", "txt", "cls"} and raw["0"]["cls"] == b"4" and raw["1"]["txt"] == b"img"

@@ -347,7 +347,7 @@ def table_rows(path: str) -> list[tuple[str, dict]]:
     """(where, row) for each row of a CSV (with a header line) or JSONL (one object per line) file, ``where``
     naming the file and line. A CSV row with more or fewer fields than the header is an error (an unquoted
     comma in a caption would shift the label column)."""
-    if path.endswith(".jsonl"):
+    if path.lower().endswith(".jsonl"):
         rows = []
         with open(path, encoding="utf-8-sig") as f:
             for number, line in enumerate(f, 1):
@@ -360,7 +360,7 @@ def table_rows(path: str) -> list[tuple[str, dict]]:
                         raise ValueError(f"{path} line {number}: a JSON object per line, not {type(row).__name__}")
                     rows.append((f"{path} line {number}", row))
         return rows
-    if path.endswith(".csv"):
+    if path.lower().endswith(".csv"):
         rows = []
         with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a spreadsheet's byte-order mark
             reader = csv.DictReader(f)
