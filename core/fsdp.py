@@ -34,6 +34,8 @@ def shard_blocks(model: L.LightningModule) -> None:
     Weights are gathered and gradients reduced in float32 also under `bf16-mixed` (autocast casts the weights
     at each matmul). A bf16 `MixedPrecisionPolicy` for the blocks would halve that traffic, but on the CPU
     LayerNorm refuses bf16 weights with float32 inputs, and it is not yet measured on GPUs."""
+    if model._trainer is None:  # `Recipe.load_from_checkpoint` builds the model with no trainer: nothing to shard
+        return
     if isinstance(model.trainer.strategy, FSDPStrategy):
         # FSDP1 wraps the whole module in one unit whose parameters exist whole only inside its forward; the
         # online probe calls `embed` from a callback, outside it.

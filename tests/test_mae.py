@@ -36,6 +36,9 @@ def test_demo_config_trains_a_few_steps_and_exports(tmp_path):
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(enc(images), module.embed({"image": images}))
+    # Lightning's own loading too, which builds the model with no trainer (configure_model had needed one).
+    loaded = MAE.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert all(value.equal(module.state_dict()[key]) for key, value in loaded.state_dict().items())
 
 
 def test_overfits_one_batch():

@@ -1,6 +1,7 @@
 """The five Siamese recipes through the real CLI on the demo shards: a few steps of each demo config, with
 the online probe and the collapse monitor logged, then core.export and load_encoder on the checkpoint."""
 
+import copy
 import os
 
 import pytest
@@ -69,6 +70,9 @@ def test_demo_config_trains_a_few_steps_and_exports(name, tmp_path, monkeypatch)
         torch.testing.assert_close(enc(images), module.embed({"image": images}))
         # The export holds the trained encoder, not a fresh one.
         assert not torch.allclose(load_encoder(folder, pretrained=False)(images), enc(images))
+    # Lightning's own loading too, which builds the model with no trainer (configure_model had needed one).
+    loaded = type(module).load_from_checkpoint(f"{out}/ckpt/last.ckpt", map_location="cpu", backbone=copy.deepcopy(module.backbone))
+    assert all(value.equal(module.state_dict()[key]) for key, value in loaded.state_dict().items())
 
 
 @pytest.mark.timeout(120)
