@@ -200,6 +200,10 @@ class HFTextEncoder(nn.Module):
             self.model.pooler = None
         self.embed_dim: int = self.model.config.hidden_size
         self.max_len: int | None = getattr(self.model.config, "max_position_embeddings", None)
+        # RoBERTa, XLM-R and MPNet number positions from padding_idx + 1: that many rows of the table are never used.
+        offset = getattr(getattr(self.model, "embeddings", None), "padding_idx", None)
+        if self.max_len is not None and offset is not None:
+            self.max_len -= offset + 1
         self.train()  # from_pretrained leaves the model in eval mode; a fresh module is in train mode, like any other
 
     def tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -348,6 +348,24 @@ def test_hf_encoder_starts_in_train_mode_and_takes_as_many_tokens_as_it_has_posi
     assert encoder.eval()(**batch).shape == (1, 32)
 
 
+@pytest.mark.parametrize("family", ["roberta", "mpnet"])
+def test_hf_encoder_of_a_family_that_numbers_positions_past_the_padding_id_takes_only_the_positions_it_has(tmp_path, family):
+    """RoBERTa (and MPNet) position ids start at padding_idx + 1 (2 here): 16 of 18 rows are usable. 17 and 18
+    tokens passed the check and failed deep in transformers (an index error; on CUDA a device-side assert)."""
+    import transformers
+
+    config_class, model_class = {"roberta": ("RobertaConfig", "RobertaModel"), "mpnet": ("MPNetConfig", "MPNetModel")}[family]
+    config = getattr(transformers, config_class)(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                 intermediate_size=64, max_position_embeddings=18, pad_token_id=1)  # fmt: skip
+    torch.manual_seed(0)
+    getattr(transformers, model_class)(config).save_pretrained(tmp_path)
+    encoder = HFTextEncoder(str(tmp_path)).eval()
+    assert encoder.max_len == 16
+    assert encoder(torch.full((1, 16), 5), torch.ones(1, 16, dtype=torch.long)).shape == (1, 32)
+    with pytest.raises(ValueError, match="17 tokens, more than the model's 16 positions"):
+        encoder(torch.full((1, 17), 5), torch.ones(1, 17, dtype=torch.long))
+
+
 def test_masked_mean_averages_real_tokens_and_gives_zero_for_an_all_padding_row():
     tokens = torch.arange(24.0).view(2, 3, 4)
     pooled = masked_mean(tokens, torch.tensor([[1, 0, 1], [0, 0, 0]]))
