@@ -219,19 +219,25 @@ def marker_shard(tmp_path, count: int = 3) -> str:
 
 
 def test_measure_counts_every_pass_clips_over_seconds_and_the_peak_of_numpy_memory(tmp_path, monkeypatch):
-    """3 samples, 2 passes: 6 clips in the 3 s between the clock's reads. The peak is that of the 4 MiB
-    array each call holds for a moment (in MB), and tracing is off after, for the next way's own peak."""
+    """3 samples, 2 passes: 6 clips in the 3 s between the clock's reads, timed with tracing off (it had been
+    on, slowing each way by its own amount). The peak, from the same clips read again under tracing, is that
+    of the 4 MiB array each call holds for a moment (in MB), and tracing is off after, for the next way's own."""
     pattern = marker_shard(tmp_path)
     fake_clock(monkeypatch, bench_video, 5.0, 8.0)
+    calls = []
 
     def transform(sample):
         held = np.ones(MB, np.float32)  # 4 MiB, let go on return
+        calls.append((tracemalloc.is_tracing(), torch.rand(()).item()))  # a draw as a clip's start is
         return {"video": torch.zeros(1), "cls": held[:1].copy()}
 
+    torch.manual_seed(0)
     rate, peak = bench_video.measure(transform, pattern, passes=2)
     assert rate == 6 / 3.0
     assert 4 <= peak < 4.5, peak
     assert not tracemalloc.is_tracing()
+    assert [tracing for tracing, _ in calls] == [False] * 6 + [True] * 6
+    assert [draw for _, draw in calls[:6]] == [draw for _, draw in calls[6:]]  # the traced read cuts the same clips
 
 
 def test_video_table_puts_each_way_over_the_first_the_reference():
@@ -288,7 +294,8 @@ def test_video_benchmark_makes_the_asked_videos_and_every_way_cuts_the_same_clip
     videos = [EncodedVideo(s["mp4"]) for s in samples]
     assert [v.shape for v in videos] == [(24, 32, 48, 3)] * 2 and [v.seek_points[1][0] for v in videos] == [8, 8]
     assert samples[0]["mp4"] != samples[1]["mp4"]
-    assert len(made) == 1 and len(calls) == 6 and all(len(c) == 4 for c in calls)  # 2 videos, 2 passes
+    assert len(made) == 1 and len(calls) == 6 and all(len(c) == 8 for c in calls)  # 2 videos, 2 passes, timed then traced
+    assert all(torch.equal(a, b) for c in calls for a, b in zip(c[:4], c[4:]))  # the traced read cuts the timed read's clips
     assert all(clip.shape == (3, 4, 16, 16) for c in calls for clip in c)
     for round_calls in (calls[:3], calls[3:]):
         for other in round_calls[1:]:
@@ -405,7 +412,8 @@ def test_audio_benchmark_makes_the_asked_recordings_and_both_ways_cut_the_same_r
     infos = [soundfile.info(io.BytesIO(s["flac"])) for s in samples]
     assert [(i.frames, i.samplerate, i.channels) for i in infos] == [(66_150, 22_050, 2)] * 2
     assert [(c.sample_rate, c.length, c.train) for c in made] == [(8_000, 8_000, True)]
-    assert len(calls) == 4 and all(len(c) == 4 for c in calls)  # 2 recordings, 2 passes
+    assert len(calls) == 4 and all(len(c) == 8 for c in calls)  # 2 recordings, 2 passes, timed then traced
+    assert all(torch.equal(a, b) for c in calls for a, b in zip(c[:4], c[4:]))
     for reference, window in (calls[:2], calls[2:]):
         assert all(torch.equal(a, b) for a, b in zip(reference, window))
     assert not any(torch.equal(a, b) for a, b in zip(calls[0], calls[2]))
@@ -425,11 +433,12 @@ def test_audio_benchmark_keeps_each_ways_fastest_round_with_that_rounds_memory(m
     }
     served = []
 
-    def measure(traced, pattern, passes, key):
-        way = next(w for w in results if isinstance(traced.transform, w))
+    def measure(transform, pattern, passes, key, memory_of):
+        assert memory_of.transform is transform  # the peak within the transform's calls, not the shard's bytes
+        way = next(w for w in results if isinstance(transform, w))
         served.append(way)
-        rate, traced.peak = results[way][served.count(way) - 1]
-        return rate, 0.0
+        rate, peak = results[way][served.count(way) - 1]
+        return rate, peak / MB
 
     monkeypatch.setattr(bench_audio, "measure", measure)
     shards = []
