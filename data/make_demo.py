@@ -103,7 +103,7 @@ def write_split(samples, directory: str, split: str, count: int) -> dict:
         os.remove(stale)
     summary = write_shards(samples, pattern, max_count=math.ceil(count / SHARDS[split]), mtime=0)
     return {
-        "pattern": brace_pattern(pattern, summary["shards"]),
+        "pattern": os.path.basename(brace_pattern(pattern, summary["shards"])),  # beside info.json: any --out gives the same file
         "samples": summary["samples"],
         "shards": summary["shards"],
         "bytes": summary["bytes"],
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--only: unknown modality {', '.join(unknown)}; choose from {', '.join(MODALITIES)}")
     if args.scale <= 0:
         parser.error(f"--scale must be positive, got {args.scale}")
-    if args.plain and os.path.realpath(args.out) == os.path.realpath(parser.get_default("out")):
+    if args.plain and os.path.realpath(args.out) == os.path.join(os.path.dirname(os.path.realpath(__file__)), "demo"):
         parser.error(f"--plain would overwrite the demo sets in {args.out}: pass another --out")
 
     start = time.time()

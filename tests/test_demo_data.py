@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -35,10 +36,11 @@ LABELED = {"image": "png", "video": "mp4", "audio": "flac"}
 CLASS_FIELD = {"image": "shape", "video": "motion", "audio": "sound"}  # json field holding the class name
 
 
-def build(cwd, *args: str) -> str:
-    """Run make_demo.py in ``cwd`` with ``--out demo`` (a relative path, as ``make data`` has); return the folder."""
+def build(cwd, *args: str, absolute: bool = False) -> str:
+    """Run make_demo.py in ``cwd`` with ``--out demo`` (a relative path, as ``make data`` has; with ``absolute``
+    the folder's absolute path); return the folder."""
     os.makedirs(cwd, exist_ok=True)
-    command = [sys.executable, SCRIPT, "--out", "demo", *args]
+    command = [sys.executable, SCRIPT, "--out", os.path.join(cwd, "demo") if absolute else "demo", *args]
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stderr}"
     return os.path.join(cwd, "demo")
@@ -49,7 +51,8 @@ def builds(tmp_path_factory) -> dict[str, str]:
     tmp = tmp_path_factory.mktemp("demo")
     return {
         "seed0": build(tmp / "a", "--seed", "0", "--scale", SCALE, "--workers", "2"),
-        "seed0_again": build(tmp / "b", "--seed", "0", "--scale", SCALE, "--workers", "1"),
+        # Another folder, named by its absolute path (info.json had held the --out path as given).
+        "seed0_again": build(tmp / "b", "--seed", "0", "--scale", SCALE, "--workers", "1", absolute=True),
         "seed1": build(tmp / "c", "--seed", "1", "--scale", SCALE),
     }
 
@@ -194,10 +197,26 @@ def flat_border_fraction(png: bytes) -> float:
     return float((np.abs(ring - np.median(ring, axis=0)).max(axis=1) < 15).mean())
 
 
-def test_plain_sets_refuse_to_overwrite_the_demo_sets(tmp_path):
-    result = subprocess.run([sys.executable, SCRIPT, "--only", "image", "--plain"], cwd=tmp_path, capture_output=True, text=True)
-    assert result.returncode != 0 and "--out" in result.stderr
-    assert not os.path.exists(tmp_path / "data")
+def test_plain_sets_refuse_to_overwrite_the_demo_sets_from_any_folder(tmp_path):
+    """The guard compared --out with data/demo under the current folder: run from elsewhere, `--out
+    <repository>/data/demo` overwrote the demo sets, and a data/demo of that other folder was refused. A copy
+    of the scripts stands in for the repository, so that the real demo sets are never at stake."""
+    scripts = tmp_path / "repository" / "data"
+    scripts.mkdir(parents=True)
+    for file in glob.glob(os.path.join(ROOT, "data", "*.py")):
+        shutil.copy(file, scripts)
+    (tmp_path / "elsewhere").mkdir()
+
+    def run(cwd, out):
+        command = [sys.executable, str(scripts / "make_demo.py"), "--out", out, "--only", "image", "--plain", "--scale", SCALE]
+        return subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+
+    for cwd, out in ((tmp_path / "elsewhere", str(scripts / "demo")), (tmp_path / "repository", "data/demo")):
+        result = run(cwd, out)
+        assert result.returncode != 0 and "--plain would overwrite the demo sets" in result.stderr, (cwd, out)
+    assert not (scripts / "demo").exists()
+    assert run(tmp_path / "elsewhere", "data/demo").returncode == 0  # not the demo sets: a folder of its own
+    assert (tmp_path / "elsewhere" / "data" / "demo" / "image" / "info.json").is_file()
 
 
 def test_unknown_modality_is_an_error(tmp_path):
