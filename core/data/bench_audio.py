@@ -9,7 +9,8 @@ fixed-length waveforms, two ways, measured in one run on the same shard:
 
 The recordings are made here (44.1 kHz stereo noise, so that FLAC cannot shrink it to nothing) and written
 to a temporary shard. Both ways run ``core.augment.AudioClip`` (AudioMAE's 10 s at 16 kHz, a random window)
-in this process, so the rate is that of one data worker. Memory: the transform's own peak, the numpy arrays
+in this process, so the rate is that of one data worker. Speed is timed with memory tracing off. Memory,
+from the same windows read again under tracing: the transform's own peak, the numpy arrays
 it holds at once above what it was handed (the decoded samples; not the shard's encoded bytes, nor torch's
 resampling buffers, which ``tracemalloc`` does not see).
 """
