@@ -14,10 +14,10 @@ three ways, measured in one run on the same shard:
 The videos are made here (H.264 by PyAV's libx264, a keyframe every ``--keyint`` frames, x264's default 250;
 a moving noise texture, so every frame costs what a real frame does to decode) and written to a temporary
 shard. Every way runs ``core.augment.VideoClip`` (VideoMAE's 16 frames at stride 4, random start and crop)
-in this process, so the rate is that of one data worker. Speed is timed with memory tracing off. Memory: the
-peak of what ``tracemalloc`` sees over the same passes read again: the decoded frames held at once (the numpy arrays they are converted into) and the encoded
-sample being read (about 0.5 MB of the clip frames' 4.5 MB at the defaults); PyAV's buffer of the frame
-being converted, one at a time, is not seen.
+in this process, so the rate is that of one data worker. Speed is timed with memory tracing off. Memory:
+the peak of what ``tracemalloc`` sees over the same passes read again: the decoded frames held at once (the
+numpy arrays they are converted into) and the encoded sample being read (about 0.5 MB of the clip frames'
+4.5 MB at the defaults); PyAV's buffer of the frame being converted, one at a time, is not seen.
 """
 
 from __future__ import annotations

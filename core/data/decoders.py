@@ -214,8 +214,8 @@ class EncodedVideo:
     """A video member, decoded when its frames are asked for, as decord's ``VideoReader`` is: a clip of 16
     frames decodes from the last keyframe before its first frame (one that cuts the stream cleanly,
     ``clean_keyframes``) up to its last frame, and converts only its own 16 to RGB. Decoding every frame
-    took about 2 times as long for 10-second videos and 11 times for 60-second ones (``core.data.bench_video``) and held every frame twice
-    (PyAV's and the stacked copy: 150 MB for 300 frames of 340x256).
+    took about 2 times as long for 10-second videos and 11 times for 60-second ones (``core.data.bench_video``)
+    and held every frame twice (PyAV's and the stacked copy: 150 MB for 300 frames of 340x256).
 
     Opening reads the container only, nothing is decoded: ``len(video)`` counts the frames the first video
     stream shows (its packets from the first keyframe on, where decoding starts, less those an edit list

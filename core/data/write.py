@@ -66,12 +66,13 @@ def write_shards(
     """Write ``samples`` to shards named by ``pattern`` (e.g. ``out/train-%06d.tar``).
 
     A new shard starts when the current one holds ``max_count`` samples or ``max_bytes`` bytes (tar headers
-    included: a shard passes it by at most one sample, plus the tar's end marker padded to a 10 KiB record). Every member is stamped with ``mtime``, so the same
-    samples give byte-identical shards. Keys must not contain a dot in their last part: readers split a
-    member's name into key and extension at the first dot.
+    included: a shard passes it by at most one sample, plus the tar's end marker padded to a 10 KiB record).
+    Every member is stamped with ``mtime``, so the same samples give byte-identical shards.
 
-    Every sample needs a key of its own and a member: a repeated key would merge two samples on reading
-    (``__origin__``, if a sample has it, names where it came from in the error; it is not written).
+    Every sample needs a key of its own, without a dot in its last part (readers split a member's name into
+    key and extension at the first dot), and a member: a repeated key would merge two samples, or give one
+    key to two, on reading (``__origin__``, if a sample has it, names where it came from in the error; it is
+    not written).
 
     Nothing is half written: shards are written as ``<name>.partial`` and renamed once every sample is in,
     and an error on the way removes them. Shards that already match the pattern are an error, or with
