@@ -148,6 +148,30 @@ class SameStepOnResume(Callback):
             )
 
 
+class SameModelOnResume(Callback):
+    """Refuses to resume from another model's checkpoint. VICReg's and Barlow Twins' paper configs build the
+    same ResNet-50 and projector, so Lightning would load one's weights, optimizer state and step into the
+    other without an error. Compared by class name, so that a recipe copied and changed resumes its own runs."""
+
+    def __init__(self):
+        self.model: str | None = None
+        self._saved: str | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.model = type(pl_module).__name__
+
+    def state_dict(self) -> dict:
+        return {"model": self.model}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._saved = state_dict.get("model")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        saved, self._saved = self._saved, None
+        if saved is not None and saved != self.model:
+            raise ValueError(f"the checkpoint is a {saved} run's and this run trains a {self.model}: resume with the recipe that wrote it")
+
+
 # (the transform's attribute, the model's hyperparameter) that must agree
 MATCHING_INPUTS = [
     ("mean", "mean"), ("std", "std"), ("sample_rate", "sample_rate"), ("seconds", "seconds"),
@@ -181,9 +205,13 @@ class LastCheckpoint(ModelCheckpoint):
     every 100 would leave step 300 as `last.ckpt`, and an export of it would miss the last 95 steps."""
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Lightning's own bookkeeping (private; lightning is pinned below 2.7): skip a step already saved.
-        if self.save_last and self._last_global_step_saved != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        # Lightning's own bookkeeping (private; lightning is pinned below 2.7): skip a step already saved, and a
+        # `fast_dev_run`, which saves nothing (it had replaced a real run's last.ckpt with its one step).
+        if not self.save_last or trainer.fast_dev_run or self._last_global_step_saved == trainer.global_step:
+            return
+        if self.save_last == "link":  # it would link the last periodic save, not the end: written as a file instead
+            self._last_checkpoint_saved = ""
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         """Written beside the checkpoint, then renamed over it: Lightning's save goes through a temporary file in
@@ -238,6 +266,11 @@ class RecipeCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRates, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """`fit` and `validate`: `test` and `predict` need a `test_step` and a `forward`, which no recipe has."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in ("fit", "validate")}
+
     def _parse_ckpt_path(self) -> None:
         """Lightning's merges a checkpoint's saved hyperparameters into the config, whose parser imports and
         builds any `class_path` they name (a recipe's `backbone`): a crafted checkpoint would run code around
@@ -245,6 +278,9 @@ class RecipeCLI(LightningCLI):
         Lightning never merged). The checkpoint is resolved and checked here, before anything reads it."""
         if self.config.get("subcommand"):
             config = self.config[self.config.subcommand]
+            for key in ("trainer.default_root_dir", "checkpoint.dirpath", "ckpt_path"):  # as Lightning reads them
+                if isinstance(config.get(key), str):
+                    config[key] = os.path.expanduser(config[key])
             fixed_checkpoint_dir(config)
             newest_resume_point(config)
             refuse_unsafe_resume(config)
@@ -253,6 +289,10 @@ class RecipeCLI(LightningCLI):
         # `--trainer.strategy=ModelParallelStrategy` reaches Lightning as a registry name, which it lowercases
         # and refuses ("invalid strategy name"); a strategy class named by its class name is what was meant.
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("trainer.enable_checkpointing") is False:
+            # Lightning then refuses any ModelCheckpoint, and every run has one (`checkpoint.*`): it saves nothing.
+            config["trainer.enable_checkpointing"] = True
+            config["checkpoint.save_last"], config["checkpoint.save_top_k"] = False, 0
         name = config.get("trainer.strategy")
         named = getattr(strategies, name, None) if isinstance(name, str) else None
         if isinstance(named, type) and issubclass(named, strategies.Strategy):
@@ -313,7 +353,7 @@ def refuse_unsafe_resume(config: Namespace) -> None:
 def run(model_class: type[L.LightningModule], datamodule_class: type[L.LightningDataModule] | None = None, args=None) -> RecipeCLI:
     """A recipe's command line (its train.py calls this): `RecipeCLI` over the recipe's LightningModule and
     the shard datamodule (`datamodule_class`: another one of yours), with the callbacks every run gets:
-    `RankSeed`, `SameStepOnResume` and `InputsMatchModel`."""
+    `RankSeed`, `SameStepOnResume`, `SameModelOnResume` and `InputsMatchModel`."""
     if datamodule_class is None:
         from core.data import ShardDataModule
 
@@ -322,7 +362,7 @@ def run(model_class: type[L.LightningModule], datamodule_class: type[L.Lightning
         model_class,
         datamodule_class,
         seed_everything_default=0,
-        trainer_defaults={"callbacks": [RankSeed(), SameStepOnResume(), InputsMatchModel()]},
+        trainer_defaults={"callbacks": [RankSeed(), SameStepOnResume(), SameModelOnResume(), InputsMatchModel()]},
         save_config_kwargs={"overwrite": True},
         args=args,
     )

@@ -82,4 +82,5 @@ def pictures_path(trainer, split: str) -> str:
         folder = logger.log_dir
     else:
         folder = logger.save_dir
-    return os.path.join(folder or ".", "reconstructions", f"{split}_step{trainer.global_step:07d}.png")
+    # `fast_dev_run` stands in a logger with no folder: the run's, not the current folder.
+    return os.path.join(folder or trainer.default_root_dir, "reconstructions", f"{split}_step{trainer.global_step:07d}.png")

@@ -402,3 +402,46 @@ def test_a_config_without_a_checkpoint_folder_resumes_from_the_broken_runs_last_
         ])  # fmt: skip
     assert cli.trainer.global_step == 5
     assert torch.load(last, weights_only=True)["global_step"] == 5
+
+
+def test_a_fast_dev_run_leaves_the_runs_checkpoint_and_the_current_folder_alone(tmp_path, monkeypatch):
+    """It replaced the run's last.ckpt with its one step, and wrote its pictures into the current folder."""
+    mae_demo_run(MAE, "mae", tmp_path, "--model.encoder_depth=1", check_logs=False)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    core.cli.run(MAE, args=[
+        "fit", "--config", os.path.join(ROOT, DEMO), "--trainer.fast_dev_run=true", "--model.encoder_depth=1", "--model.pictures_every_n_steps=1",
+        f"--data.train={ROOT}/data/demo/image/train-{{000000..000003}}.tar", f"--data.val={ROOT}/data/demo/image/val-{{000000..000001}}.tar",
+        "--data.batch_size=4", "--data.val_batch_size=10", "--data.num_workers=0",
+        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}", f"--checkpoint.dirpath={tmp_path}/checkpoints",
+    ])  # fmt: skip
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    assert os.listdir(elsewhere) == [] and (tmp_path / "reconstructions" / "train_step0000000.png").is_file()
+
+
+def test_last_checkpoint_as_a_link_holds_the_end_and_checkpointing_can_be_turned_off(tmp_path):
+    """With `save_last: link` last.ckpt linked the last periodic save (step 2 of 3); enable_checkpointing
+    false was refused by Lightning, as every run has a ModelCheckpoint."""
+    mae_demo_run(MAE, "mae", tmp_path / "link", "--model.encoder_depth=1", "--checkpoint.save_last=link", "--checkpoint.save_top_k=-1",
+                 "--checkpoint.every_n_train_steps=2", check_logs=False)  # fmt: skip
+    assert torch.load(tmp_path / "link" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    mae_demo_run(MAE, "mae", tmp_path / "off", "--model.encoder_depth=1", "--trainer.enable_checkpointing=false", check_logs=False)
+    assert not (tmp_path / "off" / "checkpoints").exists()
+
+
+def test_only_fit_and_validate_are_offered_and_a_home_relative_folder_is_checked_too(tmp_path, monkeypatch, capsys):
+    """test and predict need a test_step and a forward, which no recipe has. A run folder given as ~/...
+    skipped the resume checks (they looked for the unexpanded path): a cut-short last.ckpt failed in torch."""
+    with pytest.raises(SystemExit):
+        core.cli.run(MAE, args=["--help"])
+    assert "{fit,validate}" in capsys.readouterr().out
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"cut short")
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ValueError, match="is not a whole checkpoint"):
+        core.cli.run(MAE, args=["fit", "--config", DEMO, "--ckpt_path=last", "--trainer.default_root_dir=~/run",
+                                "--checkpoint.dirpath=~/run/checkpoints", "--trainer.logger=false"])  # fmt: skip

@@ -88,3 +88,13 @@ def test_demo_config_trains_in_bf16_mixed_precision(name, tmp_path, monkeypatch)
     assert cli.trainer.global_step == 3
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
     assert {"probe/linear_acc", "probe/knn_acc"} <= set(cli.trainer.callback_metrics)
+
+
+def test_a_checkpoint_of_another_recipe_is_refused(tmp_path, monkeypatch):
+    """VICReg's and Barlow Twins' networks are alike (both paper configs: a ResNet-50 and an 8192-wide
+    projector; here both shrunk alike): Barlow Twins went on from VICReg's weights, optimizer and step."""
+    monkeypatch.chdir(ROOT)
+    demo_run("vicreg", f"{tmp_path}/vicreg")
+    with pytest.raises(ValueError, match="the checkpoint is a VICReg run's and this run trains a BarlowTwins"):
+        demo_run("barlowtwins", f"{tmp_path}/barlowtwins", f"--ckpt_path={tmp_path}/vicreg/ckpt/last.ckpt", "--trainer.max_steps=5")
+    assert demo_run("vicreg", f"{tmp_path}/vicreg", "--ckpt_path=last", "--trainer.max_steps=5").trainer.global_step == 5

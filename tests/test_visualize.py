@@ -120,11 +120,12 @@ def test_pictures_go_to_the_loggers_folder_named_by_split_and_zero_padded_step(t
     # CSV (and TensorBoard) loggers: their versioned log folder.
     trainer.logger = CSVLogger(save_dir=str(tmp_path), name="run", version=3)
     assert pictures_path(trainer, "val") == os.path.join(tmp_path, "run", "version_3", "reconstructions", "val" + name[5:])
-    # Any other logger: its save_dir, the current folder if it has none.
+    # Any other logger: its save_dir, the run's folder if it has none (fast_dev_run's stand-in; it had been the
+    # current folder).
     trainer.logger = SimpleNamespace(save_dir=str(tmp_path / "other"), log_dir=str(tmp_path / "not-this"))
     assert pictures_path(trainer, "train") == os.path.join(tmp_path, "other", "reconstructions", name)
     trainer.logger = SimpleNamespace(save_dir=None)
-    assert pictures_path(trainer, "train") == os.path.join(".", "reconstructions", name)
+    assert pictures_path(trainer, "train") == os.path.join(tmp_path, "root", "reconstructions", name)
     trainer.logger, trainer.global_step = None, 12345678  # past seven digits the step is written whole
     assert pictures_path(trainer, "train").endswith("train_step12345678.png")
 
