@@ -32,10 +32,12 @@ TRAIN, VAL = "{}/train-*.tar", "{}/val-*.tar"
 
 @torch.no_grad()
 def features(backbone: torch.nn.Module, pattern: str, transform, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backbone's features of a split, in eval mode (BatchNorm's running statistics, which it leaves as
+    they are), and the labels; the backbone is in train mode again after."""
     backbone.eval()
-    batches = list(read_batches(pattern, transform, 100))
+    out = [(backbone(b[key]), b["label"]) for b in read_batches(pattern, transform, 100)]
     backbone.train()
-    return torch.cat([backbone(b[key]) for b in batches]), torch.cat([b["label"] for b in batches])
+    return torch.cat([x for x, _ in out]), torch.cat([y for _, y in out])
 
 
 def main(argv=None) -> None:

@@ -238,6 +238,23 @@ def test_supervised_reference_trains_and_reports(builds, capsys, monkeypatch, mo
     assert row[1].strip() == "with labels" and 0 <= float(row[2]) <= 100 and 0 <= float(row[3]) <= 100
 
 
+def test_supervised_reference_scores_features_in_eval_mode_and_leaves_the_running_statistics(builds, monkeypatch):
+    """Its features had been taken with BatchNorm in training mode: each batch normalised by its own
+    statistics, and the running ones overwritten by the split being scored."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "data"))
+    import supervised_reference
+    from core.augment import ImageEval
+    from core.resnet import ResNet
+
+    torch.manual_seed(0)
+    backbone = ResNet(18, width=4)
+    modes, running = [], copy.deepcopy({k: v for k, v in backbone.state_dict().items() if "running" in k})
+    backbone.register_forward_pre_hook(lambda module, _: modes.append(module.training))
+    x, y = supervised_reference.features(backbone, os.path.join(builds["seed0"], "image", "val-*.tar"), ImageEval(32, resize=32), "image")
+    assert len(x) == len(y) > 0 and modes and not any(modes) and backbone.training
+    assert all(backbone.state_dict()[k].equal(v) for k, v in running.items())
+
+
 @pytest.mark.parametrize("method", ["byol", "simsiam", "vicreg", "dino"])
 def test_ssl_reference_trains_and_reports(builds, capsys, monkeypatch, method):
     monkeypatch.syspath_prepend(os.path.join(ROOT, "data"))
