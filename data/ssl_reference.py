@@ -112,7 +112,9 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 
 def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-    """Bardes et al. 2022: invariance 25, variance 25, covariance 1."""
+    """Bardes et al. 2022: invariance 25, variance 25, covariance 1, written as the paper's Eq. 6 (and
+    solo-learn) sum the two branches' variance terms. The official code and the recipe
+    (core.losses.vicreg_loss) average them: this variance term weighs twice theirs."""
 
     def variance(z):
         return F.relu(1 - torch.sqrt(z.var(0) + 1e-4)).mean()
@@ -154,7 +156,7 @@ def main(argv=None) -> None:
         views = [view_transform(0.0, scale=(0.4, 1.0)), view_transform(0.2, scale=(0.4, 1.0))]
         views += [view_transform(0.0, size=16, scale=(0.1, 0.4)) for _ in range(4)]
         center = torch.zeros(1, projector.prototypes.out_features)
-    else:  # BYOL's and SimSiam's heads, at the width the recipes' demos use
+    else:  # BYOL's and SimSiam's heads, --hidden wide (1024; the recipes' demos use 512) to a 256-wide output
         projector, predictor = mlp(dim, args.hidden, 256), mlp(256, args.hidden, 256)
     online = nn.ModuleList([backbone, projector, predictor])
     # BYOL's target and DINO's teacher: the online encoder and projector, moved only by their EMA.
