@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--only: unknown modality {', '.join(unknown)}; choose from {', '.join(MODALITIES)}")
     if args.scale <= 0:
         parser.error(f"--scale must be positive, got {args.scale}")
-    if args.plain and os.path.realpath(args.out) == os.path.join(os.path.dirname(os.path.realpath(__file__)), "demo"):
+    if args.plain and os.path.realpath(args.out) == os.path.realpath(os.path.join(os.path.dirname(__file__), "demo")):
         parser.error(f"--plain would overwrite the demo sets in {args.out}: pass another --out")
 
     start = time.time()
