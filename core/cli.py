@@ -316,12 +316,19 @@ def newest_resume_point(config: Namespace) -> None:
     path = config.get("ckpt_path")
     if path != "last" and not (path is None and SLURMEnvironment.detect()):
         return
-    candidates = glob.glob(os.path.join(glob.escape(config.get("trainer.default_root_dir") or os.getcwd()), "hpc_ckpt_*.ckpt"))
+    candidates = requeue_saves(config)
     if path is not None or candidates:  # without requeue saves, no ckpt_path stays a fresh start
         candidates.append(os.path.join(config["checkpoint.dirpath"], "last.ckpt"))
     existing = [candidate for candidate in candidates if os.path.isfile(candidate)]
     if existing:
         config["ckpt_path"] = max(existing, key=os.path.getmtime)
+
+
+def requeue_saves(config: Namespace) -> list[str]:
+    """Lightning's SLURM requeue checkpoints, `hpc_ckpt_N.ckpt` in trainer.default_root_dir, by N."""
+    saves = glob.glob(os.path.join(glob.escape(config.get("trainer.default_root_dir") or os.getcwd()), "hpc_ckpt_*.ckpt"))
+    numbered = {save: os.path.basename(save)[len("hpc_ckpt_") : -len(".ckpt")] for save in saves}
+    return sorted((save for save, n in numbered.items() if n.isdigit()), key=lambda save: int(numbered[save]))
 
 
 def refuse_unsafe_resume(config: Namespace) -> None:
@@ -337,6 +344,9 @@ def refuse_unsafe_resume(config: Namespace) -> None:
         raise ValueError(f"ckpt_path={path!r}: checkpoints are not downloaded at run time; copy it to a local path and pass that")
     if path == "last" and config.get("checkpoint.dirpath"):  # what Lightning will resolve it to
         path = os.path.join(config["checkpoint.dirpath"], "last.ckpt")
+    saves = requeue_saves(config) if path == "hpc" else []
+    if saves:  # the same: the highest-numbered requeue save
+        path = saves[-1]
     if os.path.isdir(path):
         raise ValueError(
             f"ckpt_path={path!r} is a folder (a sharded checkpoint): its metadata is a pickle, which this project "

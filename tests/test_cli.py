@@ -367,6 +367,12 @@ def test_the_newest_resume_point_is_the_one_checked(tmp_path):
             f"--checkpoint.dirpath={tmp_path}/checkpoints", "--trainer.max_steps=1"]  # fmt: skip
     with pytest.raises(ValueError, match=r"hpc_ckpt_1.ckpt' is not a whole checkpoint .*in its folder \(none there\)"):
         RecipeCLI(MAE, ShardDataModule, args=args)
+    # `--ckpt_path hpc`, Lightning's name for the highest-numbered requeue save, is checked too (it had reached
+    # torch's loader, which failed on the cut-short file without naming it).
+    torch.save({"global_step": 1}, tmp_path / "hpc_ckpt_2.ckpt")
+    (tmp_path / "hpc_ckpt_10.ckpt").write_bytes(requeued.read_bytes())
+    with pytest.raises(ValueError, match=r"hpc_ckpt_10.ckpt' is not a whole checkpoint"):
+        RecipeCLI(MAE, ShardDataModule, args=[*args[:3], "--ckpt_path=hpc", *args[4:]])
 
 
 def test_every_run_gets_the_projects_callbacks_and_checkpointing(monkeypatch):
